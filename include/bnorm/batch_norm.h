@@ -1,0 +1,206 @@
+// Batch normalization (Ioffe & Szegedy, 2015) with PyTorch's semantics, exactly.
+//
+// Per channel c, over the n = N * S elements that share c (S = product of the spatial dims):
+//   training:  mean m, biased variance v = (1/n) sum (x - m)^2, invstd = 1 / sqrt(v + eps),
+//              y = weight * (x - m) * invstd + bias
+//   running:   num_batches_tracked += 1; f = momentum, or 1 / num_batches_tracked if momentum
+//              is none (cumulative average);
+//              running_mean = (1 - f) * running_mean + f * m
+//              running_var  = (1 - f) * running_var  + f * v * n / (n - 1)   (unbiased)
+//   inference: y = a * x + b, a = weight / sqrt(running_var + eps), b = bias - running_mean * a
+//   backward:  dbias = sum dy, dweight = sum dy * xhat,
+//              training: dx = weight * invstd / n * (n * dy - sum dy - xhat * sum dy * xhat)
+//              eval:     dx = dy * weight / sqrt(running_var + eps)
+// docs/batch_norm.md derives all of it. State is named as PyTorch names it: weight, bias,
+// running_mean, running_var, num_batches_tracked.
+//
+// Two levels of API:
+//   * functional passes (ForwardTrain, ForwardEval, Backward) on caller-owned buffers, which
+//     the C API and the layer object both call;
+//   * the stateful layer BatchNorm, which owns its parameters and buffers.
+//
+// Errors: every call validates all its arguments before it writes anything. On error it returns
+// a non-OK Status naming the argument and its value, and every output and state buffer is
+// bit-for-bit unchanged.
+//
+// Thread safety: functional calls on disjoint output buffers may run concurrently. A BatchNorm
+// object is not safe for concurrent use.
+#ifndef BNORM_BATCH_NORM_H_
+#define BNORM_BATCH_NORM_H_
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bnorm/status.h"
+#include "bnorm/tensor.h"
+
+namespace bnorm {
+
+// Library version, "MAJOR.MINOR.PATCH".
+const char* Version();
+
+// Which kernels run. kAuto picks the fastest implementation compiled in; kReference forces the
+// scalar reference (fp64 accumulation, two-pass statistics): the oracle for tests and debugging.
+enum class Backend : int { kAuto = 0, kReference = 1 };
+
+// Options of a single functional call.
+struct CallOptions {
+  // Reject NaN/Inf in x (and dy in backward) with a kNonFinite status naming the channel and the
+  // first bad index. Off by default: it costs one extra read of the input.
+  bool check_finite = false;
+  Backend backend = Backend::kAuto;
+};
+
+// An absent per-channel vector is an empty span; a present one must hold exactly C values.
+
+struct ForwardTrainArgs {
+  ConstTensorView x;                 // required
+  std::span<const float> weight;     // gamma; empty: 1 (affine=false)
+  std::span<const float> bias;       // beta; empty: 0 (affine=false)
+  std::span<float> running_mean;     // both empty (track_running_stats=false) or both C values;
+  std::span<float> running_var;      //   updated in place when present
+  int64_t* num_batches_tracked = nullptr;  // incremented when running stats are present and it
+                                           // is not null; required if momentum is none
+  std::optional<double> momentum = 0.1;    // in [0, 1]; nullopt: cumulative average
+  double eps = 1e-5;                       // finite, > 0
+  TensorView y;                      // required; same shape and layout as x; may alias x exactly
+  std::span<float> save_mean;        // optional output: batch mean
+  std::span<float> save_invstd;      // optional output: 1 / sqrt(biased var + eps)
+};
+
+// Training forward: normalizes x with its batch statistics, updates the running statistics.
+// Requires N * S > 1 ("Expected more than 1 value per channel when training, ...").
+// Also what PyTorch runs in eval mode when track_running_stats=false (no running stats).
+Status ForwardTrain(const ForwardTrainArgs& args, const CallOptions& options = {});
+
+struct ForwardEvalArgs {
+  ConstTensorView x;                    // required
+  std::span<const float> weight;        // empty: 1
+  std::span<const float> bias;          // empty: 0
+  std::span<const float> running_mean;  // required, C values
+  std::span<const float> running_var;   // required, C values
+  double eps = 1e-5;                    // finite, > 0
+  TensorView y;                         // required; same shape and layout; may alias x exactly
+};
+
+// Inference forward with the running statistics: y = a * x + b per channel.
+Status ForwardEval(const ForwardEvalArgs& args, const CallOptions& options = {});
+
+struct BackwardArgs {
+  ConstTensorView dy;                   // required, same shape and layout as x
+  ConstTensorView x;                    // required, the forward's input
+  std::span<const float> weight;        // empty: 1
+  bool training = true;                 // true: through the batch statistics (save_*);
+                                        // false: statistics constant (running_*)
+  std::span<const float> save_mean;     // required when training (from ForwardTrain)
+  std::span<const float> save_invstd;   // required when training
+  std::span<const float> running_mean;  // required when !training
+  std::span<const float> running_var;   // required when !training
+  double eps = 1e-5;                    // finite, > 0; used when !training
+  TensorView dx;                        // required; may alias dy or x exactly
+  std::span<float> dweight;             // optional output (overwritten, not accumulated)
+  std::span<float> dbias;               // optional output (overwritten, not accumulated)
+};
+
+// Backward: dx and, when asked, dweight and dbias.
+Status Backward(const BackwardArgs& args, const CallOptions& options = {});
+
+// Options of the layer, PyTorch's names and defaults.
+struct BatchNormOptions {
+  int64_t num_features = 0;              // C, > 0
+  double eps = 1e-5;                     // finite, > 0
+  std::optional<double> momentum = 0.1;  // in [0, 1]; nullopt: cumulative average
+  bool affine = true;                    // learnable weight and bias
+  bool track_running_stats = true;       // keep running_mean, running_var, num_batches_tracked
+  bool check_finite = false;             // see CallOptions
+  Backend backend = Backend::kAuto;
+};
+
+// The stateful layer, PyTorch's nn.BatchNorm1d/2d/3d in one class (the rank comes from x).
+// Starts in training mode, with weight = 1, bias = 0, running_mean = 0, running_var = 1,
+// num_batches_tracked = 0.
+class BatchNorm {
+ public:
+  // Validates the options (num_features > 0, eps, momentum) and builds the layer.
+  static Status Create(const BatchNormOptions& options, BatchNorm* out);
+
+  // An empty layer (num_features 0); only assignment from Create's result makes it usable.
+  BatchNorm() = default;
+
+  const BatchNormOptions& options() const { return options_; }
+  int64_t num_features() const { return options_.num_features; }
+
+  // Training mode: batch statistics, running statistics updated. Eval mode: running statistics
+  // (or batch statistics without tracking, as PyTorch does).
+  void train(bool on = true) { training_ = on; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+
+  // Forward. x has C == num_features channels; y has x's shape and layout and may alias x.
+  // Remembers the statistics it used, for a following backward.
+  Status forward(ConstTensorView x, TensorView y);
+
+  // Backward of the last forward (x is that forward's input; the layer keeps no copy of it).
+  // Writes dx (may alias dy or x) and ACCUMULATES dweight and dbias into weight_grad() and
+  // bias_grad() when affine, as PyTorch accumulates .grad. Fails if no forward ran yet or the
+  // shape differs from the last forward's.
+  Status backward(ConstTensorView dy, ConstTensorView x, TensorView dx);
+
+  // Sets the gradients to zero.
+  void zero_grad();
+
+  // weight = 1, bias = 0 and reset_running_stats(), as PyTorch's reset_parameters.
+  void reset_parameters();
+  // running_mean = 0, running_var = 1, num_batches_tracked = 0.
+  void reset_running_stats();
+
+  // Parameters and buffers, PyTorch's names. Empty spans when absent (affine=false /
+  // track_running_stats=false).
+  std::span<float> weight() { return weight_; }
+  std::span<float> bias() { return bias_; }
+  std::span<float> weight_grad() { return weight_grad_; }
+  std::span<float> bias_grad() { return bias_grad_; }
+  std::span<float> running_mean() { return running_mean_; }
+  std::span<float> running_var() { return running_var_; }
+  std::span<const float> weight() const { return weight_; }
+  std::span<const float> bias() const { return bias_; }
+  std::span<const float> running_mean() const { return running_mean_; }
+  std::span<const float> running_var() const { return running_var_; }
+  // Meaningful only with track_running_stats.
+  int64_t num_batches_tracked() const { return num_batches_tracked_; }
+  void set_num_batches_tracked(int64_t value) { num_batches_tracked_ = value; }
+
+  // The state_dict entries in PyTorch's order: "weight", "bias" (when affine), "running_mean",
+  // "running_var" (when tracking); num_batches_tracked is the int64 above.
+  std::vector<std::pair<std::string, std::span<float>>> named_tensors();
+
+  // Statistics the last forward used (batch mean / invstd, or running ones in eval).
+  std::span<const float> saved_mean() const { return save_mean_; }
+  std::span<const float> saved_invstd() const { return save_invstd_; }
+
+ private:
+  CallOptions call_options() const;
+
+  BatchNormOptions options_;
+  bool training_ = true;
+  std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
+  std::vector<float> running_mean_, running_var_;
+  int64_t num_batches_tracked_ = 0;
+  // What the last forward used, for backward.
+  std::vector<float> save_mean_, save_invstd_;
+  std::vector<float> dweight_scratch_, dbias_scratch_;
+  bool have_forward_ = false;
+  bool last_forward_training_ = true;  // whether batch statistics were used
+  std::array<int64_t, kMaxRank> last_dims_{};
+  int last_rank_ = 0;
+  Layout last_layout_ = Layout::kChannelsFirst;
+};
+
+}  // namespace bnorm
+
+#endif  // BNORM_BATCH_NORM_H_

@@ -1,0 +1,65 @@
+// bnorm::Status: the one error type of the library.
+//
+// Every public call that can fail returns a Status. A failed call has written nothing: outputs,
+// running statistics and num_batches_tracked are bit-for-bit what they were before the call.
+// The message names the offending argument and its value, e.g.
+//   "eps: must be finite and > 0, got -1e-05".
+#ifndef BNORM_STATUS_H_
+#define BNORM_STATUS_H_
+
+#include <string>
+#include <utility>
+
+namespace bnorm {
+
+// Numeric values are the C API's bnorm_status codes.
+enum class StatusCode : int {
+  kOk = 0,
+  kInvalidArgument = 1,  // shape, layout, pointer, eps, momentum, ...
+  kNonFinite = 2,        // NaN/Inf found by the opt-in finiteness check
+  kInternal = 3,         // out of memory or another unexpected failure
+};
+
+class Status {
+ public:
+  // A default-constructed Status is OK.
+  Status() = default;
+
+  static Status Ok() { return Status(); }
+  static Status InvalidArgument(std::string message) {
+    return Status(StatusCode::kInvalidArgument, std::move(message));
+  }
+  static Status NonFinite(std::string message) {
+    return Status(StatusCode::kNonFinite, std::move(message));
+  }
+  static Status Internal(std::string message) {
+    return Status(StatusCode::kInternal, std::move(message));
+  }
+
+  bool ok() const { return code_ == StatusCode::kOk; }
+  StatusCode code() const { return code_; }
+  // Empty for an OK status.
+  const std::string& message() const { return message_; }
+  // "OK", or "InvalidArgument: <message>" and so on.
+  std::string ToString() const;
+
+ private:
+  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+
+  StatusCode code_ = StatusCode::kOk;
+  std::string message_;
+};
+
+// Name of a code: "OK", "InvalidArgument", "NonFinite", "Internal".
+const char* StatusCodeName(StatusCode code);
+
+}  // namespace bnorm
+
+// Returns the status from the enclosing function if it is not OK.
+#define BNORM_RETURN_IF_ERROR(expr)                 \
+  do {                                              \
+    ::bnorm::Status bnorm_status_tmp_ = (expr);     \
+    if (!bnorm_status_tmp_.ok()) return bnorm_status_tmp_; \
+  } while (0)
+
+#endif  // BNORM_STATUS_H_

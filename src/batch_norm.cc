@@ -1,0 +1,170 @@
+// The functional passes: validate every argument, then run the selected implementation.
+// Nothing is written before the last check has passed.
+#include "bnorm/batch_norm.h"
+
+#include <exception>
+#include <new>
+
+#include "kernels.h"
+#include "util/check.h"
+
+namespace bnorm {
+
+using detail::Geometry;
+
+#ifndef BNORM_VERSION_STRING
+#define BNORM_VERSION_STRING "0.0.0"
+#endif
+
+const char* Version() { return BNORM_VERSION_STRING; }
+
+std::string LayoutName(Layout layout) {
+  switch (layout) {
+    case Layout::kChannelsFirst: return "channels_first";
+    case Layout::kChannelsLast: return "channels_last";
+  }
+  return "invalid(" + std::to_string(static_cast<int>(layout)) + ")";
+}
+
+namespace {
+
+// Runs a kernel pass; the kernels cannot fail but may run out of memory (reference workspace),
+// which happens before their first write.
+template <class Fn>
+Status Run(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::bad_alloc&) {
+    return Status::Internal("out of memory");
+  } catch (const std::exception& e) {
+    return Status::Internal(e.what());
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
+  Geometry g;
+  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
+  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("y", a.y, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g.c, false, a.x));
+  const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+  if (tracking) {
+    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+  }
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
+  BNORM_RETURN_IF_ERROR(detail::CheckMomentum(a.momentum));
+  BNORM_RETURN_IF_ERROR(detail::CheckMoreThanOneValuePerChannel(a.x, g));
+
+  // The running-stat factor: momentum, or 1 / num_batches_tracked (after the increment).
+  double factor = 0;
+  int64_t batches = 0;
+  if (tracking) {
+    if (a.num_batches_tracked != nullptr) batches = *a.num_batches_tracked;
+    if (!a.momentum) {
+      if (a.num_batches_tracked == nullptr)
+        return Status::InvalidArgument(
+            "num_batches_tracked: required when momentum is none (cumulative average) and "
+            "running statistics are tracked, got null");
+      if (batches < 0)
+        return Status::InvalidArgument("num_batches_tracked: must be >= 0, got " +
+                                       std::to_string(batches));
+    }
+    factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + 1);
+  }
+  if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
+
+  detail::TrainCall call;
+  call.g = g;
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.bias = a.bias.empty() ? nullptr : a.bias.data();
+  call.running_mean = tracking ? a.running_mean.data() : nullptr;
+  call.running_var = tracking ? a.running_var.data() : nullptr;
+  call.factor = factor;
+  call.eps = a.eps;
+  call.y = a.y.data();
+  call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
+  call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
+  const detail::Implementation& impl = detail::SelectImplementation(options.backend);
+  BNORM_RETURN_IF_ERROR(Run([&] { impl.forward_train(call); }));
+  if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
+  return Status::Ok();
+}
+
+Status ForwardEval(const ForwardEvalArgs& a, const CallOptions& options) {
+  Geometry g;
+  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
+  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("y", a.y, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
+  if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
+
+  detail::EvalCall call;
+  call.g = g;
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.bias = a.bias.empty() ? nullptr : a.bias.data();
+  call.running_mean = a.running_mean.data();
+  call.running_var = a.running_var.data();
+  call.eps = a.eps;
+  call.y = a.y.data();
+  const detail::Implementation& impl = detail::SelectImplementation(options.backend);
+  return Run([&] { impl.forward_eval(call); });
+}
+
+Status Backward(const BackwardArgs& a, const CallOptions& options) {
+  Geometry g;
+  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
+  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("dy", a.dy, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("dx", a.dx, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
+  if (a.training) {
+    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
+  } else {
+    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+  }
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("dweight", a.dweight.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("dbias", a.dbias.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
+  if (options.check_finite) {
+    BNORM_RETURN_IF_ERROR(detail::CheckFinite("dy", a.dy, g));
+    BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
+  }
+
+  detail::BackwardCall call;
+  call.g = g;
+  call.dy = a.dy.data();
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.training = a.training;
+  if (a.training) {
+    call.save_mean = a.save_mean.data();
+    call.save_invstd = a.save_invstd.data();
+  } else {
+    call.running_mean = a.running_mean.data();
+    call.running_var = a.running_var.data();
+  }
+  call.eps = a.eps;
+  call.dx = a.dx.data();
+  call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
+  call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
+  const detail::Implementation& impl = detail::SelectImplementation(options.backend);
+  return Run([&] { impl.backward(call); });
+}
+
+}  // namespace bnorm

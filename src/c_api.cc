@@ -1,0 +1,162 @@
+// The C API: builds views from raw pointers, calls the functional passes, keeps the last error
+// message per thread. Never lets a C++ exception cross into C.
+#include "bnorm/c_api.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "bnorm/batch_norm.h"
+#include "util/check.h"
+
+namespace {
+
+thread_local std::string last_error;
+
+int Report(const bnorm::Status& status) {
+  if (status.ok()) return BNORM_OK;
+  last_error = status.message();
+  return static_cast<int>(status.code());
+}
+
+// The C API has no options argument: BNORM_CHECK_FINITE=1 turns the finiteness check on.
+bnorm::CallOptions OptionsFromEnvironment() {
+  bnorm::CallOptions options;
+  const char* env = std::getenv("BNORM_CHECK_FINITE");
+  options.check_finite = env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
+  return options;
+}
+
+// n, c, s and the layout, before any view is made of them.
+bnorm::Status CheckDims(bnorm_layout layout, int64_t n, int64_t c, int64_t s) {
+  if (layout != BNORM_CHANNELS_FIRST && layout != BNORM_CHANNELS_LAST)
+    return bnorm::Status::InvalidArgument(
+        "layout: must be BNORM_CHANNELS_FIRST (0) or BNORM_CHANNELS_LAST (1), got " +
+        std::to_string(static_cast<int>(layout)));
+  if (n == 0) return bnorm::Status::InvalidArgument("n: empty batch, got n = 0");
+  if (n < 0) return bnorm::Status::InvalidArgument("n: must be > 0, got " + std::to_string(n));
+  if (c <= 0) return bnorm::Status::InvalidArgument("c: must be > 0, got " + std::to_string(c));
+  if (s <= 0) return bnorm::Status::InvalidArgument("s: must be > 0, got " + std::to_string(s));
+  return bnorm::Status::Ok();
+}
+
+// (N, C) when s == 1, else (N, C, S): the rank only shows in messages.
+template <class T>
+bnorm::BasicTensorView<T> View(T* data, bnorm_layout layout, int64_t n, int64_t c, int64_t s) {
+  const auto l = static_cast<bnorm::Layout>(layout);
+  if (s == 1) return bnorm::BasicTensorView<T>(data, {n, c}, l);
+  return bnorm::BasicTensorView<T>(data, {n, c, s}, l);
+}
+
+template <class T>
+std::span<T> Vec(T* p, int64_t c) {
+  return p == nullptr ? std::span<T>() : std::span<T>(p, static_cast<size_t>(c));
+}
+
+template <class Fn>
+int Guard(Fn&& fn) {
+  try {
+    return Report(fn());
+  } catch (const std::exception& e) {
+    return Report(bnorm::Status::Internal(e.what()));
+  } catch (...) {
+    return Report(bnorm::Status::Internal("unknown exception"));
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int bnorm_forward_train(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
+                        const float* weight, const float* bias, float* running_mean,
+                        float* running_var, int64_t* num_batches_tracked, double momentum,
+                        double eps, float* y, float* save_mean, float* save_invstd) {
+  return Guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
+    if ((running_mean == nullptr) != (running_var == nullptr))
+      return bnorm::Status::InvalidArgument(
+          std::string("running_mean and running_var: give both (tracking) or neither, got ") +
+          (running_mean ? "running_var NULL" : "running_mean NULL"));
+    bnorm::ForwardTrainArgs a;
+    a.x = View(x, layout, n, c, s);
+    a.weight = Vec(weight, c);
+    a.bias = Vec(bias, c);
+    a.running_mean = Vec(running_mean, c);
+    a.running_var = Vec(running_var, c);
+    a.num_batches_tracked = num_batches_tracked;
+    if (std::isnan(momentum))
+      return bnorm::Status::InvalidArgument("momentum: must be in [0, 1], or < 0 for none, got nan");
+    if (momentum < 0) a.momentum = std::nullopt;
+    else a.momentum = momentum;
+    a.eps = eps;
+    a.y = View(y, layout, n, c, s);
+    a.save_mean = Vec(save_mean, c);
+    a.save_invstd = Vec(save_invstd, c);
+    return bnorm::ForwardTrain(a, OptionsFromEnvironment());
+  });
+}
+
+int bnorm_forward_eval(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
+                       const float* weight, const float* bias, const float* running_mean,
+                       const float* running_var, double eps, float* y) {
+  return Guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
+    if (running_mean == nullptr || running_var == nullptr)
+      return bnorm::Status::InvalidArgument(
+          std::string(running_mean == nullptr ? "running_mean" : "running_var") +
+          ": is NULL; eval needs running statistics (with track_running_stats=false, call "
+          "bnorm_forward_train with running_* NULL)");
+    bnorm::ForwardEvalArgs a;
+    a.x = View(x, layout, n, c, s);
+    a.weight = Vec(weight, c);
+    a.bias = Vec(bias, c);
+    a.running_mean = Vec(running_mean, c);
+    a.running_var = Vec(running_var, c);
+    a.eps = eps;
+    a.y = View(y, layout, n, c, s);
+    return bnorm::ForwardEval(a, OptionsFromEnvironment());
+  });
+}
+
+int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* dy,
+                   const float* x, const float* weight, const float* save_mean,
+                   const float* save_invstd, const float* running_mean, const float* running_var,
+                   double eps, int training, float* dx, float* dweight, float* dbias) {
+  return Guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
+    const char* missing = nullptr;
+    if (training) {
+      if (save_mean == nullptr) missing = "save_mean";
+      else if (save_invstd == nullptr) missing = "save_invstd";
+    } else {
+      if (running_mean == nullptr) missing = "running_mean";
+      else if (running_var == nullptr) missing = "running_var";
+    }
+    if (missing != nullptr)
+      return bnorm::Status::InvalidArgument(std::string(missing) + ": is NULL; required when training = " +
+                                            std::to_string(training));
+    bnorm::BackwardArgs a;
+    a.dy = View(dy, layout, n, c, s);
+    a.x = View(x, layout, n, c, s);
+    a.weight = Vec(weight, c);
+    a.training = training != 0;
+    a.save_mean = Vec(save_mean, c);
+    a.save_invstd = Vec(save_invstd, c);
+    a.running_mean = Vec(running_mean, c);
+    a.running_var = Vec(running_var, c);
+    a.eps = eps;
+    a.dx = View(dx, layout, n, c, s);
+    a.dweight = Vec(dweight, c);
+    a.dbias = Vec(dbias, c);
+    return bnorm::Backward(a, OptionsFromEnvironment());
+  });
+}
+
+const char* bnorm_last_error(void) { return last_error.c_str(); }
+
+const char* bnorm_version(void) { return bnorm::Version(); }
+
+}  // extern "C"

@@ -1,0 +1,154 @@
+// The stateful layer: owns PyTorch's parameters and buffers and calls the functional passes.
+#include <algorithm>
+#include <cmath>
+
+#include "bnorm/batch_norm.h"
+#include "util/check.h"
+
+namespace bnorm {
+
+Status BatchNorm::Create(const BatchNormOptions& options, BatchNorm* out) {
+  if (out == nullptr) return Status::InvalidArgument("out: is null");
+  if (options.num_features <= 0)
+    return Status::InvalidArgument("num_features: must be > 0, got " +
+                                   std::to_string(options.num_features));
+  BNORM_RETURN_IF_ERROR(detail::CheckEps(options.eps));
+  BNORM_RETURN_IF_ERROR(detail::CheckMomentum(options.momentum));
+  if (options.backend != Backend::kAuto && options.backend != Backend::kReference)
+    return Status::InvalidArgument("backend: unknown value " +
+                                   std::to_string(static_cast<int>(options.backend)));
+  BatchNorm layer;
+  layer.options_ = options;
+  const auto c = static_cast<size_t>(options.num_features);
+  if (options.affine) {
+    layer.weight_.resize(c);
+    layer.bias_.resize(c);
+    layer.weight_grad_.assign(c, 0.0f);
+    layer.bias_grad_.assign(c, 0.0f);
+    layer.dweight_scratch_.resize(c);
+    layer.dbias_scratch_.resize(c);
+  }
+  if (options.track_running_stats) {
+    layer.running_mean_.resize(c);
+    layer.running_var_.resize(c);
+  }
+  layer.save_mean_.resize(c);
+  layer.save_invstd_.resize(c);
+  layer.reset_parameters();
+  *out = std::move(layer);
+  return Status::Ok();
+}
+
+CallOptions BatchNorm::call_options() const {
+  CallOptions o;
+  o.check_finite = options_.check_finite;
+  o.backend = options_.backend;
+  return o;
+}
+
+void BatchNorm::reset_running_stats() {
+  std::fill(running_mean_.begin(), running_mean_.end(), 0.0f);
+  std::fill(running_var_.begin(), running_var_.end(), 1.0f);
+  num_batches_tracked_ = 0;
+}
+
+void BatchNorm::reset_parameters() {
+  reset_running_stats();
+  std::fill(weight_.begin(), weight_.end(), 1.0f);
+  std::fill(bias_.begin(), bias_.end(), 0.0f);
+}
+
+void BatchNorm::zero_grad() {
+  std::fill(weight_grad_.begin(), weight_grad_.end(), 0.0f);
+  std::fill(bias_grad_.begin(), bias_grad_.end(), 0.0f);
+}
+
+std::vector<std::pair<std::string, std::span<float>>> BatchNorm::named_tensors() {
+  std::vector<std::pair<std::string, std::span<float>>> out;
+  if (options_.affine) {
+    out.emplace_back("weight", weight_);
+    out.emplace_back("bias", bias_);
+  }
+  if (options_.track_running_stats) {
+    out.emplace_back("running_mean", running_mean_);
+    out.emplace_back("running_var", running_var_);
+  }
+  return out;
+}
+
+Status BatchNorm::forward(ConstTensorView x, TensorView y) {
+  if (options_.num_features <= 0)
+    return Status::InvalidArgument("BatchNorm: layer was not created with BatchNorm::Create");
+  // Batch statistics in training mode, and in eval mode without running statistics.
+  const bool use_batch_stats = training_ || !options_.track_running_stats;
+  if (use_batch_stats) {
+    ForwardTrainArgs a;
+    a.x = x;
+    a.weight = weight_;
+    a.bias = bias_;
+    if (training_ && options_.track_running_stats) {
+      a.running_mean = running_mean_;
+      a.running_var = running_var_;
+      a.num_batches_tracked = &num_batches_tracked_;
+    }
+    a.momentum = options_.momentum;
+    a.eps = options_.eps;
+    a.y = y;
+    a.save_mean = save_mean_;
+    a.save_invstd = save_invstd_;
+    BNORM_RETURN_IF_ERROR(ForwardTrain(a, call_options()));
+  } else {
+    ForwardEvalArgs a;
+    a.x = x;
+    a.weight = weight_;
+    a.bias = bias_;
+    a.running_mean = running_mean_;
+    a.running_var = running_var_;
+    a.eps = options_.eps;
+    a.y = y;
+    BNORM_RETURN_IF_ERROR(ForwardEval(a, call_options()));
+    for (size_t c = 0; c < save_mean_.size(); ++c) {
+      save_mean_[c] = running_mean_[c];
+      save_invstd_[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(running_var_[c]) + options_.eps));
+    }
+  }
+  have_forward_ = true;
+  last_forward_training_ = use_batch_stats;
+  last_rank_ = x.rank();
+  last_layout_ = x.layout();
+  for (int i = 0; i < kMaxRank; ++i) last_dims_[i] = x.raw_dim(i);
+  return Status::Ok();
+}
+
+Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx) {
+  if (!have_forward_) return Status::InvalidArgument("backward: no forward has run on this layer");
+  bool same = x.rank() == last_rank_ && x.layout() == last_layout_;
+  for (int i = 0; same && i < kMaxRank; ++i) same = x.raw_dim(i) == last_dims_[i];
+  if (!same)
+    return Status::InvalidArgument("x: size " + x.SizeString() + " (" + LayoutName(x.layout()) +
+                                   ") differs from the last forward's input");
+  BackwardArgs a;
+  a.dy = dy;
+  a.x = x;
+  a.weight = weight_;
+  a.training = last_forward_training_;
+  if (last_forward_training_) {
+    a.save_mean = save_mean_;
+    a.save_invstd = save_invstd_;
+  } else {
+    a.running_mean = running_mean_;
+    a.running_var = running_var_;
+  }
+  a.eps = options_.eps;
+  a.dx = dx;
+  a.dweight = dweight_scratch_;
+  a.dbias = dbias_scratch_;
+  BNORM_RETURN_IF_ERROR(Backward(a, call_options()));
+  for (size_t c = 0; c < weight_grad_.size(); ++c) {
+    weight_grad_[c] += dweight_scratch_[c];
+    bias_grad_[c] += dbias_scratch_[c];
+  }
+  return Status::Ok();
+}
+
+}  // namespace bnorm

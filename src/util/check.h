@@ -1,0 +1,49 @@
+// Argument checks shared by the functional passes, the layer and the C API. Each returns a
+// Status whose message names the argument and its value; none writes anything.
+#ifndef BNORM_SRC_UTIL_CHECK_H_
+#define BNORM_SRC_UTIL_CHECK_H_
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "bnorm/status.h"
+#include "bnorm/tensor.h"
+#include "kernels.h"
+
+namespace bnorm::detail {
+
+// Shortest decimal that round-trips ("1e-05", "nan", "-inf").
+std::string FormatNumber(double value);
+
+// A tensor argument: data set, layout known, rank 2..5, every dim > 0, N*C*S fits in int64.
+Status CheckTensor(const char* name, ConstTensorView t, Geometry* geometry);
+
+// Another tensor of the same call: data set, same dims and layout as `like`.
+Status CheckSameShape(const char* name, ConstTensorView t, const char* like_name,
+                      ConstTensorView like);
+
+// An output that may alias an input exactly but must not partially overlap it.
+Status CheckNoPartialOverlap(const char* out_name, const float* out, const char* in_name,
+                             const float* in, int64_t numel);
+
+// A per-channel vector: absent (empty) unless required, else exactly c values.
+Status CheckChannelVector(const char* name, size_t size, int64_t c, bool required,
+                          ConstTensorView x);
+
+// eps: finite and > 0.
+Status CheckEps(double eps);
+
+// momentum: nullopt (cumulative average) or a number in [0, 1].
+Status CheckMomentum(std::optional<double> momentum);
+
+// Training needs more than one value per channel (PyTorch's wording).
+Status CheckMoreThanOneValuePerChannel(ConstTensorView x, const Geometry& g);
+
+// NaN/Inf in t, naming the first bad element (memory order) by its logical index and channel.
+Status CheckFinite(const char* name, ConstTensorView t, const Geometry& g);
+
+}  // namespace bnorm::detail
+
+#endif  // BNORM_SRC_UTIL_CHECK_H_
