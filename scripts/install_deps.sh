@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what bnorm needs on Debian 12 with apt-get (as root, or through sudo).
+#   install_deps.sh build   compiler and CMake: enough to build the library and the examples
+#   install_deps.sh test    + GoogleTest, and python3-torch + numpy for the conformance suite
+# Packages already installed are not installed again.
+set -euo pipefail
+
+what=${1:-test}
+packages=(cmake g++ make)
+case "$what" in
+  build) ;;
+  test) packages+=(libgtest-dev python3 python3-numpy python3-torch) ;;
+  *) echo "install_deps.sh: unknown set '$what' (expected build or test)" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ]; then
+  as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+  as_root=(sudo)
+else
+  echo "install_deps.sh: need root or sudo to install: ${missing[*]}" >&2
+  exit 1
+fi
+echo "install_deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -qq
+"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
