@@ -31,7 +31,8 @@ void PrintColumns(const char* title, const std::vector<float>& x) {
     double s = 0, ss = 0;
     for (int64_t i = 0; i < kBatch; ++i) s += x[i * kChannels + c];
     const double m = s / kBatch;
-    for (int64_t i = 0; i < kBatch; ++i) ss += (x[i * kChannels + c] - m) * (x[i * kChannels + c] - m);
+    for (int64_t i = 0; i < kBatch; ++i)
+      ss += (x[i * kChannels + c] - m) * (x[i * kChannels + c] - m);
     std::printf("  %-12s %14.6g %14.6g\n", kNames[c], m, std::sqrt(ss / kBatch));
   }
 }
@@ -69,8 +70,9 @@ int main() {
   PrintColumns("\nFirst training batch, input x", x);
   if (auto s = bn.forward(xv, yv); !s.ok()) return Fail(s);
   PrintColumns("Training output y (batch statistics: mean 0, std 1)", y);
-  std::printf("  (std = sqrt(v / (v + eps)): the current's variance, ~1.6e-7, is below eps = 1e-5,\n"
-              "   so eps dominates its normalization, as it does in PyTorch)\n");
+  std::printf(
+      "  (std = sqrt(v / (v + eps)): the current's variance, ~1.6e-7, is below eps = 1e-5,\n"
+      "   so eps dominates its normalization, as it does in PyTorch)\n");
 
   for (int64_t step = 1; step < kSteps; ++step) {
     Readings(rng, x);
@@ -79,8 +81,8 @@ int main() {
   }
   PrintState("\nAfter 200 training batches: running statistics", bn);
   std::printf("  (the population is mean %g / %g / %g / %g, var %g / %g / %g / %g)\n", kMean[0],
-              kMean[1], kMean[2], kMean[3], kStd[0] * kStd[0], kStd[1] * kStd[1],
-              kStd[2] * kStd[2], kStd[3] * kStd[3]);
+              kMean[1], kMean[2], kMean[3], kStd[0] * kStd[0], kStd[1] * kStd[1], kStd[2] * kStd[2],
+              kStd[3] * kStd[3]);
 
   bn.eval();
   Readings(rng, x);

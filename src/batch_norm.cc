@@ -3,6 +3,7 @@
 #include "bnorm/batch_norm.h"
 
 #include <exception>
+#include <limits>
 #include <new>
 
 #include "kernels.h"
@@ -20,8 +21,10 @@ const char* Version() { return BNORM_VERSION_STRING; }
 
 std::string LayoutName(Layout layout) {
   switch (layout) {
-    case Layout::kChannelsFirst: return "channels_first";
-    case Layout::kChannelsLast: return "channels_last";
+    case Layout::kChannelsFirst:
+      return "channels_first";
+    case Layout::kChannelsLast:
+      return "channels_last";
   }
   return "invalid(" + std::to_string(static_cast<int>(layout)) + ")";
 }
@@ -53,11 +56,15 @@ Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g.c, false, a.x));
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
   if (tracking) {
-    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
   }
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
   BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
   BNORM_RETURN_IF_ERROR(detail::CheckMomentum(a.momentum));
   BNORM_RETURN_IF_ERROR(detail::CheckMoreThanOneValuePerChannel(a.x, g));
@@ -76,6 +83,9 @@ Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
         return Status::InvalidArgument("num_batches_tracked: must be >= 0, got " +
                                        std::to_string(batches));
     }
+    if (a.num_batches_tracked != nullptr && batches == std::numeric_limits<int64_t>::max())
+      return Status::InvalidArgument("num_batches_tracked: cannot be incremented, got " +
+                                     std::to_string(batches) + " (the int64 maximum)");
     factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + 1);
   }
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
@@ -105,8 +115,10 @@ Status ForwardEval(const ForwardEvalArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g.numel()));
   BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
   BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
   BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
 
@@ -128,15 +140,21 @@ Status Backward(const BackwardArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
   BNORM_RETURN_IF_ERROR(detail::CheckSameShape("dy", a.dy, "x", a.x));
   BNORM_RETURN_IF_ERROR(detail::CheckSameShape("dx", a.dx, "x", a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
-  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckNoPartialOverlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckNoPartialOverlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
   BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
   if (a.training) {
-    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
   } else {
-    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
   }
   BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("dweight", a.dweight.size(), g.c, false, a.x));
   BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("dbias", a.dbias.size(), g.c, false, a.x));

@@ -29,12 +29,22 @@ bnorm::CallOptions OptionsFromEnvironment() {
   return options;
 }
 
+// The layout as the caller passed it. A C or ctypes caller can pass any int, and loading a
+// bnorm_layout outside 0..1 as the enum is undefined in C++, so read its bytes.
+int RawLayout(const bnorm_layout& layout) {
+  static_assert(sizeof(bnorm_layout) == sizeof(int), "bnorm_layout is passed as an int");
+  int raw;
+  std::memcpy(&raw, &layout, sizeof raw);
+  return raw;
+}
+
 // n, c, s and the layout, before any view is made of them.
-bnorm::Status CheckDims(bnorm_layout layout, int64_t n, int64_t c, int64_t s) {
-  if (layout != BNORM_CHANNELS_FIRST && layout != BNORM_CHANNELS_LAST)
+bnorm::Status CheckDims(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s) {
+  const int raw = RawLayout(layout);
+  if (raw != BNORM_CHANNELS_FIRST && raw != BNORM_CHANNELS_LAST)
     return bnorm::Status::InvalidArgument(
         "layout: must be BNORM_CHANNELS_FIRST (0) or BNORM_CHANNELS_LAST (1), got " +
-        std::to_string(static_cast<int>(layout)));
+        std::to_string(raw));
   if (n == 0) return bnorm::Status::InvalidArgument("n: empty batch, got n = 0");
   if (n < 0) return bnorm::Status::InvalidArgument("n: must be > 0, got " + std::to_string(n));
   if (c <= 0) return bnorm::Status::InvalidArgument("c: must be > 0, got " + std::to_string(c));
@@ -44,8 +54,9 @@ bnorm::Status CheckDims(bnorm_layout layout, int64_t n, int64_t c, int64_t s) {
 
 // (N, C) when s == 1, else (N, C, S): the rank only shows in messages.
 template <class T>
-bnorm::BasicTensorView<T> View(T* data, bnorm_layout layout, int64_t n, int64_t c, int64_t s) {
-  const auto l = static_cast<bnorm::Layout>(layout);
+bnorm::BasicTensorView<T> View(T* data, const bnorm_layout& layout, int64_t n, int64_t c,
+                               int64_t s) {
+  const auto l = static_cast<bnorm::Layout>(RawLayout(layout));
   if (s == 1) return bnorm::BasicTensorView<T>(data, {n, c}, l);
   return bnorm::BasicTensorView<T>(data, {n, c, s}, l);
 }
@@ -88,9 +99,12 @@ int bnorm_forward_train(bnorm_layout layout, int64_t n, int64_t c, int64_t s, co
     a.running_var = Vec(running_var, c);
     a.num_batches_tracked = num_batches_tracked;
     if (std::isnan(momentum))
-      return bnorm::Status::InvalidArgument("momentum: must be in [0, 1], or < 0 for none, got nan");
-    if (momentum < 0) a.momentum = std::nullopt;
-    else a.momentum = momentum;
+      return bnorm::Status::InvalidArgument(
+          "momentum: must be in [0, 1], or < 0 for none, got nan");
+    if (momentum < 0)
+      a.momentum = std::nullopt;
+    else
+      a.momentum = momentum;
     a.eps = eps;
     a.y = View(y, layout, n, c, s);
     a.save_mean = Vec(save_mean, c);
@@ -129,15 +143,19 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
     BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
     const char* missing = nullptr;
     if (training) {
-      if (save_mean == nullptr) missing = "save_mean";
-      else if (save_invstd == nullptr) missing = "save_invstd";
+      if (save_mean == nullptr)
+        missing = "save_mean";
+      else if (save_invstd == nullptr)
+        missing = "save_invstd";
     } else {
-      if (running_mean == nullptr) missing = "running_mean";
-      else if (running_var == nullptr) missing = "running_var";
+      if (running_mean == nullptr)
+        missing = "running_mean";
+      else if (running_var == nullptr)
+        missing = "running_var";
     }
     if (missing != nullptr)
-      return bnorm::Status::InvalidArgument(std::string(missing) + ": is NULL; required when training = " +
-                                            std::to_string(training));
+      return bnorm::Status::InvalidArgument(
+          std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
     bnorm::BackwardArgs a;
     a.dy = View(dy, layout, n, c, s);
     a.x = View(x, layout, n, c, s);

@@ -39,11 +39,11 @@ struct TrainCall {
   const float* bias = nullptr;    // null: 0
   float* running_mean = nullptr;  // both null or both set
   float* running_var = nullptr;
-  double factor = 0;              // running-stat factor f (momentum or 1/num_batches_tracked)
+  double factor = 0;  // running-stat factor f (momentum or 1/num_batches_tracked)
   double eps = 0;
-  float* y = nullptr;             // may equal x
-  float* save_mean = nullptr;     // optional
-  float* save_invstd = nullptr;   // optional
+  float* y = nullptr;            // may equal x
+  float* save_mean = nullptr;    // optional
+  float* save_invstd = nullptr;  // optional
 };
 
 struct EvalCall {
@@ -61,12 +61,12 @@ struct BackwardCall {
   Geometry g;
   const float* dy = nullptr;
   const float* x = nullptr;
-  const float* weight = nullptr;       // null: 1
+  const float* weight = nullptr;  // null: 1
   bool training = true;
-  const float* save_mean = nullptr;    // set when training
-  const float* save_invstd = nullptr;  // set when training
-  const float* running_mean = nullptr; // set when !training
-  const float* running_var = nullptr;  // set when !training
+  const float* save_mean = nullptr;     // set when training
+  const float* save_invstd = nullptr;   // set when training
+  const float* running_mean = nullptr;  // set when !training
+  const float* running_var = nullptr;   // set when !training
   double eps = 0;
   float* dx = nullptr;       // may equal dy or x
   float* dweight = nullptr;  // optional

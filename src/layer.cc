@@ -1,6 +1,7 @@
 // The stateful layer: owns PyTorch's parameters and buffers and calls the functional passes.
 #include <algorithm>
 #include <cmath>
+#include <exception>
 
 #include "bnorm/batch_norm.h"
 #include "util/check.h"
@@ -20,20 +21,25 @@ Status BatchNorm::Create(const BatchNormOptions& options, BatchNorm* out) {
   BatchNorm layer;
   layer.options_ = options;
   const auto c = static_cast<size_t>(options.num_features);
-  if (options.affine) {
-    layer.weight_.resize(c);
-    layer.bias_.resize(c);
-    layer.weight_grad_.assign(c, 0.0f);
-    layer.bias_grad_.assign(c, 0.0f);
-    layer.dweight_scratch_.resize(c);
-    layer.dbias_scratch_.resize(c);
+  try {
+    if (options.affine) {
+      layer.weight_.resize(c);
+      layer.bias_.resize(c);
+      layer.weight_grad_.assign(c, 0.0f);
+      layer.bias_grad_.assign(c, 0.0f);
+      layer.dweight_scratch_.resize(c);
+      layer.dbias_scratch_.resize(c);
+    }
+    if (options.track_running_stats) {
+      layer.running_mean_.resize(c);
+      layer.running_var_.resize(c);
+    }
+    layer.save_mean_.resize(c);
+    layer.save_invstd_.resize(c);
+  } catch (const std::exception& e) {  // bad_alloc, or length_error for absurd sizes
+    return Status::Internal("num_features: cannot allocate " +
+                            std::to_string(options.num_features) + " channels (" + e.what() + ")");
   }
-  if (options.track_running_stats) {
-    layer.running_mean_.resize(c);
-    layer.running_var_.resize(c);
-  }
-  layer.save_mean_.resize(c);
-  layer.save_invstd_.resize(c);
   layer.reset_parameters();
   *out = std::move(layer);
   return Status::Ok();
@@ -79,6 +85,10 @@ std::vector<std::pair<std::string, std::span<float>>> BatchNorm::named_tensors()
 Status BatchNorm::forward(ConstTensorView x, TensorView y) {
   if (options_.num_features <= 0)
     return Status::InvalidArgument("BatchNorm: layer was not created with BatchNorm::Create");
+  if (x.rank() >= 2 && x.channels() != options_.num_features)
+    return Status::InvalidArgument(
+        "x: has C = " + std::to_string(x.channels()) + " channels (size " + x.SizeString() +
+        "), the layer has num_features = " + std::to_string(options_.num_features));
   // Batch statistics in training mode, and in eval mode without running statistics.
   const bool use_batch_stats = training_ || !options_.track_running_stats;
   if (use_batch_stats) {
@@ -109,7 +119,8 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     BNORM_RETURN_IF_ERROR(ForwardEval(a, call_options()));
     for (size_t c = 0; c < save_mean_.size(); ++c) {
       save_mean_[c] = running_mean_[c];
-      save_invstd_[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(running_var_[c]) + options_.eps));
+      save_invstd_[c] =
+          static_cast<float>(1.0 / std::sqrt(static_cast<double>(running_var_[c]) + options_.eps));
     }
   }
   have_forward_ = true;

@@ -4,10 +4,14 @@ namespace bnorm {
 
 const char* StatusCodeName(StatusCode code) {
   switch (code) {
-    case StatusCode::kOk: return "OK";
-    case StatusCode::kInvalidArgument: return "InvalidArgument";
-    case StatusCode::kNonFinite: return "NonFinite";
-    case StatusCode::kInternal: return "Internal";
+    case StatusCode::kOk:
+      return "OK";
+    case StatusCode::kInvalidArgument:
+      return "InvalidArgument";
+    case StatusCode::kNonFinite:
+      return "NonFinite";
+    case StatusCode::kInternal:
+      return "Internal";
   }
   return "Unknown";
 }

@@ -59,18 +59,18 @@ struct CallOptions {
 // An absent per-channel vector is an empty span; a present one must hold exactly C values.
 
 struct ForwardTrainArgs {
-  ConstTensorView x;                 // required
-  std::span<const float> weight;     // gamma; empty: 1 (affine=false)
-  std::span<const float> bias;       // beta; empty: 0 (affine=false)
-  std::span<float> running_mean;     // both empty (track_running_stats=false) or both C values;
-  std::span<float> running_var;      //   updated in place when present
+  ConstTensorView x;              // required
+  std::span<const float> weight;  // gamma; empty: 1 (affine=false)
+  std::span<const float> bias;    // beta; empty: 0 (affine=false)
+  std::span<float> running_mean;  // both empty (track_running_stats=false) or both C values;
+  std::span<float> running_var;   //   updated in place when present
   int64_t* num_batches_tracked = nullptr;  // incremented when running stats are present and it
                                            // is not null; required if momentum is none
   std::optional<double> momentum = 0.1;    // in [0, 1]; nullopt: cumulative average
   double eps = 1e-5;                       // finite, > 0
-  TensorView y;                      // required; same shape and layout as x; may alias x exactly
-  std::span<float> save_mean;        // optional output: batch mean
-  std::span<float> save_invstd;      // optional output: 1 / sqrt(biased var + eps)
+  TensorView y;                  // required; same shape and layout as x; may alias x exactly
+  std::span<float> save_mean;    // optional output: batch mean
+  std::span<float> save_invstd;  // optional output: 1 / sqrt(biased var + eps)
 };
 
 // Training forward: normalizes x with its batch statistics, updates the running statistics.

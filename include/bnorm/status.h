@@ -56,9 +56,9 @@ const char* StatusCodeName(StatusCode code);
 }  // namespace bnorm
 
 // Returns the status from the enclosing function if it is not OK.
-#define BNORM_RETURN_IF_ERROR(expr)                 \
-  do {                                              \
-    ::bnorm::Status bnorm_status_tmp_ = (expr);     \
+#define BNORM_RETURN_IF_ERROR(expr)                        \
+  do {                                                     \
+    ::bnorm::Status bnorm_status_tmp_ = (expr);            \
     if (!bnorm_status_tmp_.ok()) return bnorm_status_tmp_; \
   } while (0)
 

@@ -46,17 +46,14 @@ class BasicTensorView {
 
   BasicTensorView(T* data, std::span<const int64_t> dims, Layout layout = Layout::kChannelsFirst)
       : data_(data), layout_(layout) {
-    if (dims.size() > static_cast<size_t>(kMaxRank)) {
-      rank_ = static_cast<int>(dims.size());  // invalid; reported by validation
-      return;
-    }
+    // More than kMaxRank dims: an invalid rank, reported by validation with the first ones.
     rank_ = static_cast<int>(dims.size());
-    for (int i = 0; i < rank_; ++i) dims_[i] = dims[i];
+    for (int i = 0; i < rank_ && i < kMaxRank; ++i) dims_[i] = dims[i];
   }
 
   // A mutable view converts to a read-only one.
-  template <class U, class = std::enable_if_t<std::is_same_v<U, float> &&
-                                              std::is_same_v<T, const float>>>
+  template <class U,
+            class = std::enable_if_t<std::is_same_v<U, float> && std::is_same_v<T, const float>>>
   BasicTensorView(const BasicTensorView<U>& other)  // NOLINT(google-explicit-constructor)
       : data_(other.data()), rank_(other.rank()), layout_(other.layout()) {
     for (int i = 0; i < kMaxRank; ++i) dims_[i] = other.raw_dim(i);

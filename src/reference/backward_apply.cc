@@ -28,8 +28,8 @@ void backward_apply(const Geometry& g, const T* dy, const T* x, const double* me
 template void backward_apply<float>(const Geometry&, const float*, const float*, const double*,
                                     const double*, const double*, const double*, const double*,
                                     bool, float*);
-template void backward_apply<double>(const Geometry&, const double*, const double*,
+template void backward_apply<double>(const Geometry&, const double*, const double*, const double*,
                                      const double*, const double*, const double*, const double*,
-                                     const double*, bool, double*);
+                                     bool, double*);
 
 }  // namespace bnorm::ref

@@ -11,8 +11,8 @@ void backward_reduce(const Geometry& g, const T* dy, const T* x, const double* m
       for (int64_t j = 0; j < g.s; ++j) {
         const int64_t k = g.index(i, c, j);
         const double xhat = (static_cast<double>(x[k]) - mean[c]) * invstd[c];
-        s_dy += static_cast<double>(dy[k]);                  // dbias
-        s_dy_xhat += static_cast<double>(dy[k]) * xhat;      // dweight
+        s_dy += static_cast<double>(dy[k]);              // dbias
+        s_dy_xhat += static_cast<double>(dy[k]) * xhat;  // dweight
       }
     sum_dy[c] = s_dy;
     sum_dy_xhat[c] = s_dy_xhat;
@@ -21,7 +21,7 @@ void backward_reduce(const Geometry& g, const T* dy, const T* x, const double* m
 
 template void backward_reduce<float>(const Geometry&, const float*, const float*, const double*,
                                      const double*, double*, double*);
-template void backward_reduce<double>(const Geometry&, const double*, const double*,
-                                      const double*, const double*, double*, double*);
+template void backward_reduce<double>(const Geometry&, const double*, const double*, const double*,
+                                      const double*, double*, double*);
 
 }  // namespace bnorm::ref

@@ -58,8 +58,8 @@ void backward(const detail::BackwardCall& call) {
   backward_reduce(g, call.dy, call.x, mean.data(), invstd.data(), sum_dy.data(),
                   sum_dy_xhat.data());
   // The reductions read all of x and dy before dx is written, so dx may alias either.
-  backward_apply(g, call.dy, call.x, mean.data(), invstd.data(), DataOrNull(weight),
-                 sum_dy.data(), sum_dy_xhat.data(), call.training, call.dx);
+  backward_apply(g, call.dy, call.x, mean.data(), invstd.data(), DataOrNull(weight), sum_dy.data(),
+                 sum_dy_xhat.data(), call.training, call.dx);
   Store(sum_dy_xhat, call.dweight);
   Store(sum_dy, call.dbias);
 }

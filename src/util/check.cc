@@ -19,11 +19,13 @@ Status CheckTensor(const char* name, ConstTensorView t, Geometry* geometry) {
   const std::string n = name;
   if (t.data() == nullptr) return Status::InvalidArgument(n + ": data is null");
   if (t.layout() != Layout::kChannelsFirst && t.layout() != Layout::kChannelsLast)
-    return Status::InvalidArgument(n + ": layout must be channels_first (0) or channels_last (1), got " +
-                                   std::to_string(static_cast<int>(t.layout())));
+    return Status::InvalidArgument(
+        n + ": layout must be channels_first (0) or channels_last (1), got " +
+        std::to_string(static_cast<int>(t.layout())));
   if (t.rank() < 2 || t.rank() > kMaxRank)
-    return Status::InvalidArgument(n + ": rank must be 2 to 5 ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got " +
-                                   std::to_string(t.rank()) + " dims, size " + t.SizeString());
+    return Status::InvalidArgument(
+        n + ": rank must be 2 to 5 ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got " +
+        std::to_string(t.rank()) + " dims, size " + t.SizeString());
   if (t.dim(0) == 0)
     return Status::InvalidArgument(n + ": empty batch (N = 0), size " + t.SizeString());
   for (int i = 0; i < t.rank(); ++i)
@@ -33,7 +35,8 @@ Status CheckTensor(const char* name, ConstTensorView t, Geometry* geometry) {
   int64_t numel = 1;
   for (int i = 0; i < t.rank(); ++i) {
     if (numel > std::numeric_limits<int64_t>::max() / t.dim(i))
-      return Status::InvalidArgument(n + ": number of elements overflows int64, size " + t.SizeString());
+      return Status::InvalidArgument(n + ": number of elements overflows int64, size " +
+                                     t.SizeString());
     numel *= t.dim(i);
   }
   geometry->layout = t.layout();
@@ -76,9 +79,9 @@ Status CheckChannelVector(const char* name, size_t size, int64_t c, bool require
     return Status::InvalidArgument(std::string(name) + ": required, one value per channel (C = " +
                                    std::to_string(c) + "), got none");
   if (static_cast<int64_t>(size) != c)
-    return Status::InvalidArgument(std::string(name) + ": must hold one value per channel, C = " +
-                                   std::to_string(c) + " (x size " + x.SizeString() + "), got " +
-                                   std::to_string(size));
+    return Status::InvalidArgument(std::string(name) +
+                                   ": must hold one value per channel, C = " + std::to_string(c) +
+                                   " (x size " + x.SizeString() + "), got " + std::to_string(size));
   return Status::Ok();
 }
 
@@ -90,15 +93,15 @@ Status CheckEps(double eps) {
 
 Status CheckMomentum(std::optional<double> momentum) {
   if (momentum && !(*momentum >= 0.0 && *momentum <= 1.0))
-    return Status::InvalidArgument("momentum: must be in [0, 1] or none (cumulative average), got " +
-                                   FormatNumber(*momentum));
+    return Status::InvalidArgument(
+        "momentum: must be in [0, 1] or none (cumulative average), got " + FormatNumber(*momentum));
   return Status::Ok();
 }
 
 Status CheckMoreThanOneValuePerChannel(ConstTensorView x, const Geometry& g) {
   if (g.count() > 1) return Status::Ok();
-  return Status::InvalidArgument("Expected more than 1 value per channel when training, got input size " +
-                                 x.SizeString());
+  return Status::InvalidArgument(
+      "Expected more than 1 value per channel when training, got input size " + x.SizeString());
 }
 
 Status CheckFinite(const char* name, ConstTensorView t, const Geometry& g) {
