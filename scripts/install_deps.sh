@@ -6,7 +6,7 @@
 set -euo pipefail
 
 what=${1:-test}
-packages=(cmake g++ make)
+packages=(cmake gcc g++ make)
 case "$what" in
   build) ;;
   test) packages+=(libgtest-dev python3 python3-numpy python3-torch) ;;

@@ -45,15 +45,23 @@ Status Run(Fn&& fn) {
   return Status::Ok();
 }
 
+// What both forwards check first: x, y (same shape, y == x or disjoint), weight and bias.
+template <class Args>
+Status CheckForwardCommon(const Args& a, Geometry* g) {
+  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, g));
+  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("y", a.y, "x", a.x));
+  BNORM_RETURN_IF_ERROR(
+      detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g->numel()));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g->c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g->c, false, a.x));
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
   Geometry g;
-  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
-  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("y", a.y, "x", a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g.numel()));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(CheckForwardCommon(a, &g));
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
   if (tracking) {
     BNORM_RETURN_IF_ERROR(
@@ -110,11 +118,7 @@ Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
 
 Status ForwardEval(const ForwardEvalArgs& a, const CallOptions& options) {
   Geometry g;
-  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
-  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("y", a.y, "x", a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g.numel()));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(CheckForwardCommon(a, &g));
   BNORM_RETURN_IF_ERROR(
       detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
   BNORM_RETURN_IF_ERROR(

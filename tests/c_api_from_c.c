@@ -1,0 +1,59 @@
+/* The C API from a C99 program: the header compiles as C, the library links without C++, and a
+   training step, an eval step, a backward and a rejected call behave as documented. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bnorm/c_api.h"
+
+static int failures = 0;
+
+static void expect(int ok, const char* what) {
+  if (!ok) {
+    ++failures;
+    printf("FAILED: %s\n", what);
+  }
+}
+
+int main(void) {
+  /* (N, C) = (4, 2): channel 0 holds 1 2 3 4, channel 1 holds 10 10 10 10 (constant). */
+  const float x[8] = {1, 10, 2, 10, 3, 10, 4, 10};
+  float y[8], mean[2], invstd[2], rm[2] = {0, 0}, rv[2] = {1, 1};
+  int64_t batches = 0;
+  int rc = bnorm_forward_train(BNORM_CHANNELS_FIRST, 4, 2, 1, x, NULL, NULL, rm, rv, &batches,
+                               0.1, 1e-5, y, mean, invstd);
+  expect(rc == BNORM_OK, "forward_train returns BNORM_OK");
+  expect(mean[0] == 2.5f && mean[1] == 10.0f, "batch means 2.5 and 10");
+  /* biased var 1.25; invstd = 1/sqrt(1.25 + 1e-5) */
+  expect(fabs(invstd[0] - 1.0 / sqrt(1.25 + 1e-5)) < 1e-6, "invstd of channel 0");
+  expect(y[1] == 0.0f && y[3] == 0.0f, "a constant channel normalizes to exactly 0");
+  /* running: 0.9 * 0 + 0.1 * 2.5; 0.9 * 1 + 0.1 * 1.25 * 4 / 3 */
+  expect(fabsf(rm[0] - 0.25f) < 1e-7f && fabsf(rv[0] - (0.9f + 0.1f * 5.0f / 3.0f)) < 1e-6f,
+         "running statistics with the unbiased variance");
+  expect(batches == 1, "num_batches_tracked incremented");
+
+  float ye[8];
+  rc = bnorm_forward_eval(BNORM_CHANNELS_FIRST, 4, 2, 1, x, NULL, NULL, rm, rv, 1e-5, ye);
+  expect(rc == BNORM_OK && fabs(ye[0] - (1 - rm[0]) / sqrt(rv[0] + 1e-5)) < 1e-6,
+         "forward_eval uses the running statistics");
+
+  const float dy[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  float dx[8], dw[2], db[2];
+  rc = bnorm_backward(BNORM_CHANNELS_FIRST, 4, 2, 1, dy, x, NULL, mean, invstd, NULL, NULL, 1e-5,
+                      1, dx, dw, db);
+  expect(rc == BNORM_OK && db[0] == 4.0f && fabsf(dx[0]) < 1e-6f,
+         "backward: a constant dy gives dx = 0 and dbias = N");
+
+  /* One value per channel in training: refused, nothing written. */
+  float y1[2] = {-7, -7};
+  rc = bnorm_forward_train(BNORM_CHANNELS_FIRST, 1, 2, 1, x, NULL, NULL, rm, rv, &batches, 0.1,
+                           1e-5, y1, NULL, NULL);
+  expect(rc == BNORM_ERROR_INVALID_ARGUMENT, "n*s == 1 in training is refused");
+  expect(strstr(bnorm_last_error(), "Expected more than 1 value per channel when training") != NULL,
+         "PyTorch's message");
+  expect(y1[0] == -7 && y1[1] == -7 && batches == 1, "nothing written on error");
+  expect(strlen(bnorm_version()) > 0, "version string");
+
+  printf("bnorm %s from C: %d failed\n", bnorm_version(), failures);
+  return failures == 0 ? 0 : 1;
+}
