@@ -17,9 +17,9 @@ using detail::Geometry;
 #define BNORM_VERSION_STRING "0.0.0"
 #endif
 
-const char* Version() { return BNORM_VERSION_STRING; }
+const char* version() { return BNORM_VERSION_STRING; }
 
-std::string LayoutName(Layout layout) {
+std::string layout_name(Layout layout) {
   switch (layout) {
     case Layout::kChannelsFirst:
       return "channels_first";
@@ -34,48 +34,48 @@ namespace {
 // Runs a kernel pass; the kernels cannot fail but may run out of memory (reference workspace),
 // which happens before their first write.
 template <class Fn>
-Status Run(Fn&& fn) {
+Status run(Fn&& fn) {
   try {
     fn();
   } catch (const std::bad_alloc&) {
-    return Status::Internal("out of memory");
+    return Status::internal("out of memory");
   } catch (const std::exception& e) {
-    return Status::Internal(e.what());
+    return Status::internal(e.what());
   }
-  return Status::Ok();
+  return Status();
 }
 
 // What both forwards check first: x, y (same shape, y == x or disjoint), weight and bias.
 template <class Args>
-Status CheckForwardCommon(const Args& a, Geometry* g) {
-  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, g));
-  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("y", a.y, "x", a.x));
+Status check_forward_common(const Args& a, Geometry* g) {
+  BNORM_RETURN_IF_ERROR(detail::check_tensor("x", a.x, g));
+  BNORM_RETURN_IF_ERROR(detail::check_same_shape("y", a.y, "x", a.x));
   BNORM_RETURN_IF_ERROR(
-      detail::CheckNoPartialOverlap("y", a.y.data(), "x", a.x.data(), g->numel()));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g->c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("bias", a.bias.size(), g->c, false, a.x));
-  return Status::Ok();
+      detail::check_no_partial_overlap("y", a.y.data(), "x", a.x.data(), g->numel()));
+  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g->c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("bias", a.bias.size(), g->c, false, a.x));
+  return Status();
 }
 
 }  // namespace
 
-Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
+Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
   Geometry g;
-  BNORM_RETURN_IF_ERROR(CheckForwardCommon(a, &g));
+  BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
   if (tracking) {
     BNORM_RETURN_IF_ERROR(
-        detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+        detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
     BNORM_RETURN_IF_ERROR(
-        detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+        detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
   }
   BNORM_RETURN_IF_ERROR(
-      detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, false, a.x));
+      detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
   BNORM_RETURN_IF_ERROR(
-      detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
-  BNORM_RETURN_IF_ERROR(detail::CheckMomentum(a.momentum));
-  BNORM_RETURN_IF_ERROR(detail::CheckMoreThanOneValuePerChannel(a.x, g));
+      detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
+  BNORM_RETURN_IF_ERROR(detail::check_momentum(a.momentum));
+  BNORM_RETURN_IF_ERROR(detail::check_more_than_one_value_per_channel(a.x, g));
 
   // The running-stat factor: momentum, or 1 / num_batches_tracked (after the increment).
   double factor = 0;
@@ -84,19 +84,19 @@ Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
     if (a.num_batches_tracked != nullptr) batches = *a.num_batches_tracked;
     if (!a.momentum) {
       if (a.num_batches_tracked == nullptr)
-        return Status::InvalidArgument(
+        return Status::invalid_argument(
             "num_batches_tracked: required when momentum is none (cumulative average) and "
             "running statistics are tracked, got null");
       if (batches < 0)
-        return Status::InvalidArgument("num_batches_tracked: must be >= 0, got " +
-                                       std::to_string(batches));
+        return Status::invalid_argument("num_batches_tracked: must be >= 0, got " +
+                                        std::to_string(batches));
     }
     if (a.num_batches_tracked != nullptr && batches == std::numeric_limits<int64_t>::max())
-      return Status::InvalidArgument("num_batches_tracked: cannot be incremented, got " +
-                                     std::to_string(batches) + " (the int64 maximum)");
+      return Status::invalid_argument("num_batches_tracked: cannot be incremented, got " +
+                                      std::to_string(batches) + " (the int64 maximum)");
     factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + 1);
   }
-  if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
+  if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
 
   detail::TrainCall call;
   call.g = g;
@@ -110,21 +110,21 @@ Status ForwardTrain(const ForwardTrainArgs& a, const CallOptions& options) {
   call.y = a.y.data();
   call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
   call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
-  const detail::Implementation& impl = detail::SelectImplementation(options.backend);
-  BNORM_RETURN_IF_ERROR(Run([&] { impl.forward_train(call); }));
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  BNORM_RETURN_IF_ERROR(run([&] { impl.forward_train(call); }));
   if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
-  return Status::Ok();
+  return Status();
 }
 
-Status ForwardEval(const ForwardEvalArgs& a, const CallOptions& options) {
+Status forward_eval(const ForwardEvalArgs& a, const CallOptions& options) {
   Geometry g;
-  BNORM_RETURN_IF_ERROR(CheckForwardCommon(a, &g));
+  BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
   BNORM_RETURN_IF_ERROR(
-      detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+      detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
   BNORM_RETURN_IF_ERROR(
-      detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
-  if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
+      detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
+  if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
 
   detail::EvalCall call;
   call.g = g;
@@ -135,37 +135,37 @@ Status ForwardEval(const ForwardEvalArgs& a, const CallOptions& options) {
   call.running_var = a.running_var.data();
   call.eps = a.eps;
   call.y = a.y.data();
-  const detail::Implementation& impl = detail::SelectImplementation(options.backend);
-  return Run([&] { impl.forward_eval(call); });
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  return run([&] { impl.forward_eval(call); });
 }
 
-Status Backward(const BackwardArgs& a, const CallOptions& options) {
+Status backward(const BackwardArgs& a, const CallOptions& options) {
   Geometry g;
-  BNORM_RETURN_IF_ERROR(detail::CheckTensor("x", a.x, &g));
-  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("dy", a.dy, "x", a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckSameShape("dx", a.dx, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_tensor("x", a.x, &g));
+  BNORM_RETURN_IF_ERROR(detail::check_same_shape("dy", a.dy, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_same_shape("dx", a.dx, "x", a.x));
   BNORM_RETURN_IF_ERROR(
-      detail::CheckNoPartialOverlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
+      detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
   BNORM_RETURN_IF_ERROR(
-      detail::CheckNoPartialOverlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("weight", a.weight.size(), g.c, false, a.x));
+      detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
+  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
   if (a.training) {
     BNORM_RETURN_IF_ERROR(
-        detail::CheckChannelVector("save_mean", a.save_mean.size(), g.c, true, a.x));
+        detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, true, a.x));
     BNORM_RETURN_IF_ERROR(
-        detail::CheckChannelVector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
+        detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
   } else {
     BNORM_RETURN_IF_ERROR(
-        detail::CheckChannelVector("running_mean", a.running_mean.size(), g.c, true, a.x));
+        detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
     BNORM_RETURN_IF_ERROR(
-        detail::CheckChannelVector("running_var", a.running_var.size(), g.c, true, a.x));
+        detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
   }
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("dweight", a.dweight.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckChannelVector("dbias", a.dbias.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::CheckEps(a.eps));
+  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dweight", a.dweight.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dbias", a.dbias.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
   if (options.check_finite) {
-    BNORM_RETURN_IF_ERROR(detail::CheckFinite("dy", a.dy, g));
-    BNORM_RETURN_IF_ERROR(detail::CheckFinite("x", a.x, g));
+    BNORM_RETURN_IF_ERROR(detail::check_finite("dy", a.dy, g));
+    BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
   }
 
   detail::BackwardCall call;
@@ -185,8 +185,8 @@ Status Backward(const BackwardArgs& a, const CallOptions& options) {
   call.dx = a.dx.data();
   call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
   call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
-  const detail::Implementation& impl = detail::SelectImplementation(options.backend);
-  return Run([&] { impl.backward(call); });
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  return run([&] { impl.backward(call); });
 }
 
 }  // namespace bnorm

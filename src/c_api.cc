@@ -15,14 +15,14 @@ namespace {
 
 thread_local std::string last_error;
 
-int Report(const bnorm::Status& status) {
+int report(const bnorm::Status& status) {
   if (status.ok()) return BNORM_OK;
   last_error = status.message();
   return static_cast<int>(status.code());
 }
 
 // The C API has no options argument: BNORM_CHECK_FINITE=1 turns the finiteness check on.
-bnorm::CallOptions OptionsFromEnvironment() {
+bnorm::CallOptions options_from_environment() {
   bnorm::CallOptions options;
   const char* env = std::getenv("BNORM_CHECK_FINITE");
   options.check_finite = env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
@@ -31,7 +31,7 @@ bnorm::CallOptions OptionsFromEnvironment() {
 
 // The layout as the caller passed it. A C or ctypes caller can pass any int, and loading a
 // bnorm_layout outside 0..1 as the enum is undefined in C++, so read its bytes.
-int RawLayout(const bnorm_layout& layout) {
+int raw_layout(const bnorm_layout& layout) {
   static_assert(sizeof(bnorm_layout) == sizeof(int), "bnorm_layout is passed as an int");
   int raw;
   std::memcpy(&raw, &layout, sizeof raw);
@@ -39,41 +39,41 @@ int RawLayout(const bnorm_layout& layout) {
 }
 
 // n, c, s and the layout, before any view is made of them.
-bnorm::Status CheckDims(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s) {
-  const int raw = RawLayout(layout);
+bnorm::Status check_dims(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s) {
+  const int raw = raw_layout(layout);
   if (raw != BNORM_CHANNELS_FIRST && raw != BNORM_CHANNELS_LAST)
-    return bnorm::Status::InvalidArgument(
+    return bnorm::Status::invalid_argument(
         "layout: must be BNORM_CHANNELS_FIRST (0) or BNORM_CHANNELS_LAST (1), got " +
         std::to_string(raw));
-  if (n == 0) return bnorm::Status::InvalidArgument("n: empty batch, got n = 0");
-  if (n < 0) return bnorm::Status::InvalidArgument("n: must be > 0, got " + std::to_string(n));
-  if (c <= 0) return bnorm::Status::InvalidArgument("c: must be > 0, got " + std::to_string(c));
-  if (s <= 0) return bnorm::Status::InvalidArgument("s: must be > 0, got " + std::to_string(s));
-  return bnorm::Status::Ok();
+  if (n == 0) return bnorm::Status::invalid_argument("n: empty batch, got n = 0");
+  if (n < 0) return bnorm::Status::invalid_argument("n: must be > 0, got " + std::to_string(n));
+  if (c <= 0) return bnorm::Status::invalid_argument("c: must be > 0, got " + std::to_string(c));
+  if (s <= 0) return bnorm::Status::invalid_argument("s: must be > 0, got " + std::to_string(s));
+  return bnorm::Status();
 }
 
 // (N, C) when s == 1, else (N, C, S): the rank only shows in messages.
 template <class T>
-bnorm::BasicTensorView<T> View(T* data, const bnorm_layout& layout, int64_t n, int64_t c,
+bnorm::BasicTensorView<T> view(T* data, const bnorm_layout& layout, int64_t n, int64_t c,
                                int64_t s) {
-  const auto l = static_cast<bnorm::Layout>(RawLayout(layout));
+  const auto l = static_cast<bnorm::Layout>(raw_layout(layout));
   if (s == 1) return bnorm::BasicTensorView<T>(data, {n, c}, l);
   return bnorm::BasicTensorView<T>(data, {n, c, s}, l);
 }
 
 template <class T>
-std::span<T> Vec(T* p, int64_t c) {
+std::span<T> vec(T* p, int64_t c) {
   return p == nullptr ? std::span<T>() : std::span<T>(p, static_cast<size_t>(c));
 }
 
 template <class Fn>
-int Guard(Fn&& fn) {
+int guard(Fn&& fn) {
   try {
-    return Report(fn());
+    return report(fn());
   } catch (const std::exception& e) {
-    return Report(bnorm::Status::Internal(e.what()));
+    return report(bnorm::Status::internal(e.what()));
   } catch (...) {
-    return Report(bnorm::Status::Internal("unknown exception"));
+    return report(bnorm::Status::internal("unknown exception"));
   }
 }
 
@@ -85,53 +85,53 @@ int bnorm_forward_train(bnorm_layout layout, int64_t n, int64_t c, int64_t s, co
                         const float* weight, const float* bias, float* running_mean,
                         float* running_var, int64_t* num_batches_tracked, double momentum,
                         double eps, float* y, float* save_mean, float* save_invstd) {
-  return Guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
     if ((running_mean == nullptr) != (running_var == nullptr))
-      return bnorm::Status::InvalidArgument(
+      return bnorm::Status::invalid_argument(
           std::string("running_mean and running_var: give both (tracking) or neither, got ") +
           (running_mean ? "running_var NULL" : "running_mean NULL"));
     bnorm::ForwardTrainArgs a;
-    a.x = View(x, layout, n, c, s);
-    a.weight = Vec(weight, c);
-    a.bias = Vec(bias, c);
-    a.running_mean = Vec(running_mean, c);
-    a.running_var = Vec(running_var, c);
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.bias = vec(bias, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
     a.num_batches_tracked = num_batches_tracked;
     if (std::isnan(momentum))
-      return bnorm::Status::InvalidArgument(
+      return bnorm::Status::invalid_argument(
           "momentum: must be in [0, 1], or < 0 for none, got nan");
     if (momentum < 0)
       a.momentum = std::nullopt;
     else
       a.momentum = momentum;
     a.eps = eps;
-    a.y = View(y, layout, n, c, s);
-    a.save_mean = Vec(save_mean, c);
-    a.save_invstd = Vec(save_invstd, c);
-    return bnorm::ForwardTrain(a, OptionsFromEnvironment());
+    a.y = view(y, layout, n, c, s);
+    a.save_mean = vec(save_mean, c);
+    a.save_invstd = vec(save_invstd, c);
+    return bnorm::forward_train(a, options_from_environment());
   });
 }
 
 int bnorm_forward_eval(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
                        const float* weight, const float* bias, const float* running_mean,
                        const float* running_var, double eps, float* y) {
-  return Guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
     if (running_mean == nullptr || running_var == nullptr)
-      return bnorm::Status::InvalidArgument(
+      return bnorm::Status::invalid_argument(
           std::string(running_mean == nullptr ? "running_mean" : "running_var") +
           ": is NULL; eval needs running statistics (with track_running_stats=false, call "
           "bnorm_forward_train with running_* NULL)");
     bnorm::ForwardEvalArgs a;
-    a.x = View(x, layout, n, c, s);
-    a.weight = Vec(weight, c);
-    a.bias = Vec(bias, c);
-    a.running_mean = Vec(running_mean, c);
-    a.running_var = Vec(running_var, c);
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.bias = vec(bias, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
     a.eps = eps;
-    a.y = View(y, layout, n, c, s);
-    return bnorm::ForwardEval(a, OptionsFromEnvironment());
+    a.y = view(y, layout, n, c, s);
+    return bnorm::forward_eval(a, options_from_environment());
   });
 }
 
@@ -139,8 +139,8 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
                    const float* x, const float* weight, const float* save_mean,
                    const float* save_invstd, const float* running_mean, const float* running_var,
                    double eps, int training, float* dx, float* dweight, float* dbias) {
-  return Guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(CheckDims(layout, n, c, s));
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
     const char* missing = nullptr;
     if (training) {
       if (save_mean == nullptr)
@@ -154,27 +154,27 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
         missing = "running_var";
     }
     if (missing != nullptr)
-      return bnorm::Status::InvalidArgument(
+      return bnorm::Status::invalid_argument(
           std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
     bnorm::BackwardArgs a;
-    a.dy = View(dy, layout, n, c, s);
-    a.x = View(x, layout, n, c, s);
-    a.weight = Vec(weight, c);
+    a.dy = view(dy, layout, n, c, s);
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
     a.training = training != 0;
-    a.save_mean = Vec(save_mean, c);
-    a.save_invstd = Vec(save_invstd, c);
-    a.running_mean = Vec(running_mean, c);
-    a.running_var = Vec(running_var, c);
+    a.save_mean = vec(save_mean, c);
+    a.save_invstd = vec(save_invstd, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
     a.eps = eps;
-    a.dx = View(dx, layout, n, c, s);
-    a.dweight = Vec(dweight, c);
-    a.dbias = Vec(dbias, c);
-    return bnorm::Backward(a, OptionsFromEnvironment());
+    a.dx = view(dx, layout, n, c, s);
+    a.dweight = vec(dweight, c);
+    a.dbias = vec(dbias, c);
+    return bnorm::backward(a, options_from_environment());
   });
 }
 
 const char* bnorm_last_error(void) { return last_error.c_str(); }
 
-const char* bnorm_version(void) { return bnorm::Version(); }
+const char* bnorm_version(void) { return bnorm::version(); }
 
 }  // extern "C"

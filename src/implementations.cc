@@ -13,15 +13,15 @@ const Implementation kImplementations[] = {
 };
 constexpr size_t kCount = sizeof(kImplementations) / sizeof(kImplementations[0]);
 
-bool ReferenceForcedByEnvironment() {
+bool reference_forced_by_environment() {
   const char* env = std::getenv("BNORM_BACKEND");
   return env != nullptr && std::strcmp(env, "reference") == 0;
 }
 
 }  // namespace
 
-const Implementation& SelectImplementation(Backend backend) {
-  if (backend == Backend::kReference || ReferenceForcedByEnvironment())
+const Implementation& select_implementation(Backend backend) {
+  if (backend == Backend::kReference || reference_forced_by_environment())
     return kImplementations[kCount - 1];
   return kImplementations[0];
 }

@@ -82,7 +82,7 @@ struct Implementation {
 
 // The implementation a call runs: the reference for Backend::kReference or when the
 // environment variable BNORM_BACKEND=reference is set, else the first (fastest) in the list.
-const Implementation& SelectImplementation(Backend backend);
+const Implementation& select_implementation(Backend backend);
 
 }  // namespace bnorm::detail
 

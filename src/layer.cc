@@ -8,16 +8,16 @@
 
 namespace bnorm {
 
-Status BatchNorm::Create(const BatchNormOptions& options, BatchNorm* out) {
-  if (out == nullptr) return Status::InvalidArgument("out: is null");
+Status BatchNorm::create(const BatchNormOptions& options, BatchNorm* out) {
+  if (out == nullptr) return Status::invalid_argument("out: is null");
   if (options.num_features <= 0)
-    return Status::InvalidArgument("num_features: must be > 0, got " +
-                                   std::to_string(options.num_features));
-  BNORM_RETURN_IF_ERROR(detail::CheckEps(options.eps));
-  BNORM_RETURN_IF_ERROR(detail::CheckMomentum(options.momentum));
+    return Status::invalid_argument("num_features: must be > 0, got " +
+                                    std::to_string(options.num_features));
+  BNORM_RETURN_IF_ERROR(detail::check_eps(options.eps));
+  BNORM_RETURN_IF_ERROR(detail::check_momentum(options.momentum));
   if (options.backend != Backend::kAuto && options.backend != Backend::kReference)
-    return Status::InvalidArgument("backend: unknown value " +
-                                   std::to_string(static_cast<int>(options.backend)));
+    return Status::invalid_argument("backend: unknown value " +
+                                    std::to_string(static_cast<int>(options.backend)));
   BatchNorm layer;
   layer.options_ = options;
   const auto c = static_cast<size_t>(options.num_features);
@@ -37,12 +37,12 @@ Status BatchNorm::Create(const BatchNormOptions& options, BatchNorm* out) {
     layer.save_mean_.resize(c);
     layer.save_invstd_.resize(c);
   } catch (const std::exception& e) {  // bad_alloc, or length_error for absurd sizes
-    return Status::Internal("num_features: cannot allocate " +
+    return Status::internal("num_features: cannot allocate " +
                             std::to_string(options.num_features) + " channels (" + e.what() + ")");
   }
   layer.reset_parameters();
   *out = std::move(layer);
-  return Status::Ok();
+  return Status();
 }
 
 CallOptions BatchNorm::call_options() const {
@@ -84,10 +84,10 @@ std::vector<std::pair<std::string, std::span<float>>> BatchNorm::named_tensors()
 
 Status BatchNorm::forward(ConstTensorView x, TensorView y) {
   if (options_.num_features <= 0)
-    return Status::InvalidArgument("BatchNorm: layer was not created with BatchNorm::Create");
+    return Status::invalid_argument("BatchNorm: layer was not created with BatchNorm::create");
   if (x.rank() >= 2 && x.channels() != options_.num_features)
-    return Status::InvalidArgument(
-        "x: has C = " + std::to_string(x.channels()) + " channels (size " + x.SizeString() +
+    return Status::invalid_argument(
+        "x: has C = " + std::to_string(x.channels()) + " channels (size " + x.size_string() +
         "), the layer has num_features = " + std::to_string(options_.num_features));
   // Batch statistics in training mode, and in eval mode without running statistics.
   const bool use_batch_stats = training_ || !options_.track_running_stats;
@@ -106,7 +106,7 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     a.y = y;
     a.save_mean = save_mean_;
     a.save_invstd = save_invstd_;
-    BNORM_RETURN_IF_ERROR(ForwardTrain(a, call_options()));
+    BNORM_RETURN_IF_ERROR(forward_train(a, call_options()));
   } else {
     ForwardEvalArgs a;
     a.x = x;
@@ -116,7 +116,7 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     a.running_var = running_var_;
     a.eps = options_.eps;
     a.y = y;
-    BNORM_RETURN_IF_ERROR(ForwardEval(a, call_options()));
+    BNORM_RETURN_IF_ERROR(forward_eval(a, call_options()));
     for (size_t c = 0; c < save_mean_.size(); ++c) {
       save_mean_[c] = running_mean_[c];
       save_invstd_[c] =
@@ -128,16 +128,16 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
   last_rank_ = x.rank();
   last_layout_ = x.layout();
   for (int i = 0; i < kMaxRank; ++i) last_dims_[i] = x.raw_dim(i);
-  return Status::Ok();
+  return Status();
 }
 
 Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx) {
-  if (!have_forward_) return Status::InvalidArgument("backward: no forward has run on this layer");
+  if (!have_forward_) return Status::invalid_argument("backward: no forward has run on this layer");
   bool same = x.rank() == last_rank_ && x.layout() == last_layout_;
   for (int i = 0; same && i < kMaxRank; ++i) same = x.raw_dim(i) == last_dims_[i];
   if (!same)
-    return Status::InvalidArgument("x: size " + x.SizeString() + " (" + LayoutName(x.layout()) +
-                                   ") differs from the last forward's input");
+    return Status::invalid_argument("x: size " + x.size_string() + " (" + layout_name(x.layout()) +
+                                    ") differs from the last forward's input");
   BackwardArgs a;
   a.dy = dy;
   a.x = x;
@@ -154,12 +154,12 @@ Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx)
   a.dx = dx;
   a.dweight = dweight_scratch_;
   a.dbias = dbias_scratch_;
-  BNORM_RETURN_IF_ERROR(Backward(a, call_options()));
+  BNORM_RETURN_IF_ERROR(bnorm::backward(a, call_options()));
   for (size_t c = 0; c < weight_grad_.size(); ++c) {
     weight_grad_[c] += dweight_scratch_[c];
     bias_grad_[c] += dbias_scratch_[c];
   }
-  return Status::Ok();
+  return Status();
 }
 
 }  // namespace bnorm

@@ -2,7 +2,7 @@
 
 namespace bnorm {
 
-const char* StatusCodeName(StatusCode code) {
+const char* status_code_name(StatusCode code) {
   switch (code) {
     case StatusCode::kOk:
       return "OK";
@@ -16,9 +16,9 @@ const char* StatusCodeName(StatusCode code) {
   return "Unknown";
 }
 
-std::string Status::ToString() const {
+std::string Status::to_string() const {
   if (ok()) return "OK";
-  return std::string(StatusCodeName(code_)) + ": " + message_;
+  return std::string(status_code_name(code_)) + ": " + message_;
 }
 
 }  // namespace bnorm

@@ -22,13 +22,13 @@
 namespace bnorm_test {
 namespace {
 
-using bnorm::Backward;
+using bnorm::backward;
 using bnorm::BackwardArgs;
 using bnorm::CallOptions;
 using bnorm::ConstTensorView;
-using bnorm::ForwardEval;
+using bnorm::forward_eval;
+using bnorm::forward_train;
 using bnorm::ForwardEvalArgs;
-using bnorm::ForwardTrain;
 using bnorm::ForwardTrainArgs;
 using bnorm::StatusCode;
 using bnorm::TensorView;
@@ -170,7 +170,7 @@ TEST_P(TrainRejects, WithMessageAndNothingWritten) {
   CallOptions o;
   p.mutate(b, a, unused_e, unused_b, o);
   const Snapshot snap = b.Snap();
-  const bnorm::Status st = ForwardTrain(a, o);
+  const bnorm::Status st = forward_train(a, o);
   EXPECT_TRUE(StatusIs(st, p.code, p.text));
   if (p.exact) {
     EXPECT_EQ(st.message(), p.text);
@@ -514,22 +514,22 @@ std::vector<Case> TrainCases() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(ForwardTrain, TrainRejects, ::testing::ValuesIn(TrainCases()), CaseName);
+INSTANTIATE_TEST_SUITE_P(forward_train, TrainRejects, ::testing::ValuesIn(TrainCases()), CaseName);
 
 // The untouched arguments are valid: each rejection above is the mutation's doing.
 TEST(BadInputControl, ValidArgumentsSucceed) {
   for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
     Buffers b(layout);
-    EXPECT_TRUE(IsOk(ForwardTrain(b.Train())));
+    EXPECT_TRUE(IsOk(forward_train(b.Train())));
     EXPECT_EQ(b.num_batches_tracked, 6);
-    EXPECT_TRUE(IsOk(ForwardEval(b.Eval())));
-    EXPECT_TRUE(IsOk(Backward(b.Back(true))));
-    EXPECT_TRUE(IsOk(Backward(b.Back(false))));
+    EXPECT_TRUE(IsOk(forward_eval(b.Eval())));
+    EXPECT_TRUE(IsOk(backward(b.Back(true))));
+    EXPECT_TRUE(IsOk(backward(b.Back(false))));
     CallOptions o;
     o.check_finite = true;
-    EXPECT_TRUE(IsOk(ForwardTrain(b.Train(), o)));
-    EXPECT_TRUE(IsOk(ForwardEval(b.Eval(), o)));
-    EXPECT_TRUE(IsOk(Backward(b.Back(true), o)));
+    EXPECT_TRUE(IsOk(forward_train(b.Train(), o)));
+    EXPECT_TRUE(IsOk(forward_eval(b.Eval(), o)));
+    EXPECT_TRUE(IsOk(backward(b.Back(true), o)));
   }
 }
 
@@ -539,7 +539,7 @@ TEST(BadInputControl, NaNPassesWhenCheckFiniteIsOff) {
     SCOPED_TRACE(LayoutTag(layout));
     Buffers b(layout);
     b.x.at(1, 2, 3) = kNaN;
-    ASSERT_TRUE(IsOk(ForwardTrain(b.Train())));
+    ASSERT_TRUE(IsOk(forward_train(b.Train())));
     for (int64_t i = 0; i < b.x.n(); ++i)
       for (int64_t j = 0; j < b.x.s(); ++j) {
         EXPECT_TRUE(std::isnan(b.y.at(i, 2, j)));  // the whole channel goes NaN
@@ -548,10 +548,10 @@ TEST(BadInputControl, NaNPassesWhenCheckFiniteIsOff) {
       }
     EXPECT_TRUE(std::isnan(b.running_mean[2]));
     EXPECT_TRUE(std::isfinite(b.running_mean[0]));
-    ASSERT_TRUE(IsOk(ForwardEval(b.Eval())));
+    ASSERT_TRUE(IsOk(forward_eval(b.Eval())));
     EXPECT_TRUE(std::isfinite(b.y.at(0, 1, 0)));
     b.dy.at(0, 1, 1) = kInf;
-    ASSERT_TRUE(IsOk(Backward(b.Back(true))));
+    ASSERT_TRUE(IsOk(backward(b.Back(true))));
     EXPECT_FALSE(std::isfinite(b.dbias[1]));
   }
 }
@@ -570,7 +570,7 @@ TEST_P(EvalRejects, WithMessageAndNothingWritten) {
   CallOptions o;
   p.mutate(b, unused_t, a, unused_b, o);
   const Snapshot snap = b.Snap();
-  EXPECT_TRUE(StatusIs(ForwardEval(a, o), p.code, p.text));
+  EXPECT_TRUE(StatusIs(forward_eval(a, o), p.code, p.text));
   EXPECT_TRUE(snap.Unchanged());
 }
 
@@ -657,10 +657,10 @@ std::vector<Case> EvalCases() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(ForwardEval, EvalRejects, ::testing::ValuesIn(EvalCases()), CaseName);
+INSTANTIATE_TEST_SUITE_P(forward_eval, EvalRejects, ::testing::ValuesIn(EvalCases()), CaseName);
 
 // ------------------------------------------------------------------------------------------
-// Backward.
+// backward.
 
 class BackwardRejects : public ::testing::TestWithParam<Case> {};
 
@@ -673,7 +673,7 @@ TEST_P(BackwardRejects, WithMessageAndNothingWritten) {
   CallOptions o;
   p.mutate(b, unused_t, unused_e, a, o);
   const Snapshot snap = b.Snap();
-  EXPECT_TRUE(StatusIs(Backward(a, o), p.code, p.text));
+  EXPECT_TRUE(StatusIs(backward(a, o), p.code, p.text));
   EXPECT_TRUE(snap.Unchanged());
 }
 
@@ -836,7 +836,7 @@ std::vector<Case> BackwardCases() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(Backward, BackwardRejects, ::testing::ValuesIn(BackwardCases()), CaseName);
+INSTANTIATE_TEST_SUITE_P(backward, BackwardRejects, ::testing::ValuesIn(BackwardCases()), CaseName);
 
 // ------------------------------------------------------------------------------------------
 // The C API.
@@ -1079,7 +1079,7 @@ TEST(CApi, LastErrorIsPerThreadAndVersionIsSet) {
 
   const std::string version = bnorm_version();
   EXPECT_FALSE(version.empty());
-  EXPECT_EQ(version, bnorm::Version());
+  EXPECT_EQ(version, bnorm::version());
   EXPECT_EQ(std::count(version.begin(), version.end(), '.'), 2) << version;  // MAJOR.MINOR.PATCH
 }
 
@@ -1089,8 +1089,8 @@ TEST(CApi, StatusCodesMatchCpp) {
   EXPECT_EQ(BNORM_ERROR_INVALID_ARGUMENT, static_cast<int>(StatusCode::kInvalidArgument));
   EXPECT_EQ(BNORM_ERROR_NON_FINITE, static_cast<int>(StatusCode::kNonFinite));
   EXPECT_EQ(BNORM_ERROR_INTERNAL, static_cast<int>(StatusCode::kInternal));
-  EXPECT_EQ(bnorm::Status::InvalidArgument("m").ToString(), "InvalidArgument: m");
-  EXPECT_EQ(bnorm::Status().ToString(), "OK");
+  EXPECT_EQ(bnorm::Status::invalid_argument("m").to_string(), "InvalidArgument: m");
+  EXPECT_EQ(bnorm::Status().to_string(), "OK");
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Forward passes (ForwardTrain, ForwardEval): hand-checked values, layouts, ranks, affine and
+// Forward passes (forward_train, forward_eval): hand-checked values, layouts, ranks, affine and
 // tracking switches, in-place calls, constant channels and the saved statistics.
 #include <gtest/gtest.h>
 
@@ -17,9 +17,9 @@ namespace {
 using bnorm::Backend;
 using bnorm::CallOptions;
 using bnorm::ConstTensorView;
-using bnorm::ForwardEval;
+using bnorm::forward_eval;
+using bnorm::forward_train;
 using bnorm::ForwardEvalArgs;
-using bnorm::ForwardTrain;
 using bnorm::ForwardTrainArgs;
 using bnorm::TensorView;
 
@@ -65,7 +65,7 @@ TEST(ForwardHand, Rank2TrainValuesStatsAndRunningStats) {
   a.num_batches_tracked = &nbt;
   a.save_mean = save_mean;
   a.save_invstd = save_invstd;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
 
   const double inv0 = 1.0 / std::sqrt(1.25 + kEps), inv1 = 1.0 / std::sqrt(3.0 + kEps);
   const double want[8] = {2 * (1 - 2.5) * inv0 + 0.5, -(10 - 11.0) * inv1 + 3,
@@ -103,7 +103,7 @@ TEST(ForwardHand, Rank3SingleChannel) {
   a.running_var = rv;
   a.save_mean = save_mean;
   a.save_invstd = save_invstd;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   const double inv = 1.0 / std::sqrt(17.5 / 6 + kEps);
   EXPECT_NEAR(inv, 0.5855390, 1e-6);
   EXPECT_NEAR(y[0], -1.4638476, 1e-6);
@@ -124,7 +124,7 @@ TEST(ForwardHand, ChannelsLastMemoryOrder) {
   a.x = ConstTensorView(x.data(), {1, 2, 2, 2}, Layout::kChannelsLast);
   a.y = TensorView(y.data(), {1, 2, 2, 2}, Layout::kChannelsLast);
   a.save_mean = save_mean;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   const double inv0 = 1.0 / std::sqrt(1.25 + kEps), inv1 = 1.0 / std::sqrt(3.0 + kEps);
   const double want[8] = {-1.5 * inv0, 1 * inv1, -0.5 * inv0, 1 * inv1,
                           0.5 * inv0,  1 * inv1, 1.5 * inv0,  -3 * inv1};
@@ -149,7 +149,7 @@ TEST(ForwardHand, EvalIsAffineInX) {
   a.bias = b;
   a.running_mean = rm;
   a.running_var = rv;
-  ASSERT_TRUE(IsOk(ForwardEval(a)));
+  ASSERT_TRUE(IsOk(forward_eval(a)));
   const double a0 = 2 / std::sqrt(4 + kEps), b0 = 1 - 0.5 * a0;
   const double a1 = -1 / std::sqrt(0.25 + kEps), b1 = 0 - (-2) * a1;
   EXPECT_NEAR(a0 * 3 + b0, 3.4999969, 1e-6);
@@ -199,7 +199,7 @@ TEST_P(ForwardRanks, TrainMatchesOracleInBothLayoutsAndBackends) {
       a.save_invstd = si;
       CallOptions o;
       o.backend = backend;
-      ASSERT_TRUE(IsOk(ForwardTrain(a, o)));
+      ASSERT_TRUE(IsOk(forward_train(a, o)));
       EXPECT_EQ(nbt, 4);
       const double n = static_cast<double>(x.count());
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -245,7 +245,7 @@ TEST_P(ForwardRanks, EvalIsAXPlusBInBothLayouts) {
     a.bias = b;
     a.running_mean = rm;
     a.running_var = rv;
-    ASSERT_TRUE(IsOk(ForwardEval(a)));
+    ASSERT_TRUE(IsOk(forward_eval(a)));
     for (int64_t ch = 0; ch < c; ++ch) {
       const double inv = 1 / std::sqrt(static_cast<double>(rv[ch]) + kEps);
       const double aa = w[ch] * inv, bb = b[ch] - rm[ch] * aa;
@@ -314,7 +314,7 @@ TEST(ForwardSweep, RandomConfigurationsMatchOracle) {
     a.momentum = momentum;
     a.save_mean = sm;
     a.save_invstd = si;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     ASSERT_EQ(nbt, nbt0 + 1);
     const ChannelStats st = BatchStats(x);
     const double n = static_cast<double>(x.count());
@@ -344,7 +344,7 @@ TEST(ForwardSweep, RandomConfigurationsMatchOracle) {
     if (has_b) e.bias = b;
     e.running_mean = rm;
     e.running_var = rv;
-    ASSERT_TRUE(IsOk(ForwardEval(e)));
+    ASSERT_TRUE(IsOk(forward_eval(e)));
     for (int64_t ch = 0; ch < c; ++ch) {
       const double inv = 1 / std::sqrt(static_cast<double>(rv[ch]) + kEps);
       const double aa = (has_w ? w[ch] : 1.0) * inv, bb = (has_b ? b[ch] : 0.0) - rm[ch] * aa;
@@ -378,7 +378,7 @@ TEST_P(ForwardSwitches, AffineOffMeansWeightOneBiasZero) {
     a.y = y.view();
     a.weight = weight;
     a.bias = bias;
-    EXPECT_TRUE(IsOk(ForwardTrain(a)));
+    EXPECT_TRUE(IsOk(forward_train(a)));
     return y;
   };
   const Tensor none = run({}, {}), explicit_identity = run(ones, zeros);
@@ -414,7 +414,7 @@ TEST_P(ForwardSwitches, EvalAffineOff) {
     if (with_weight) a.weight = w;
     a.running_mean = rm;
     a.running_var = rv;
-    ASSERT_TRUE(IsOk(ForwardEval(a)));
+    ASSERT_TRUE(IsOk(forward_eval(a)));
     for (int64_t i = 0; i < x.n(); ++i)
       for (int64_t ch = 0; ch < 3; ++ch)
         for (int64_t j = 0; j < x.s(); ++j) {
@@ -446,7 +446,7 @@ TEST_P(ForwardSwitches, TrackingOffTouchesNothing) {
     a.momentum = momentum;         // none needs no counter without tracking
     a.save_mean = sm;
     a.save_invstd = si;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     EXPECT_TRUE(untouched.Unchanged());
   }
   // y and the saved statistics are those of a tracked call.
@@ -458,7 +458,7 @@ TEST_P(ForwardSwitches, TrackingOffTouchesNothing) {
   t.running_var = rv2;
   t.save_mean = sm2;
   t.save_invstd = si2;
-  ASSERT_TRUE(IsOk(ForwardTrain(t)));
+  ASSERT_TRUE(IsOk(forward_train(t)));
   EXPECT_TRUE(BitIdentical(y.data, y_tracked.data));
   EXPECT_TRUE(BitIdentical(sm, sm2));
   EXPECT_TRUE(BitIdentical(si, si2));
@@ -491,14 +491,14 @@ TEST_P(ForwardSwitches, InPlaceIsBitIdenticalToOutOfPlace) {
       a.running_var = rv1;
       a.save_mean = sm1;
       a.save_invstd = si1;
-      ASSERT_TRUE(IsOk(ForwardTrain(a)));
+      ASSERT_TRUE(IsOk(forward_train(a)));
       a.x = inplace.cview();
       a.y = inplace.view();
       a.running_mean = rm2;
       a.running_var = rv2;
       a.save_mean = sm2;
       a.save_invstd = si2;
-      ASSERT_TRUE(IsOk(ForwardTrain(a)));
+      ASSERT_TRUE(IsOk(forward_train(a)));
       EXPECT_TRUE(BitIdentical(out.data, inplace.data));
       EXPECT_TRUE(BitIdentical(rm1, rm2));
       EXPECT_TRUE(BitIdentical(rv1, rv2));
@@ -516,10 +516,10 @@ TEST_P(ForwardSwitches, InPlaceIsBitIdenticalToOutOfPlace) {
       a.bias = b;
       a.running_mean = rm;
       a.running_var = rv;
-      ASSERT_TRUE(IsOk(ForwardEval(a)));
+      ASSERT_TRUE(IsOk(forward_eval(a)));
       a.x = inplace.cview();
       a.y = inplace.view();
-      ASSERT_TRUE(IsOk(ForwardEval(a)));
+      ASSERT_TRUE(IsOk(forward_eval(a)));
       EXPECT_TRUE(BitIdentical(out.data, inplace.data));
     }
   }
@@ -556,7 +556,7 @@ TEST_P(ForwardSwitches, ConstantChannelGivesBiasExactly) {
     a.running_var = rv;
     a.save_mean = sm;
     a.save_invstd = si;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     for (int64_t i = 0; i < x.n(); ++i)
       for (int64_t j = 0; j < x.s(); ++j) {
         ASSERT_EQ(y.at(i, 1, j), 0.7f) << "(" << i << ", 1, " << j << ")";
@@ -593,18 +593,18 @@ TEST(ForwardSaved, SaveOutputsAreOptionalAndDoNotChangeY) {
   ForwardTrainArgs a;
   a.x = x.cview();
   a.y = y1.view();
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   a.y = y2.view();
   a.save_mean = sm;
   a.save_invstd = si;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   a.y = y3.view();
   a.save_mean = sm_only;
   a.save_invstd = {};
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   a.save_mean = {};
   a.save_invstd = si_only;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   EXPECT_TRUE(BitIdentical(y1.data, y2.data));
   EXPECT_TRUE(BitIdentical(y1.data, y3.data));
   EXPECT_TRUE(BitIdentical(sm, sm_only));
@@ -632,7 +632,7 @@ TEST(ForwardSaved, LargeMeanSmallVariance) {
   a.y = y.view();
   a.save_mean = sm;
   a.save_invstd = si;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   const ChannelStats st = BatchStats(x);
   for (int ch = 0; ch < 2; ++ch) {
     const double inv = 1 / std::sqrt(st.var[ch] + kEps);

@@ -3,7 +3,7 @@
 // 1. The fp64 backward (bnorm::ref kernels instantiated for double) against central finite
 //    differences of the fp64 forward, in training mode (through the batch statistics) and eval
 //    mode (running statistics constant), several shapes, both layouts.
-// 2. The public fp32 Backward (after the public ForwardTrain) against that fp64 backward, with a
+// 2. The public fp32 backward (after the public forward_train) against that fp64 backward, with a
 //    tolerance derived from the fp32 unit roundoff.
 // 3. Training-mode invariants: per channel sum(dx) = 0 and sum(dx * xhat) = A * S2 * eps / (var +
 //    eps) (which is ~0 for var >> eps).
@@ -245,10 +245,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, TrainingInvariants, ::testing::ValuesIn(GradCas
                          GradCaseName);
 
 // ------------------------------------------------------------------------------------------
-// The public fp32 Backward against the fp64 backward.
+// The public fp32 backward against the fp64 backward.
 //
 // Tolerance, per element k of channel c (u = 2^-24, n = N * S, A = |w| invstd):
-//  * The public backward takes the statistics from ForwardTrain as fp32 (save_mean,
+//  * The public backward takes the statistics from forward_train as fp32 (save_mean,
 //    save_invstd): each carries a relative error <= u, so every xhat it forms is off by at most
 //    u (|mean| invstd + |xhat|) <= u R, R = 1 + |mean| invstd + max |xhat|.
 //  * The terms of dx_k = A/n (n dy_k - S1 - xhat_k S2) add up, in absolute value, to
@@ -301,7 +301,7 @@ void CheckPublicTraining(const PublicCase& pc, std::mt19937_64& rng) {
     f.bias = b;
     f.save_mean = sm;
     f.save_invstd = si;
-    ASSERT_TRUE(IsOk(bnorm::ForwardTrain(f, o)));
+    ASSERT_TRUE(IsOk(bnorm::forward_train(f, o)));
     bnorm::BackwardArgs a;
     a.dy = dy.cview();
     a.x = x.cview();
@@ -312,7 +312,7 @@ void CheckPublicTraining(const PublicCase& pc, std::mt19937_64& rng) {
     a.dx = dx.view();
     a.dweight = dw;
     a.dbias = db;
-    ASSERT_TRUE(IsOk(bnorm::Backward(a, o)));
+    ASSERT_TRUE(IsOk(bnorm::backward(a, o)));
 
     for (int64_t ch = 0; ch < c; ++ch) {
       const double inv = want.invstd[ch], m = want.mean[ch], aa = std::fabs(w[ch]) * inv;
@@ -386,7 +386,7 @@ void CheckPublicEval(const PublicCase& pc, std::mt19937_64& rng) {
   a.dx = dx.view();
   a.dweight = dw;
   a.dbias = db;
-  ASSERT_TRUE(IsOk(bnorm::Backward(a)));
+  ASSERT_TRUE(IsOk(bnorm::backward(a)));
   for (int64_t ch = 0; ch < c; ++ch) {
     const double aa = std::fabs(w[ch]) * want.invstd[ch];
     double sum_dy_abs = 0, sum_dy_xhat_abs = 0;
@@ -458,7 +458,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PublicBackward,
                          });
 
 // ------------------------------------------------------------------------------------------
-// Backward in place and without weight.
+// backward in place and without weight.
 
 TEST(BackwardMisc, InPlaceIsBitIdenticalToOutOfPlace) {
   BNORM_SEEDED_RNG(rng, 5000);
@@ -492,14 +492,14 @@ TEST(BackwardMisc, InPlaceIsBitIdenticalToOutOfPlace) {
       };
       Tensor out(dims, layout);
       std::vector<float> dw1(4), db1(4), dw2(4), db2(4), dw3(4), db3(4);
-      ASSERT_TRUE(IsOk(bnorm::Backward(args(dy, x, &out, &dw1, &db1))));
+      ASSERT_TRUE(IsOk(bnorm::backward(args(dy, x, &out, &dw1, &db1))));
       Tensor dy_inplace = dy;  // dx aliases dy
-      ASSERT_TRUE(IsOk(bnorm::Backward(args(dy_inplace, x, &dy_inplace, &dw2, &db2))));
+      ASSERT_TRUE(IsOk(bnorm::backward(args(dy_inplace, x, &dy_inplace, &dw2, &db2))));
       EXPECT_TRUE(BitIdentical(out.data, dy_inplace.data));
       EXPECT_TRUE(BitIdentical(dw1, dw2));
       EXPECT_TRUE(BitIdentical(db1, db2));
       Tensor x_inplace = x;  // dx aliases x
-      ASSERT_TRUE(IsOk(bnorm::Backward(args(dy, x_inplace, &x_inplace, &dw3, &db3))));
+      ASSERT_TRUE(IsOk(bnorm::backward(args(dy, x_inplace, &x_inplace, &dw3, &db3))));
       EXPECT_TRUE(BitIdentical(out.data, x_inplace.data));
       EXPECT_TRUE(BitIdentical(dw1, dw3));
       EXPECT_TRUE(BitIdentical(db1, db3));
@@ -521,12 +521,12 @@ TEST(BackwardMisc, AbsentWeightIsOneAndGradOutputsAreOptional) {
   a.save_mean = sm;
   a.save_invstd = si;
   a.dx = dx1.view();
-  ASSERT_TRUE(IsOk(bnorm::Backward(a)));  // no weight, no dweight/dbias
+  ASSERT_TRUE(IsOk(bnorm::backward(a)));  // no weight, no dweight/dbias
   a.weight = ones;
   a.dx = dx2.view();
   a.dweight = dw;
   a.dbias = db;
-  ASSERT_TRUE(IsOk(bnorm::Backward(a)));
+  ASSERT_TRUE(IsOk(bnorm::backward(a)));
   for (size_t k = 0; k < dx1.data.size(); ++k)
     EXPECT_NEAR(dx1.data[k], dx2.data[k], 1e-6 * (1 + std::fabs(dx2.data[k])));
 }

@@ -22,7 +22,7 @@ using bnorm::TensorView;
 
 BatchNorm MakeLayer(BatchNormOptions o) {
   BatchNorm layer;
-  const bnorm::Status st = BatchNorm::Create(o, &layer);
+  const bnorm::Status st = BatchNorm::create(o, &layer);
   EXPECT_TRUE(IsOk(st));
   return layer;
 }
@@ -67,11 +67,11 @@ TEST(LayerCreate, RejectsBadOptionsAndLeavesOutUnchanged) {
     SCOPED_TRACE(cs.text);
     BatchNorm layer = MakeLayer(Opts(2));
     layer.weight()[0] = 5;
-    EXPECT_TRUE(IsInvalid(BatchNorm::Create(cs.o, &layer), cs.text));
+    EXPECT_TRUE(IsInvalid(BatchNorm::create(cs.o, &layer), cs.text));
     EXPECT_EQ(layer.num_features(), 2);  // *out untouched
     EXPECT_EQ(layer.weight()[0], 5.0f);
   }
-  EXPECT_TRUE(IsInvalid(BatchNorm::Create(Opts(3), nullptr), "out: is null"));
+  EXPECT_TRUE(IsInvalid(BatchNorm::create(Opts(3), nullptr), "out: is null"));
 }
 
 // Create returns a Status for every failure; an allocation that cannot be made is one
@@ -80,11 +80,11 @@ TEST(LayerCreate, RejectsBadOptionsAndLeavesOutUnchanged) {
 TEST(LayerCreateRobustness, HugeNumFeaturesIsAStatusNotAnException) {
   BatchNorm layer = MakeLayer(Opts(2));
   bnorm::Status st;
-  EXPECT_NO_THROW(st = BatchNorm::Create(Opts(int64_t{1} << 62), &layer));
+  EXPECT_NO_THROW(st = BatchNorm::create(Opts(int64_t{1} << 62), &layer));
   EXPECT_FALSE(st.ok());
   EXPECT_TRUE(st.code() == bnorm::StatusCode::kInternal ||
               st.code() == bnorm::StatusCode::kInvalidArgument)
-      << st.ToString();
+      << st.to_string();
   EXPECT_EQ(layer.num_features(), 2);
 }
 
@@ -95,7 +95,7 @@ TEST(LayerCreate, AcceptsBoundaryOptions) {
     o.momentum = m;
     o.eps = 1e-30;
     BatchNorm layer;
-    EXPECT_TRUE(IsOk(BatchNorm::Create(o, &layer)));
+    EXPECT_TRUE(IsOk(BatchNorm::create(o, &layer)));
   }
 }
 
@@ -147,7 +147,7 @@ TEST(LayerCreate, DefaultConstructedLayerRefusesForward) {
   const Snapshot snap = Snapshot().Add("y", y);
   EXPECT_TRUE(
       IsInvalid(layer.forward(ConstTensorView(x.data(), {2, 2}), TensorView(y.data(), {2, 2})),
-                "BatchNorm: layer was not created with BatchNorm::Create"));
+                "BatchNorm: layer was not created with BatchNorm::create"));
   EXPECT_TRUE(snap.Unchanged());
 }
 
@@ -219,7 +219,7 @@ TEST(LayerModes, EvalWithoutTrackingUsesBatchStatistics) {
   a.y = y_train.view();
   a.weight = layer.weight();
   a.bias = layer.bias();
-  ASSERT_TRUE(IsOk(bnorm::ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(bnorm::forward_train(a)));
   EXPECT_TRUE(BitIdentical(y.data, y_train.data));
   const ChannelStats st = BatchStats(x);
   for (int c = 0; c < 2; ++c) EXPECT_NEAR(layer.saved_mean()[c], st.mean[c], 1e-5);
@@ -351,7 +351,7 @@ TEST(LayerState, NamedTensorsNamesAndOrder) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward.
+// backward.
 
 TEST(LayerBackward, AccumulatesGradientsAndZeroGrad) {
   BNORM_SEEDED_RNG(rng, 109);
@@ -379,7 +379,7 @@ TEST(LayerBackward, AccumulatesGradientsAndZeroGrad) {
     a.dx = dxo->view();
     a.dweight = *dw;
     a.dbias = *db;
-    ASSERT_TRUE(IsOk(bnorm::Backward(a)));
+    ASSERT_TRUE(IsOk(bnorm::backward(a)));
   };
   std::vector<float> dw1, db1, dw2, db2;
   Tensor dx1(dims, Layout::kChannelsLast), dx2(dims, Layout::kChannelsLast);

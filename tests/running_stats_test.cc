@@ -18,7 +18,7 @@ namespace bnorm_test {
 namespace {
 
 using bnorm::ConstTensorView;
-using bnorm::ForwardTrain;
+using bnorm::forward_train;
 using bnorm::ForwardTrainArgs;
 using bnorm::TensorView;
 
@@ -67,7 +67,7 @@ TEST_P(RunningStats, MatchesIndependentFp64Recurrence) {
     a.running_var = rv;
     a.num_batches_tracked = &nbt;
     a.momentum = p.m.momentum;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     EXPECT_EQ(nbt, step);
 
     const ChannelStats st = BatchStats(x);
@@ -170,7 +170,7 @@ TEST(RunningStatsHand, UnbiasedFactorUsesAllValuesPerChannel) {
     a.running_var = rv;
     a.num_batches_tracked = &nbt;
     a.momentum = 1.0;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     EXPECT_EQ(rm[0], 2.5f);
     EXPECT_EQ(rm[1], 5.0f);
     EXPECT_FLOAT_EQ(rv[0], static_cast<float>(5.0 / 3.0));
@@ -192,7 +192,7 @@ TEST(RunningStatsHand, TwoValuesPerChannel) {
   a.running_mean = rm;
   a.running_var = rv;
   a.num_batches_tracked = &nbt;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   EXPECT_FLOAT_EQ(rm[0], 0.4f);
   EXPECT_FLOAT_EQ(rv[0], 1.1f);
   EXPECT_EQ(nbt, 1);
@@ -216,7 +216,7 @@ TEST(RunningStatsHand, CumulativeAverageByHand) {
     a.running_var = rv;
     a.num_batches_tracked = &nbt;
     a.momentum = std::nullopt;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     EXPECT_EQ(nbt, k + 1);
     EXPECT_FLOAT_EQ(rm[0], want_rm[k]) << "batch " << k + 1;
     EXPECT_FLOAT_EQ(rv[0], want_rv[k]) << "batch " << k + 1;
@@ -236,7 +236,7 @@ TEST(RunningStatsHand, CumulativeAverageResumesFromCounter) {
   a.running_var = rv;
   a.num_batches_tracked = &nbt;
   a.momentum = std::nullopt;
-  ASSERT_TRUE(IsOk(ForwardTrain(a)));
+  ASSERT_TRUE(IsOk(forward_train(a)));
   EXPECT_EQ(nbt, 5);
   EXPECT_FLOAT_EQ(rm[0], 8.0f);
   EXPECT_FLOAT_EQ(rv[0], 0.8f * 3 + 0.2f * 2);  // unbiased var of [-1, 1] is 2
@@ -258,12 +258,12 @@ TEST(RunningStatsHand, CounterWithMomentumAndOptionalCounter) {
     a.running_var = rv1;
     a.num_batches_tracked = &nbt;
     a.momentum = 0.3;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
     EXPECT_EQ(nbt, step);
     a.running_mean = rm2;
     a.running_var = rv2;
     a.num_batches_tracked = nullptr;
-    ASSERT_TRUE(IsOk(ForwardTrain(a)));
+    ASSERT_TRUE(IsOk(forward_train(a)));
   }
   EXPECT_TRUE(BitIdentical(rm1, rm2));
   EXPECT_TRUE(BitIdentical(rv1, rv2));
@@ -292,7 +292,7 @@ TEST(RunningStatsCounterOverflow, MaxCounterIsRejectedOrWraps) {
     a.running_var = rv;
     a.num_batches_tracked = &nbt;
     a.momentum = momentum;
-    const bnorm::Status st = ForwardTrain(a);
+    const bnorm::Status st = forward_train(a);
     if (st.ok() && momentum) {
       EXPECT_EQ(nbt, std::numeric_limits<int64_t>::min());  // PyTorch's wrap-around
       continue;

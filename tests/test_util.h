@@ -246,8 +246,8 @@ inline ::testing::AssertionResult StatusIs(const bnorm::Status& status, bnorm::S
                                            std::string_view substring) {
   if (status.code() != code)
     return ::testing::AssertionFailure()
-           << "code " << bnorm::StatusCodeName(status.code()) << ", expected "
-           << bnorm::StatusCodeName(code) << " (message: \"" << status.message() << "\")";
+           << "code " << bnorm::status_code_name(status.code()) << ", expected "
+           << bnorm::status_code_name(code) << " (message: \"" << status.message() << "\")";
   if (status.message().find(substring) == std::string::npos)
     return ::testing::AssertionFailure()
            << "message \"" << status.message() << "\" does not contain \"" << substring << "\"";
@@ -261,7 +261,7 @@ inline ::testing::AssertionResult IsInvalid(const bnorm::Status& status,
 
 inline ::testing::AssertionResult IsOk(const bnorm::Status& status) {
   if (status.ok()) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << status.ToString();
+  return ::testing::AssertionFailure() << status.to_string();
 }
 
 // ---------------------------------------------------------------------------------------------

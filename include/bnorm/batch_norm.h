@@ -15,7 +15,7 @@
 // running_mean, running_var, num_batches_tracked.
 //
 // Two levels of API:
-//   * functional passes (ForwardTrain, ForwardEval, Backward) on caller-owned buffers, which
+//   * functional passes (forward_train, forward_eval, backward) on caller-owned buffers, which
 //     the C API and the layer object both call;
 //   * the stateful layer BatchNorm, which owns its parameters and buffers.
 //
@@ -42,7 +42,7 @@
 namespace bnorm {
 
 // Library version, "MAJOR.MINOR.PATCH".
-const char* Version();
+const char* version();
 
 // Which kernels run. kAuto picks the fastest implementation compiled in; kReference forces the
 // scalar reference (fp64 accumulation, two-pass statistics): the oracle for tests and debugging.
@@ -76,7 +76,7 @@ struct ForwardTrainArgs {
 // Training forward: normalizes x with its batch statistics, updates the running statistics.
 // Requires N * S > 1 ("Expected more than 1 value per channel when training, ...").
 // Also what PyTorch runs in eval mode when track_running_stats=false (no running stats).
-Status ForwardTrain(const ForwardTrainArgs& args, const CallOptions& options = {});
+Status forward_train(const ForwardTrainArgs& args, const CallOptions& options = {});
 
 struct ForwardEvalArgs {
   ConstTensorView x;                    // required
@@ -89,7 +89,7 @@ struct ForwardEvalArgs {
 };
 
 // Inference forward with the running statistics: y = a * x + b per channel.
-Status ForwardEval(const ForwardEvalArgs& args, const CallOptions& options = {});
+Status forward_eval(const ForwardEvalArgs& args, const CallOptions& options = {});
 
 struct BackwardArgs {
   ConstTensorView dy;                   // required, same shape and layout as x
@@ -97,7 +97,7 @@ struct BackwardArgs {
   std::span<const float> weight;        // empty: 1
   bool training = true;                 // true: through the batch statistics (save_*);
                                         // false: statistics constant (running_*)
-  std::span<const float> save_mean;     // required when training (from ForwardTrain)
+  std::span<const float> save_mean;     // required when training (from forward_train)
   std::span<const float> save_invstd;   // required when training
   std::span<const float> running_mean;  // required when !training
   std::span<const float> running_var;   // required when !training
@@ -107,8 +107,8 @@ struct BackwardArgs {
   std::span<float> dbias;               // optional output (overwritten, not accumulated)
 };
 
-// Backward: dx and, when asked, dweight and dbias.
-Status Backward(const BackwardArgs& args, const CallOptions& options = {});
+// backward: dx and, when asked, dweight and dbias.
+Status backward(const BackwardArgs& args, const CallOptions& options = {});
 
 // Options of the layer, PyTorch's names and defaults.
 struct BatchNormOptions {
@@ -127,7 +127,7 @@ struct BatchNormOptions {
 class BatchNorm {
  public:
   // Validates the options (num_features > 0, eps, momentum) and builds the layer.
-  static Status Create(const BatchNormOptions& options, BatchNorm* out);
+  static Status create(const BatchNormOptions& options, BatchNorm* out);
 
   // An empty layer (num_features 0); only assignment from Create's result makes it usable.
   BatchNorm() = default;
@@ -145,7 +145,7 @@ class BatchNorm {
   // Remembers the statistics it used, for a following backward.
   Status forward(ConstTensorView x, TensorView y);
 
-  // Backward of the last forward (x is that forward's input; the layer keeps no copy of it).
+  // backward of the last forward (x is that forward's input; the layer keeps no copy of it).
   // Writes dx (may alias dy or x) and ACCUMULATES dweight and dbias into weight_grad() and
   // bias_grad() when affine, as PyTorch accumulates .grad. Fails if no forward ran yet or the
   // shape differs from the last forward's.

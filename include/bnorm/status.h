@@ -25,14 +25,13 @@ class Status {
   // A default-constructed Status is OK.
   Status() = default;
 
-  static Status Ok() { return Status(); }
-  static Status InvalidArgument(std::string message) {
+  static Status invalid_argument(std::string message) {
     return Status(StatusCode::kInvalidArgument, std::move(message));
   }
-  static Status NonFinite(std::string message) {
+  static Status non_finite(std::string message) {
     return Status(StatusCode::kNonFinite, std::move(message));
   }
-  static Status Internal(std::string message) {
+  static Status internal(std::string message) {
     return Status(StatusCode::kInternal, std::move(message));
   }
 
@@ -41,7 +40,7 @@ class Status {
   // Empty for an OK status.
   const std::string& message() const { return message_; }
   // "OK", or "InvalidArgument: <message>" and so on.
-  std::string ToString() const;
+  std::string to_string() const;
 
  private:
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
@@ -51,7 +50,7 @@ class Status {
 };
 
 // Name of a code: "OK", "InvalidArgument", "NonFinite", "Internal".
-const char* StatusCodeName(StatusCode code);
+const char* status_code_name(StatusCode code);
 
 }  // namespace bnorm
 

@@ -25,7 +25,7 @@ namespace bnorm {
 enum class Layout : int { kChannelsFirst = 0, kChannelsLast = 1 };
 
 // "channels_first" or "channels_last" (or "invalid(<n>)").
-std::string LayoutName(Layout layout);
+std::string layout_name(Layout layout);
 
 inline constexpr int kMaxRank = 5;
 
@@ -78,7 +78,7 @@ class BasicTensorView {
   int64_t numel() const { return batch() * channels() * spatial(); }
 
   // "[2, 3, 4, 4]", PyTorch's way of printing a size.
-  std::string SizeString() const {
+  std::string size_string() const {
     std::string out = "[";
     for (int i = 0; i < rank_ && i < kMaxRank; ++i) {
       if (i) out += ", ";

@@ -8,14 +8,14 @@
 namespace bnorm::ref {
 namespace {
 
-std::vector<double> Widen(const float* v, int64_t c) {
+std::vector<double> widen(const float* v, int64_t c) {
   if (v == nullptr) return {};
   return std::vector<double>(v, v + c);
 }
 
-const double* DataOrNull(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
+const double* data_or_null(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
 
-void Store(const std::vector<double>& from, float* to) {
+void store(const std::vector<double>& from, float* to) {
   if (to == nullptr) return;
   for (size_t c = 0; c < from.size(); ++c) to[c] = static_cast<float>(from[c]);
 }
@@ -25,43 +25,43 @@ void Store(const std::vector<double>& from, float* to) {
 void forward_train(const detail::TrainCall& call) {
   const Geometry& g = call.g;
   std::vector<double> mean(g.c), var(g.c), invstd(g.c);
-  const std::vector<double> weight = Widen(call.weight, g.c), bias = Widen(call.bias, g.c);
+  const std::vector<double> weight = widen(call.weight, g.c), bias = widen(call.bias, g.c);
   stats(g, call.x, mean.data(), var.data());
   finalize(g, mean.data(), var.data(), call.eps, call.factor, invstd.data(), call.running_mean,
            call.running_var);
-  apply(g, call.x, mean.data(), invstd.data(), DataOrNull(weight), DataOrNull(bias), call.y);
-  Store(mean, call.save_mean);
-  Store(invstd, call.save_invstd);
+  apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
+  store(mean, call.save_mean);
+  store(invstd, call.save_invstd);
 }
 
 void forward_eval(const detail::EvalCall& call) {
   const Geometry& g = call.g;
-  const std::vector<double> mean = Widen(call.running_mean, g.c);
-  const std::vector<double> weight = Widen(call.weight, g.c), bias = Widen(call.bias, g.c);
+  const std::vector<double> mean = widen(call.running_mean, g.c);
+  const std::vector<double> weight = widen(call.weight, g.c), bias = widen(call.bias, g.c);
   std::vector<double> invstd(g.c);
   for (int64_t c = 0; c < g.c; ++c) invstd[c] = 1.0 / std::sqrt(call.running_var[c] + call.eps);
-  apply(g, call.x, mean.data(), invstd.data(), DataOrNull(weight), DataOrNull(bias), call.y);
+  apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
 }
 
 void backward(const detail::BackwardCall& call) {
   const Geometry& g = call.g;
   std::vector<double> mean, invstd(g.c);
   if (call.training) {
-    mean = Widen(call.save_mean, g.c);
-    invstd = Widen(call.save_invstd, g.c);
+    mean = widen(call.save_mean, g.c);
+    invstd = widen(call.save_invstd, g.c);
   } else {
-    mean = Widen(call.running_mean, g.c);
+    mean = widen(call.running_mean, g.c);
     for (int64_t c = 0; c < g.c; ++c) invstd[c] = 1.0 / std::sqrt(call.running_var[c] + call.eps);
   }
-  const std::vector<double> weight = Widen(call.weight, g.c);
+  const std::vector<double> weight = widen(call.weight, g.c);
   std::vector<double> sum_dy(g.c), sum_dy_xhat(g.c);
   backward_reduce(g, call.dy, call.x, mean.data(), invstd.data(), sum_dy.data(),
                   sum_dy_xhat.data());
   // The reductions read all of x and dy before dx is written, so dx may alias either.
-  backward_apply(g, call.dy, call.x, mean.data(), invstd.data(), DataOrNull(weight), sum_dy.data(),
-                 sum_dy_xhat.data(), call.training, call.dx);
-  Store(sum_dy_xhat, call.dweight);
-  Store(sum_dy, call.dbias);
+  backward_apply(g, call.dy, call.x, mean.data(), invstd.data(), data_or_null(weight),
+                 sum_dy.data(), sum_dy_xhat.data(), call.training, call.dx);
+  store(sum_dy_xhat, call.dweight);
+  store(sum_dy, call.dbias);
 }
 
 }  // namespace bnorm::ref

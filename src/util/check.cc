@@ -7,7 +7,7 @@
 
 namespace bnorm::detail {
 
-std::string FormatNumber(double value) {
+std::string format_number(double value) {
   if (std::isnan(value)) return "nan";
   if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
   char buf[64];
@@ -15,96 +15,98 @@ std::string FormatNumber(double value) {
   return std::string(buf, result.ptr);
 }
 
-Status CheckTensor(const char* name, ConstTensorView t, Geometry* geometry) {
+Status check_tensor(const char* name, ConstTensorView t, Geometry* geometry) {
   const std::string n = name;
-  if (t.data() == nullptr) return Status::InvalidArgument(n + ": data is null");
+  if (t.data() == nullptr) return Status::invalid_argument(n + ": data is null");
   if (t.layout() != Layout::kChannelsFirst && t.layout() != Layout::kChannelsLast)
-    return Status::InvalidArgument(
+    return Status::invalid_argument(
         n + ": layout must be channels_first (0) or channels_last (1), got " +
         std::to_string(static_cast<int>(t.layout())));
   if (t.rank() < 2 || t.rank() > kMaxRank)
-    return Status::InvalidArgument(
+    return Status::invalid_argument(
         n + ": rank must be 2 to 5 ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got " +
-        std::to_string(t.rank()) + " dims, size " + t.SizeString());
+        std::to_string(t.rank()) + " dims, size " + t.size_string());
   if (t.dim(0) == 0)
-    return Status::InvalidArgument(n + ": empty batch (N = 0), size " + t.SizeString());
+    return Status::invalid_argument(n + ": empty batch (N = 0), size " + t.size_string());
   for (int i = 0; i < t.rank(); ++i)
     if (t.dim(i) <= 0)
-      return Status::InvalidArgument(n + ": dim " + std::to_string(i) + " must be > 0, got " +
-                                     std::to_string(t.dim(i)) + " in size " + t.SizeString());
+      return Status::invalid_argument(n + ": dim " + std::to_string(i) + " must be > 0, got " +
+                                      std::to_string(t.dim(i)) + " in size " + t.size_string());
   int64_t numel = 1;
   for (int i = 0; i < t.rank(); ++i) {
     if (numel > std::numeric_limits<int64_t>::max() / t.dim(i))
-      return Status::InvalidArgument(n + ": number of elements overflows int64, size " +
-                                     t.SizeString());
+      return Status::invalid_argument(n + ": number of elements overflows int64, size " +
+                                      t.size_string());
     numel *= t.dim(i);
   }
   geometry->layout = t.layout();
   geometry->n = t.batch();
   geometry->c = t.channels();
   geometry->s = t.spatial();
-  return Status::Ok();
+  return Status();
 }
 
-Status CheckSameShape(const char* name, ConstTensorView t, const char* like_name,
-                      ConstTensorView like) {
+Status check_same_shape(const char* name, ConstTensorView t, const char* like_name,
+                        ConstTensorView like) {
   const std::string n = name;
-  if (t.data() == nullptr) return Status::InvalidArgument(n + ": data is null");
+  if (t.data() == nullptr) return Status::invalid_argument(n + ": data is null");
   bool same = t.rank() == like.rank();
   for (int i = 0; same && i < t.rank(); ++i) same = t.dim(i) == like.dim(i);
   if (!same)
-    return Status::InvalidArgument(n + ": size " + t.SizeString() + " must equal " + like_name +
-                                   "'s size " + like.SizeString());
+    return Status::invalid_argument(n + ": size " + t.size_string() + " must equal " + like_name +
+                                    "'s size " + like.size_string());
   if (t.layout() != like.layout())
-    return Status::InvalidArgument(n + ": layout " + LayoutName(t.layout()) + " must equal " +
-                                   like_name + "'s layout " + LayoutName(like.layout()));
-  return Status::Ok();
+    return Status::invalid_argument(n + ": layout " + layout_name(t.layout()) + " must equal " +
+                                    like_name + "'s layout " + layout_name(like.layout()));
+  return Status();
 }
 
-Status CheckNoPartialOverlap(const char* out_name, const float* out, const char* in_name,
-                             const float* in, int64_t numel) {
-  if (out == in) return Status::Ok();
+Status check_no_partial_overlap(const char* out_name, const float* out, const char* in_name,
+                                const float* in, int64_t numel) {
+  if (out == in) return Status();
   const auto a = reinterpret_cast<uintptr_t>(out), b = reinterpret_cast<uintptr_t>(in);
   const auto bytes = static_cast<uintptr_t>(numel) * sizeof(float);
   if (a < b + bytes && b < a + bytes)
-    return Status::InvalidArgument(std::string(out_name) + ": partially overlaps " + in_name +
-                                   " (in-place needs " + out_name + " == " + in_name + " exactly)");
-  return Status::Ok();
+    return Status::invalid_argument(std::string(out_name) + ": partially overlaps " + in_name +
+                                    " (in-place needs " + out_name + " == " + in_name +
+                                    " exactly)");
+  return Status();
 }
 
-Status CheckChannelVector(const char* name, size_t size, int64_t c, bool required,
-                          ConstTensorView x) {
-  if (size == 0 && !required) return Status::Ok();
+Status check_channel_vector(const char* name, size_t size, int64_t c, bool required,
+                            ConstTensorView x) {
+  if (size == 0 && !required) return Status();
   if (size == 0)
-    return Status::InvalidArgument(std::string(name) + ": required, one value per channel (C = " +
-                                   std::to_string(c) + "), got none");
+    return Status::invalid_argument(std::string(name) + ": required, one value per channel (C = " +
+                                    std::to_string(c) + "), got none");
   if (static_cast<int64_t>(size) != c)
-    return Status::InvalidArgument(std::string(name) +
-                                   ": must hold one value per channel, C = " + std::to_string(c) +
-                                   " (x size " + x.SizeString() + "), got " + std::to_string(size));
-  return Status::Ok();
+    return Status::invalid_argument(
+        std::string(name) + ": must hold one value per channel, C = " + std::to_string(c) +
+        " (x size " + x.size_string() + "), got " + std::to_string(size));
+  return Status();
 }
 
-Status CheckEps(double eps) {
+Status check_eps(double eps) {
   if (!std::isfinite(eps) || eps <= 0)
-    return Status::InvalidArgument("eps: must be finite and > 0, got " + FormatNumber(eps));
-  return Status::Ok();
+    return Status::invalid_argument("eps: must be finite and > 0, got " + format_number(eps));
+  return Status();
 }
 
-Status CheckMomentum(std::optional<double> momentum) {
+Status check_momentum(std::optional<double> momentum) {
   if (momentum && !(*momentum >= 0.0 && *momentum <= 1.0))
-    return Status::InvalidArgument(
-        "momentum: must be in [0, 1] or none (cumulative average), got " + FormatNumber(*momentum));
-  return Status::Ok();
+    return Status::invalid_argument(
+        "momentum: must be in [0, 1] or none (cumulative average), got " +
+        format_number(*momentum));
+  return Status();
 }
 
-Status CheckMoreThanOneValuePerChannel(ConstTensorView x, const Geometry& g) {
-  if (g.count() > 1) return Status::Ok();
-  return Status::InvalidArgument(
-      "Expected more than 1 value per channel when training, got input size " + x.SizeString());
+Status check_more_than_one_value_per_channel(ConstTensorView x, const Geometry& g) {
+  if (g.count() > 1) return Status();
+  return Status::invalid_argument(
+      "Expected more than 1 value per channel when training, got input size " + x.size_string());
 }
 
-Status CheckFinite(const char* name, ConstTensorView t, const Geometry& g) {
+Status check_finite(const char* name, ConstTensorView t, const Geometry& g) {
   const float* data = t.data();
   const int64_t numel = g.numel();
   for (int64_t k = 0; k < numel; ++k) {
@@ -125,11 +127,11 @@ Status CheckFinite(const char* name, ConstTensorView t, const Geometry& g) {
       spatial = ", " + std::to_string(j % t.dim(d)) + spatial;
       j /= t.dim(d);
     }
-    return Status::NonFinite(std::string(name) + ": " + FormatNumber(data[k]) + " at index [" +
-                             std::to_string(i) + ", " + std::to_string(c) + spatial +
-                             "] (channel " + std::to_string(c) + ")");
+    return Status::non_finite(std::string(name) + ": " + format_number(data[k]) + " at index [" +
+                              std::to_string(i) + ", " + std::to_string(c) + spatial +
+                              "] (channel " + std::to_string(c) + ")");
   }
-  return Status::Ok();
+  return Status();
 }
 
 }  // namespace bnorm::detail

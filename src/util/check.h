@@ -15,34 +15,34 @@
 namespace bnorm::detail {
 
 // Shortest decimal that round-trips ("1e-05", "nan", "-inf").
-std::string FormatNumber(double value);
+std::string format_number(double value);
 
 // A tensor argument: data set, layout known, rank 2..5, every dim > 0, N*C*S fits in int64.
-Status CheckTensor(const char* name, ConstTensorView t, Geometry* geometry);
+Status check_tensor(const char* name, ConstTensorView t, Geometry* geometry);
 
 // Another tensor of the same call: data set, same dims and layout as `like`.
-Status CheckSameShape(const char* name, ConstTensorView t, const char* like_name,
-                      ConstTensorView like);
+Status check_same_shape(const char* name, ConstTensorView t, const char* like_name,
+                        ConstTensorView like);
 
 // An output that may alias an input exactly but must not partially overlap it.
-Status CheckNoPartialOverlap(const char* out_name, const float* out, const char* in_name,
-                             const float* in, int64_t numel);
+Status check_no_partial_overlap(const char* out_name, const float* out, const char* in_name,
+                                const float* in, int64_t numel);
 
 // A per-channel vector: absent (empty) unless required, else exactly c values.
-Status CheckChannelVector(const char* name, size_t size, int64_t c, bool required,
-                          ConstTensorView x);
+Status check_channel_vector(const char* name, size_t size, int64_t c, bool required,
+                            ConstTensorView x);
 
 // eps: finite and > 0.
-Status CheckEps(double eps);
+Status check_eps(double eps);
 
 // momentum: nullopt (cumulative average) or a number in [0, 1].
-Status CheckMomentum(std::optional<double> momentum);
+Status check_momentum(std::optional<double> momentum);
 
 // Training needs more than one value per channel (PyTorch's wording).
-Status CheckMoreThanOneValuePerChannel(ConstTensorView x, const Geometry& g);
+Status check_more_than_one_value_per_channel(ConstTensorView x, const Geometry& g);
 
 // NaN/Inf in t, naming the first bad element (memory order) by its logical index and channel.
-Status CheckFinite(const char* name, ConstTensorView t, const Geometry& g);
+Status check_finite(const char* name, ConstTensorView t, const Geometry& g);
 
 }  // namespace bnorm::detail
 
