@@ -660,7 +660,7 @@ std::vector<Case> EvalCases() {
 INSTANTIATE_TEST_SUITE_P(forward_eval, EvalRejects, ::testing::ValuesIn(EvalCases()), CaseName);
 
 // ------------------------------------------------------------------------------------------
-// backward.
+// Backward.
 
 class BackwardRejects : public ::testing::TestWithParam<Case> {};
 

@@ -458,7 +458,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PublicBackward,
                          });
 
 // ------------------------------------------------------------------------------------------
-// backward in place and without weight.
+// Backward in place and without weight.
 
 TEST(BackwardMisc, InPlaceIsBitIdenticalToOutOfPlace) {
   BNORM_SEEDED_RNG(rng, 5000);

@@ -351,7 +351,7 @@ TEST(LayerState, NamedTensorsNamesAndOrder) {
 }
 
 // ------------------------------------------------------------------------------------------
-// backward.
+// Backward.
 
 TEST(LayerBackward, AccumulatesGradientsAndZeroGrad) {
   BNORM_SEEDED_RNG(rng, 109);

@@ -107,7 +107,7 @@ struct BackwardArgs {
   std::span<float> dbias;               // optional output (overwritten, not accumulated)
 };
 
-// backward: dx and, when asked, dweight and dbias.
+// Backward: dx and, when asked, dweight and dbias.
 Status backward(const BackwardArgs& args, const CallOptions& options = {});
 
 // Options of the layer, PyTorch's names and defaults.
@@ -129,7 +129,7 @@ class BatchNorm {
   // Validates the options (num_features > 0, eps, momentum) and builds the layer.
   static Status create(const BatchNormOptions& options, BatchNorm* out);
 
-  // An empty layer (num_features 0); only assignment from Create's result makes it usable.
+  // An empty layer (num_features 0); only assignment from create's result makes it usable.
   BatchNorm() = default;
 
   const BatchNormOptions& options() const { return options_; }
@@ -145,7 +145,7 @@ class BatchNorm {
   // Remembers the statistics it used, for a following backward.
   Status forward(ConstTensorView x, TensorView y);
 
-  // backward of the last forward (x is that forward's input; the layer keeps no copy of it).
+  // Backward of the last forward (x is that forward's input; the layer keeps no copy of it).
   // Writes dx (may alias dy or x) and ACCUMULATES dweight and dbias into weight_grad() and
   // bias_grad() when affine, as PyTorch accumulates .grad. Fails if no forward ran yet or the
   // shape differs from the last forward's.

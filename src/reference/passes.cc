@@ -15,6 +15,13 @@ std::vector<double> widen(const float* v, int64_t c) {
 
 const double* data_or_null(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
 
+// invstd from the running variance: the statistics eval mode holds constant.
+std::vector<double> running_invstd(const float* running_var, int64_t c, double eps) {
+  std::vector<double> invstd(c);
+  for (int64_t i = 0; i < c; ++i) invstd[i] = 1.0 / std::sqrt(running_var[i] + eps);
+  return invstd;
+}
+
 void store(const std::vector<double>& from, float* to) {
   if (to == nullptr) return;
   for (size_t c = 0; c < from.size(); ++c) to[c] = static_cast<float>(from[c]);
@@ -38,20 +45,19 @@ void forward_eval(const detail::EvalCall& call) {
   const Geometry& g = call.g;
   const std::vector<double> mean = widen(call.running_mean, g.c);
   const std::vector<double> weight = widen(call.weight, g.c), bias = widen(call.bias, g.c);
-  std::vector<double> invstd(g.c);
-  for (int64_t c = 0; c < g.c; ++c) invstd[c] = 1.0 / std::sqrt(call.running_var[c] + call.eps);
+  const std::vector<double> invstd = running_invstd(call.running_var, g.c, call.eps);
   apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
 }
 
 void backward(const detail::BackwardCall& call) {
   const Geometry& g = call.g;
-  std::vector<double> mean, invstd(g.c);
+  std::vector<double> mean, invstd;
   if (call.training) {
     mean = widen(call.save_mean, g.c);
     invstd = widen(call.save_invstd, g.c);
   } else {
     mean = widen(call.running_mean, g.c);
-    for (int64_t c = 0; c < g.c; ++c) invstd[c] = 1.0 / std::sqrt(call.running_var[c] + call.eps);
+    invstd = running_invstd(call.running_var, g.c, call.eps);
   }
   const std::vector<double> weight = widen(call.weight, g.c);
   std::vector<double> sum_dy(g.c), sum_dy_xhat(g.c);
