@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Installs what bnorm needs on Debian 12 with apt-get (as root, or through sudo).
-#   install_deps.sh build   compiler and CMake: enough to build the library and the examples
+#   install_deps.sh build   compiler, CMake and the libraries bnorm builds on: Highway (SIMD),
+#                           OpenBLAS, zlib, nlohmann-json, CLI11; Fashion-MNIST and matplotlib
+#                           for `bnorm train` and its report
 #   install_deps.sh test    + GoogleTest, and python3-torch + numpy for the conformance suite
+#   install_deps.sh bench   + Google Benchmark, oneDNN and python3-torch: the benchmark peers
 # Packages already installed are not installed again.
 set -euo pipefail
 
 what=${1:-test}
-packages=(cmake gcc g++ make)
+packages=(cmake gcc g++ make pkg-config libhwy-dev libopenblas-dev zlib1g-dev nlohmann-json3-dev
+  libcli11-dev dataset-fashion-mnist python3 python3-matplotlib)
 case "$what" in
   build) ;;
-  test) packages+=(libgtest-dev python3 python3-numpy python3-torch) ;;
-  *) echo "install_deps.sh: unknown set '$what' (expected build or test)" >&2; exit 2 ;;
+  test) packages+=(libgtest-dev python3-numpy python3-torch) ;;
+  bench) packages+=(libbenchmark-dev libdnnl-dev python3-numpy python3-torch) ;;
+  *) echo "install_deps.sh: unknown set '$what' (expected build, test or bench)" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -48,6 +48,14 @@ const char* version();
 // scalar reference (fp64 accumulation, two-pass statistics): the oracle for tests and debugging.
 enum class Backend : int { kAuto = 0, kReference = 1 };
 
+// Threads the fast kernels use for one call (the reference is single-threaded).
+// The default is the environment variable BNORM_NUM_THREADS when set to a positive integer,
+// else the number of cores available to the process. n >= 1 sets it; n <= 0 restores the
+// default. Results are bitwise identical for every thread count. Safe to call from any thread;
+// calls already running keep the count they started with.
+void set_num_threads(int n);
+int num_threads();
+
 // Options of a single functional call.
 struct CallOptions {
   // Reject NaN/Inf in x (and dy in backward) with a kNonFinite status naming the channel and the
