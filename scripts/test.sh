@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need, builds from scratch and runs every test:
-#   1. Release build: unit tests (GoogleTest) and the PyTorch conformance suite (python3-torch).
-#   2. ASan + UBSan build of the unit tests.
+#   1. Release build: every test (GoogleTest unit and kernel tests, nn, io, the CLI end to end,
+#      the PyTorch conformance suite and checkpoint round trip with python3-torch).
+#   2. ASan + UBSan build: every test that does not load the library into Python.
+#   3. ThreadSanitizer build: the fast kernels and their thread pool (ctest label cpu).
 # Exits non-zero if anything fails. With BNORM_REQUIRE_ALL_TESTS=1 (set by .ci/run) a test that
 # reports itself skipped (e.g. "skipped: python3-torch not installed") is a failure too.
 set -euo pipefail
@@ -19,7 +21,7 @@ run_suite() {  # name, cmake args...
   cmake -S . -B "$dir" -DBNORM_BUILD_TESTS=ON "$@" >"$dir.configure.log" 2>&1 || { cat "$dir.configure.log"; return 1; }
   cmake --build "$dir" -j "$jobs" >"$dir.build.log" 2>&1 || { tail -50 "$dir.build.log"; return 1; }
   echo "== $name: test"
-  ctest --test-dir "$dir" --output-on-failure -j "$jobs" 2>&1 | tee "$dir.ctest.log"
+  ctest --test-dir "$dir" --output-on-failure -j "$jobs" ${CTEST_ARGS:-} 2>&1 | tee "$dir.ctest.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || return "$rc"
   if [ "${BNORM_REQUIRE_ALL_TESTS:-0}" = 1 ] && grep -q "Not Run\|Skipped" "$dir.ctest.log"; then
@@ -34,4 +36,6 @@ run_suite release -DCMAKE_BUILD_TYPE=Release
 sed -n '/random configurations/,/passed, .* failed/p' build/test-release/Testing/Temporary/LastTest.log
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   run_suite sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE=ON -DBNORM_BUILD_EXAMPLES=OFF
+TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS="-L cpu" \
+  run_suite tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_TSAN=ON -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF
 echo "test.sh: all suites passed"

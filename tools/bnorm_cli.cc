@@ -1,0 +1,84 @@
+// bnorm: the command-line tool.
+//   bnorm train [--preset paper-mlp|cnn] [options]   train with and without batch norm, compare
+//   bnorm eval --checkpoint FILE [--data DIR]          reload a checkpoint, evaluate on the test set
+// Errors are one line on stderr and a non-zero exit code.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <string>
+
+#include "bnorm/batch_norm.h"
+#include "training.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"bnorm: batch normalization (Ioffe & Szegedy, 2015) on Fashion-MNIST"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", bnorm::version());
+
+  bnorm::tools::TrainConfig train;
+  CLI::App* t = app.add_subcommand("train", "Train a preset network with and without batch norm");
+  t->add_option("--preset", train.preset,
+                "paper-mlp (Ioffe & Szegedy 4.1, Fig. 1) or cnn (conv-BN-ReLU, >= 93 %)")
+      ->capture_default_str();
+  t->add_option("--steps", train.steps, "Optimizer steps (paper-mlp: 50000)");
+  t->add_option("--epochs", train.epochs, "Epochs instead of steps (cnn: 8)");
+  t->add_option("--batch-size", train.batch_size, "Mini-batch size (paper-mlp: 60, cnn: 128)");
+  t->add_option("--lr", train.lr, "Learning rate (paper-mlp: 0.1, cnn: 0.05)");
+  t->add_option("--momentum", train.momentum, "SGD momentum (paper-mlp: 0, cnn: 0.9)");
+  t->add_option("--weight-decay", train.weight_decay, "Weight decay (paper-mlp: 0, cnn: 5e-4)");
+  t->add_option("--schedule", train.schedule, "constant, step or cosine (paper-mlp: constant, cnn: cosine)");
+  t->add_option("--warmup-steps", train.warmup_steps, "Linear learning-rate warm-up steps");
+  t->add_option("--seed", train.seed, "Seed of the initialization and the shuffling")->capture_default_str();
+  t->add_option("--threads", train.threads, "Threads (0: BNORM_NUM_THREADS or all cores)")->capture_default_str();
+  t->add_option("--eval-every", train.eval_every,
+                "Steps between test evaluations (paper-mlp: 500, cnn: one epoch; 0: at the end)");
+  t->add_option("--data", train.data_dir, "Fashion-MNIST directory (default: Debian's dataset-fashion-mnist)");
+  t->add_option("--out", train.out_dir, "Output directory (default: runs/<preset>)");
+  t->add_option("--only", train.which, "both, bn or plain")->capture_default_str();
+  t->add_option("--lr-sweep", train.lr_sweep, "Learning rates to sweep (comma-separated), each with and without BN")
+      ->delimiter(',');
+  t->add_option("--sweep-steps", train.sweep_steps, "Steps of each sweep run (paper-mlp: 5000, cnn: 1000)");
+  t->add_flag("--normalize", train.normalize, "Standardize the pixels (cnn always does)");
+  bool no_plots = false;
+  t->add_flag("--no-plots", no_plots, "Write report.json only, no PNGs or report.md");
+
+  bnorm::tools::EvalConfig eval;
+  CLI::App* e = app.add_subcommand("eval", "Evaluate a checkpoint on the Fashion-MNIST test set");
+  e->add_option("--checkpoint", eval.checkpoint, "A .safetensors file written by bnorm train (or PyTorch)")
+      ->required();
+  e->add_option("--data", eval.data_dir, "Fashion-MNIST directory");
+  e->add_option("--preset", eval.preset, "For a checkpoint without bnorm metadata: paper-mlp or cnn");
+  std::string bn_flag;
+  e->add_option("--batch-norm", bn_flag, "For a checkpoint without bnorm metadata: on or off")
+      ->check(CLI::IsMember({"on", "off"}));
+  e->add_option("--batch-size", eval.batch_size, "Evaluation batch size")->capture_default_str();
+  e->add_option("--threads", eval.threads, "Threads (0: default)");
+  e->add_flag("--normalize", eval.normalize, "Standardize the pixels (for a checkpoint without metadata)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& err) {
+    return app.exit(err);
+  }
+
+  bnorm::Status status;
+  if (t->parsed()) {
+    train.plots = !no_plots;
+    for (const CLI::Option* opt : t->get_options())
+      if (opt->count() > 0 && !opt->get_lnames().empty()) train.given.insert(opt->get_lnames()[0]);
+    status = bnorm::tools::apply_preset_defaults(&train);
+    if (status.ok()) status = bnorm::tools::run_training(train);
+  } else if (e->parsed()) {
+    if (!bn_flag.empty()) eval.batch_norm = bn_flag == "on" ? 1 : 0;
+    if (eval.batch_size < 1) {
+      status = bnorm::Status::invalid_argument("--batch-size: " + std::to_string(eval.batch_size) +
+                                               " is not >= 1");
+    } else {
+      status = bnorm::tools::run_eval(eval);
+    }
+  }
+  if (!status.ok()) {
+    std::fprintf(stderr, "bnorm: %s\n", status.message().c_str());
+    return 1;
+  }
+  return 0;
+}

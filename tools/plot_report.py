@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""Plots a `bnorm train` report: reads OUTDIR/report.json, writes PNGs and OUTDIR/report.md.
+
+Usage: python3 tools/plot_report.py OUTDIR
+
+Writes into OUTDIR:
+  fig1a_test_accuracy.png  test accuracy (eval mode) vs training step, each run (paper Fig. 1a)
+  fig1bc_sigmoid_input.png 15th/50th/85th percentiles of one sigmoid's input over training,
+                           without BN (1b) and with BN (1c), same y-scale; only for runs that
+                           recorded "sigmoid_input" (paper-mlp)
+  loss.png                 train and test loss vs step, log y
+  lr_sweep.png             final test accuracy vs learning rate, both networks, diverged runs
+                           marked; only when report.json has a non-empty "lr_sweep"
+  report.md                title, configuration, a table of results, the images with captions
+
+Accuracies in report.json are fractions in [0, 1]. Missing parts (no sigmoid_input, no sweep,
+a run without curve points) are skipped, not errors. Exit status: 0 on success, 1 if
+report.json is missing or malformed (one line on stderr naming the problem), 2 on bad usage.
+
+Needs matplotlib (Debian: python3-matplotlib); if the interpreter running this script lacks it,
+the script re-runs itself with /usr/bin/python3 when that one has it.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+PROG = "plot_report.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+class ReportError(Exception):
+    """report.json is missing or malformed: the message says what and where."""
+
+
+def fail(message, code=1):
+    print(f"{PROG}: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def import_matplotlib():
+    """Returns pyplot with the Agg backend, re-running under /usr/bin/python3 if needed."""
+    try:
+        import matplotlib
+    except ImportError:
+        here = os.path.realpath(sys.executable or "")
+        if (os.path.exists(SYSTEM_PYTHON) and here != os.path.realpath(SYSTEM_PYTHON)
+                and not os.environ.get("BNORM_PLOT_REEXEC")):
+            probe = subprocess.run([SYSTEM_PYTHON, "-c", "import matplotlib"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if probe.returncode == 0:
+                env = dict(os.environ, BNORM_PLOT_REEXEC="1")
+                os.execve(SYSTEM_PYTHON, [SYSTEM_PYTHON, os.path.abspath(__file__)] + sys.argv[1:],
+                          env)
+        fail("matplotlib is not installed for this Python (Debian: apt-get install "
+             "python3-matplotlib)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking report.json
+
+
+def number_list(obj, key, where):
+    """obj[key] as a list of floats (None and null become NaN: a diverged run writes them)."""
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise ReportError(f"{where}.{key} is missing or not a list")
+    out = []
+    for i, v in enumerate(value):
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v))
+        else:
+            raise ReportError(f"{where}.{key}[{i}] is {v!r}, not a number")
+    return out
+
+
+def series(obj, keys, where):
+    """The named lists of obj (a "curve" or "sigmoid_input"), all of one length."""
+    if not isinstance(obj, dict):
+        raise ReportError(f"{where} is not an object")
+    out = {k: number_list(obj, k, where) for k in keys if k in obj}
+    if "step" not in out:
+        raise ReportError(f"{where}.step is missing")
+    n = len(out["step"])
+    for k, v in out.items():
+        if len(v) != n:
+            raise ReportError(f"{where}.{k} has {len(v)} values but {where}.step has {n}")
+    return out
+
+
+def load_report(outdir):
+    path = os.path.join(outdir, "report.json")
+    if not os.path.isfile(path):
+        raise ReportError(f"{path}: no such file (run `bnorm train --out {outdir}` first)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(report, dict):
+        raise ReportError(f"{path}: not a JSON object")
+    runs = report.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ReportError(f"{path}: \"runs\" is missing or empty")
+    try:
+        for i, run in enumerate(runs):
+            where = f"runs[{i}]"
+            if not isinstance(run, dict):
+                raise ReportError(f"{where} is not an object")
+            if not isinstance(run.get("name"), str):
+                raise ReportError(f"{where}.name is missing or not a string")
+            where = f"runs[{i}] ({run['name']})"
+            run["_curve"] = series(run.get("curve", {}), ("step", "epoch", "train_loss",
+                                                           "test_loss", "test_accuracy"),
+                                   where + ".curve")
+            if "sigmoid_input" in run and run["sigmoid_input"] is not None:
+                run["_sigmoid"] = series(run["sigmoid_input"], ("step", "p15", "p50", "p85"),
+                                         where + ".sigmoid_input")
+                for k in ("p15", "p50", "p85"):
+                    if k not in run["_sigmoid"]:
+                        raise ReportError(f"{where}.sigmoid_input.{k} is missing")
+            if not isinstance(run.get("final", {}), dict):
+                raise ReportError(f"{where}.final is not an object")
+        sweep = report.get("lr_sweep") or []
+        if not isinstance(sweep, list):
+            raise ReportError("lr_sweep is not a list")
+        for i, point in enumerate(sweep):
+            if not isinstance(point, dict):
+                raise ReportError(f"lr_sweep[{i}] is not an object")
+            lr = point.get("lr")
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+                raise ReportError(f"lr_sweep[{i}].lr is {lr!r}, not a positive number")
+        report["_sweep"] = sweep
+    except ReportError as e:
+        raise ReportError(f"{path}: {e}") from None
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+def num(v):
+    """A finite float, or None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def pct(v):
+    v = num(v)
+    return "–" if v is None else f"{100 * v:.2f} %"
+
+
+def fmt(v, digits=4):
+    v = num(v)
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def run_style(run, index):
+    """Colour per network: BN blue, plain orange, as in most BN figures; others cycle."""
+    bn = run.get("batch_norm")
+    if bn is True:
+        return "tab:blue"
+    if bn is False:
+        return "tab:orange"
+    return f"C{index % 10}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_accuracy(plt, report, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = False
+    for i, run in enumerate(report["runs"]):
+        c = run["_curve"]
+        if "test_accuracy" not in c or not c["step"]:
+            continue
+        ax.plot(c["step"], [100 * a for a in c["test_accuracy"]], color=run_style(run, i),
+                label=run["name"], linewidth=1.6)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test accuracy (%, eval mode)")
+    ax.set_title(f"(a) test accuracy, {report.get('preset', '?')}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_sigmoid_input(plt, report, path):
+    runs = [r for r in report["runs"] if "_sigmoid" in r and r["_sigmoid"]["step"]]
+    if not runs:
+        return False
+    # Without BN first (panel b), then with BN (panel c), as in the paper.
+    runs.sort(key=lambda r: r.get("batch_norm") is True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.2), sharey=True,
+                             squeeze=False)
+    letters = "bcdefgh"
+    for k, (ax, run) in enumerate(zip(axes[0], runs)):
+        s = run["_sigmoid"]
+        color = run_style(run, k)
+        ax.plot(s["step"], s["p85"], color=color, linewidth=1.0, alpha=0.8, label="85th percentile")
+        ax.plot(s["step"], s["p50"], color=color, linewidth=1.8, label="median")
+        ax.plot(s["step"], s["p15"], color=color, linewidth=1.0, alpha=0.8, linestyle="--",
+                label="15th percentile")
+        ax.fill_between(s["step"], s["p15"], s["p85"], color=color, alpha=0.12)
+        ax.set_title(f"({letters[k]}) {run['name']}")
+        ax.set_xlabel("training step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    axes[0][0].set_ylabel("input to one last-layer sigmoid")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_loss(plt, report, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = False
+    for i, run in enumerate(report["runs"]):
+        c = run["_curve"]
+        color = run_style(run, i)
+        for key, style, label in (("train_loss", "-", "train"), ("test_loss", "--", "test")):
+            if key in c and any(num(v) and v > 0 for v in c[key]):
+                ax.plot(c["step"], [v if v > 0 else math.nan for v in c[key]], color=color,
+                        linestyle=style, linewidth=1.4, label=f"{run['name']}, {label}")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_yscale("log")
+    # Label 2x and 5x between the powers of ten: a loss spans only a decade or two.
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(4.0, 6.0, 7.0, 8.0, 9.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title("loss: train (solid) and test in eval mode (dashed)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_sweep(plt, report, path):
+    sweep = report["_sweep"]
+    if not sweep:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    groups = {}
+    for p in sweep:
+        groups.setdefault(p.get("batch_norm"), []).append(p)
+    for bn, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        points.sort(key=lambda p: p["lr"])
+        name = "with BN" if bn is True else "without BN" if bn is False else "runs"
+        color = run_style({"batch_norm": bn}, 2)
+        lrs = [p["lr"] for p in points]
+        acc = [100 * num(p.get("final_test_accuracy")) if num(p.get("final_test_accuracy"))
+               is not None and not p.get("diverged") else math.nan for p in points]
+        ax.plot(lrs, acc, marker="o", color=color, label=name, linewidth=1.6)
+        bad = [p for p in points if p.get("diverged")]
+        if bad:
+            # A diverged run has no meaningful accuracy: mark it at chance level (10 %).
+            ax.scatter([p["lr"] for p in bad], [10.0] * len(bad), marker="x", s=80, color=color,
+                       linewidths=2.2, zorder=5, label=f"{name}: diverged")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("learning-rate sweep (x: diverged, drawn at chance)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md
+
+
+def write_markdown(report, images, path):
+    preset = report.get("preset", "?")
+    lines = [f"# bnorm train: {preset}", ""]
+    facts = [("tool", report.get("tool")), ("bnorm version", report.get("bnorm_version")),
+             ("started", report.get("started")), ("seed", report.get("seed")),
+             ("threads", report.get("threads")),
+             ("total wall time", f"{fmt(report.get('wall_time_s'), 4)} s"
+              if num(report.get("wall_time_s")) is not None else None)]
+    config = report.get("config")
+    if isinstance(config, dict):
+        facts += [(k, config[k]) for k in config]
+    lines += ["| setting | value |", "| --- | --- |"]
+    for k, v in facts:
+        if v is not None:
+            lines.append(f"| {k} | {v if not isinstance(v, (dict, list)) else json.dumps(v)} |")
+    lines += ["", "## Results", "",
+              "Test accuracy in eval mode uses the running statistics; in train mode each test "
+              "batch is normalized by its own statistics. The gap is eval minus train mode.", "",
+              "| run | test accuracy (eval) | test accuracy (train mode) | gap | train accuracy "
+              "| test loss | steps/s | wall time |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in report["runs"]:
+        final = run.get("final") or {}
+        ev, tr = num(final.get("test_accuracy")), num(final.get("test_accuracy_train_mode"))
+        gap = f"{100 * (ev - tr):+.2f} pt" if ev is not None and tr is not None else "–"
+        wall = num(run.get("wall_time_s"))
+        lines.append(f"| {run['name']} | {pct(ev)} | {pct(tr)} | {gap} | "
+                     f"{pct(final.get('train_accuracy'))} | {fmt(final.get('test_loss'))} | "
+                     f"{fmt(run.get('steps_per_s'), 5)} | "
+                     f"{'–' if wall is None else f'{wall:.1f} s'} |")
+    checkpoints = [(r["name"], r["checkpoint"]) for r in report["runs"]
+                   if isinstance(r.get("checkpoint"), str)]
+    if checkpoints:
+        lines += ["", "Checkpoints: " + ", ".join(f"{n}: `{c}`" for n, c in checkpoints)]
+    if report["_sweep"]:
+        lines += ["", "### Learning-rate sweep", "",
+                  "| learning rate | network | final test accuracy | final train loss | steps "
+                  "| diverged |", "| --- | --- | --- | --- | --- | --- |"]
+        for p in sorted(report["_sweep"], key=lambda p: (str(p.get("batch_norm")), p["lr"])):
+            net = ("with BN" if p.get("batch_norm") is True else "without BN"
+                   if p.get("batch_norm") is False else "?")
+            lines.append(f"| {p['lr']:g} | {net} | {pct(p.get('final_test_accuracy'))} | "
+                         f"{fmt(p.get('final_train_loss'))} | {p.get('steps', '–')} | "
+                         f"{'yes' if p.get('diverged') else 'no'} |")
+    lines += ["", "## Plots", ""]
+    for file, caption in images:
+        lines += [f"![{file[:-4]}]({file})", "", f"*{caption}*", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] in ("-h", "--help"):
+        print(f"usage: python3 tools/{PROG} OUTDIR   (reads OUTDIR/report.json)", file=sys.stderr)
+        return 2
+    outdir = argv[1]
+    try:
+        report = load_report(outdir)
+    except ReportError as e:
+        fail(str(e))
+    plt = import_matplotlib()
+    images = []
+    jobs = [
+        ("fig1a_test_accuracy.png", plot_accuracy,
+         "Test accuracy (eval mode, running statistics) vs training step, with and without "
+         "batch norm (the paper's Fig. 1a)."),
+        ("fig1bc_sigmoid_input.png", plot_sigmoid_input,
+         "15th, 50th and 85th percentiles of the input to one sigmoid of the last hidden layer "
+         "over training, on the test batch: without BN (b), with BN (c)."),
+        ("loss.png", plot_loss, "Training loss (solid) and test loss (dashed), log scale."),
+        ("lr_sweep.png", plot_sweep,
+         "Final test accuracy vs learning rate; x marks a diverged run."),
+    ]
+    for file, plot, caption in jobs:
+        target = os.path.join(outdir, file)
+        try:
+            if plot(plt, report, target):
+                images.append((file, caption))
+            elif os.path.exists(target):
+                os.remove(target)  # a stale plot of an earlier report would mislead
+        except OSError as e:
+            fail(f"cannot write {target}: {e}")
+    try:
+        write_markdown(report, images, os.path.join(outdir, "report.md"))
+    except OSError as e:
+        fail(f"cannot write {os.path.join(outdir, 'report.md')}: {e}")
+    print(f"{PROG}: wrote {os.path.join(outdir, 'report.md')} and {len(images)} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

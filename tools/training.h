@@ -1,0 +1,89 @@
+// What `bnorm train` and `bnorm eval` do, separated from the command line: configurations of the
+// presets, one training run, test-set evaluation, and the report and checkpoint files.
+#ifndef BNORM_TOOLS_TRAINING_H_
+#define BNORM_TOOLS_TRAINING_H_
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "bnorm/nn/layers.h"
+#include "bnorm/status.h"
+#include "io/idx.h"
+
+namespace bnorm::tools {
+
+// Everything a training run depends on. apply_preset_defaults() fills what the user left unset:
+// a field is unset when its name ("lr", "steps", ...) is not in `given` and it holds its
+// sentinel (negative numbers, empty strings). A given value is validated as it is.
+struct TrainConfig {
+  std::string preset = "paper-mlp";  // "paper-mlp" or "cnn"
+  int64_t steps = -1;                // optimizer steps; -1: from epochs or the preset's default
+  double epochs = -1;                // alternative to steps (cnn's default unit)
+  int64_t batch_size = -1;
+  double lr = -1;
+  double momentum = -1;
+  double weight_decay = -1;
+  std::string schedule;  // "constant", "step", "cosine"
+  int64_t warmup_steps = -1;
+  uint64_t seed = 1;
+  int threads = 0;  // 0: bnorm's default (BNORM_NUM_THREADS or the cores)
+  int64_t eval_every = -1;  // steps between test evaluations; 0: only at the end
+  bool normalize = false;   // standardize pixels with Fashion-MNIST's mean and std
+  std::string data_dir;     // empty: the Debian package's directory
+  std::string out_dir;      // empty: runs/<preset>
+  std::string which = "both";  // "both", "bn" or "plain"
+  std::vector<double> lr_sweep;  // learning rates; empty: no sweep
+  int64_t sweep_steps = -1;
+  bool plots = true;
+  std::set<std::string> given;  // option names the user gave (without "--")
+};
+
+// Fills the unset fields with the preset's defaults. Fails on an unknown preset or a value out
+// of range, naming the option.
+Status apply_preset_defaults(TrainConfig* config);
+
+// The preset's network with or without batch norm.
+Status build_model(const std::string& preset, bool batch_norm, uint64_t seed, nn::Sequential* out);
+
+// The input shape a preset's network takes for a batch of n images.
+std::vector<int64_t> input_shape(const std::string& preset, int64_t n);
+
+struct EvalResult {
+  double loss = 0;
+  double accuracy = 0;
+};
+
+// Loss and accuracy of model on data, in batches of batch_size, in the model's current mode.
+// In training mode the running statistics would move: the caller saves and restores them
+// (evaluate_train_mode does).
+Status evaluate(nn::Sequential& model, const std::string& preset, const io::Dataset& data,
+                int64_t batch_size, EvalResult* out);
+
+// Accuracy with batch statistics (training mode, batches of batch_size) without changing the
+// model: its buffers are restored afterwards.
+Status evaluate_train_mode(nn::Sequential& model, const std::string& preset,
+                           const io::Dataset& data, int64_t batch_size, EvalResult* out);
+
+// Runs `bnorm train` with a complete config (after apply_preset_defaults). Writes the report,
+// checkpoints and plots into config.out_dir.
+Status run_training(const TrainConfig& config);
+
+struct EvalConfig {
+  std::string checkpoint;
+  std::string data_dir;
+  std::string preset;     // needed only for a checkpoint without bnorm's metadata
+  int batch_norm = -1;    // likewise: 1 with BN, 0 without, -1 from the metadata
+  int64_t batch_size = 1000;
+  int threads = 0;
+  bool normalize = false;  // likewise; bnorm's checkpoints record it
+};
+
+// Runs `bnorm eval`: rebuilds the network the checkpoint describes, loads it and prints the test
+// loss and accuracy in eval mode.
+Status run_eval(const EvalConfig& config);
+
+}  // namespace bnorm::tools
+
+#endif  // BNORM_TOOLS_TRAINING_H_
