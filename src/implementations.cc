@@ -1,14 +1,16 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/cpu.h"
 #include "kernels.h"
 #include "reference/reference.h"
 
 namespace bnorm::detail {
 namespace {
 
-// Fastest first, the reference last. The fast CPU kernels slot in above the reference.
+// Fastest first, the reference last.
 const Implementation kImplementations[] = {
+    {"cpu", &cpu::forward_train, &cpu::forward_eval, &cpu::backward},
     {"reference", &ref::forward_train, &ref::forward_eval, &ref::backward},
 };
 constexpr size_t kCount = sizeof(kImplementations) / sizeof(kImplementations[0]);

@@ -320,16 +320,22 @@ def write_markdown(report, images, path):
             lines.append(f"| {k} | {v if not isinstance(v, (dict, list)) else json.dumps(v)} |")
     lines += ["", "## Results", "",
               "Test accuracy in eval mode uses the running statistics; in train mode each test "
-              "batch is normalized by its own statistics. The gap is eval minus train mode.", "",
-              "| run | test accuracy (eval) | test accuracy (train mode) | gap | train accuracy "
+              "batch is normalized by its own statistics; a network without BN has no such "
+              "difference.", "",
+              "| run | test accuracy (eval) | test accuracy (train mode) | gap (train − eval) "
+              "| train accuracy "
               "| test loss | steps/s | wall time |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in report["runs"]:
         final = run.get("final") or {}
         ev, tr = num(final.get("test_accuracy")), num(final.get("test_accuracy_train_mode"))
-        gap = f"{100 * (ev - tr):+.2f} pt" if ev is not None and tr is not None else "–"
+        if run.get("batch_norm") is False:  # no batch statistics: train mode is eval mode
+            train_mode, gap = "= eval (no BN)", "–"
+        else:
+            train_mode = pct(tr)
+            gap = f"{100 * (tr - ev):+.2f} pt" if ev is not None and tr is not None else "–"
         wall = num(run.get("wall_time_s"))
-        lines.append(f"| {run['name']} | {pct(ev)} | {pct(tr)} | {gap} | "
+        lines.append(f"| {run['name']} | {pct(ev)} | {train_mode} | {gap} | "
                      f"{pct(final.get('train_accuracy'))} | {fmt(final.get('test_loss'))} | "
                      f"{fmt(run.get('steps_per_s'), 5)} | "
                      f"{'–' if wall is None else f'{wall:.1f} s'} |")

@@ -1,0 +1,264 @@
+// Shared pieces of the batch-norm benchmark: aligned buffers, shapes, the timing loop, the
+// reference results every implementation is validated against, tolerances and CSV rows.
+// Header-only, used by batch_norm_bench.cc and peers/onednn_runner.cc.
+#ifndef BNORM_BENCH_BENCH_COMMON_H_
+#define BNORM_BENCH_BENCH_COMMON_H_
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace bench {
+
+// ---------------------------------------------------------------------------------------------
+// 64-byte aligned fp32 buffer. Not zeroed: the owner first-touches it with real data.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t count) : count_(count) {
+    size_t bytes = std::max<size_t>(64, (count * sizeof(float) + 63) / 64 * 64);
+    data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    if (!data_) throw std::bad_alloc();
+  }
+  float* data() const { return data_.get(); }
+  size_t size() const { return count_; }
+  float& operator[](size_t i) const { return data_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data_;
+  size_t count_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// A shape in PyTorch's logical order (N, C, spatial...), as written in bench/shapes/*.txt.
+struct Shape {
+  std::vector<int64_t> dims;
+  std::string text;  // "32x64x112x112"
+  int64_t n() const { return dims[0]; }
+  int64_t c() const { return dims[1]; }
+  int64_t spatial() const {
+    int64_t s = 1;
+    for (size_t i = 2; i < dims.size(); ++i) s *= dims[i];
+    return s;
+  }
+  int64_t numel() const { return n() * c() * spatial(); }
+  int64_t reduction() const { return n() * spatial(); }  // elements per channel
+  int rank() const { return static_cast<int>(dims.size()); }
+};
+
+// The three ops, as named in the CSV and the table.
+enum class Op { kFwdTrain, kFwdInfer, kBwd };
+inline const char* op_name(Op op) {
+  switch (op) {
+    case Op::kFwdTrain: return "fwd_train";
+    case Op::kFwdInfer: return "fwd_infer";
+    case Op::kBwd: return "bwd";
+  }
+  return "?";
+}
+// Minimum traffic: read x + write y; backward reads x and dy and writes dx.
+inline double min_traffic_bytes(Op op, const Shape& s) {
+  double tensor = static_cast<double>(s.numel()) * sizeof(float);
+  return op == Op::kBwd ? 3 * tensor : 2 * tensor;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing: `warmup` untimed calls, then every call timed on its own until at least `min_reps`
+// calls and `min_seconds` of calls (capped at `max_reps`). Median and min of the calls.
+struct TimingOptions {
+  int warmup = 3;
+  int min_reps = 10;
+  double min_seconds = 0.3;
+  int max_reps = 100000;
+};
+struct Timing {
+  bool ok = false;  // false: a call failed while timed
+  double median_ms = 0, min_ms = 0;
+  int reps = 0;
+};
+
+template <class F>  // F: () -> bool (true: the call succeeded)
+Timing time_calls(F&& call, const TimingOptions& options) {
+  using Clock = std::chrono::steady_clock;
+  Timing t;
+  for (int i = 0; i < options.warmup; ++i)
+    if (!call()) return t;
+  std::vector<double> ms;
+  double total = 0, fastest = std::numeric_limits<double>::infinity();
+  // Enough calls: min_reps, and min_seconds of calls counted at the fastest call's time, so that
+  // one call preempted for 100 ms on a busy machine does not end the measurement early; at most
+  // 10 x min_seconds in all.
+  auto enough = [&] {
+    const double n = static_cast<double>(ms.size());
+    if (n >= options.max_reps) return true;
+    if (n < options.min_reps) return false;
+    return n * fastest >= options.min_seconds * 1e3 || total >= 10 * options.min_seconds * 1e3;
+  };
+  while (!enough()) {
+    auto t0 = Clock::now();
+    bool ok = call();
+    auto t1 = Clock::now();
+    if (!ok) return t;
+    double d = std::chrono::duration<double, std::milli>(t1 - t0).count();
+    ms.push_back(d);
+    total += d;
+    fastest = std::min(fastest, d);
+  }
+  std::sort(ms.begin(), ms.end());
+  size_t k = ms.size();
+  t.median_ms = k % 2 ? ms[k / 2] : 0.5 * (ms[k / 2 - 1] + ms[k / 2]);
+  t.min_ms = ms.front();
+  t.reps = static_cast<int>(k);
+  t.ok = true;
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data of one shape in channels-first order, and the reference (fp64-accumulating) results.
+struct Problem {
+  Shape shape;
+  double eps = 1e-5;
+  double momentum = 0.1;
+  Buffer x, dy;                                // channels-first (nchw / nc)
+  std::vector<float> weight, bias;             // C
+  std::vector<float> eval_mean, eval_var;      // C, the running statistics used in inference
+  // Reference outputs (Backend::kReference), channels-first.
+  Buffer y_train, y_eval, dx;
+  std::vector<float> save_mean, save_invstd;   // batch statistics
+  std::vector<float> running_mean, running_var;  // after one training call from (0, 1)
+  std::vector<float> dweight, dbias;
+  // Magnitudes the tolerances are derived from.
+  double max_abs_x = 0, max_abs_dy = 0, max_abs_xhat = 0, max_invstd = 0, max_abs_weight = 0;
+};
+
+// Tolerances, derived rather than guessed. An fp32 implementation accumulates a sum of n terms
+// with an error that grows like eps * sqrt(n) * (size of the terms) for the random-sign data
+// used here (the usual probabilistic form of the recursive-summation bound); the factor 4 and
+// the + 8 leave room for the few roundings of the elementwise steps.
+inline constexpr double kEps32 = 1.1920928955078125e-07;  // 2^-23
+inline double growth(double n) { return 4.0 * kEps32 * (std::sqrt(n) + 8.0); }
+// An elementwise output whose inputs went through a reduction of length n; `scale` is the size
+// of the terms that combine into it.
+inline double elementwise_tol(double n, double scale) { return growth(n) * scale; }
+// A per-channel sum of n terms each at most `term` in magnitude.
+inline double sum_tol(double n, double term) { return growth(n) * std::sqrt(n) * term; }
+
+// Compares got against want (same order), tolerance tol. Returns max |got - want| / tol
+// (infinity for NaN/Inf), prints the first worst element when it exceeds 1.
+inline double compare(const char* what, const std::string& who, const float* got,
+                      const float* want, size_t count, double tol) {
+  double worst = 0;
+  size_t worst_i = 0;
+  for (size_t i = 0; i < count; ++i) {
+    double d = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (!std::isfinite(got[i])) d = std::numeric_limits<double>::infinity();
+    if (!(d <= worst)) {
+      worst = d;
+      worst_i = i;
+      if (std::isinf(d)) break;
+    }
+  }
+  double ratio = worst / tol;
+  if (!(ratio <= 1.0)) {
+    std::fprintf(stderr,
+                 "\n!!! VALIDATION FAILED: %s: %s differs from the reference: index %zu got %.9g "
+                 "want %.9g, |diff| %.3g > tolerance %.3g (%.3gx)\n\n",
+                 who.c_str(), what, worst_i, static_cast<double>(got[worst_i]),
+                 static_cast<double>(want[worst_i]), worst, tol, ratio);
+  }
+  return ratio;
+}
+
+inline double max_abs(const float* p, size_t count) {
+  double m = 0;
+  for (size_t i = 0; i < count; ++i) m = std::max(m, std::fabs(static_cast<double>(p[i])));
+  return m;
+}
+
+// Tolerances per output, from the problem's magnitudes.
+struct Tolerances {
+  double y_train, y_eval, mean, invstd, var, running_mean, running_var, dx, dweight, dbias;
+};
+inline Tolerances tolerances(const Problem& p) {
+  double n = static_cast<double>(p.shape.reduction());
+  Tolerances t;
+  // y = w (x - m) invstd + b: the mean's error scaled by w invstd, invstd's relative error by y.
+  t.y_train = elementwise_tol(n, p.max_abs_weight * p.max_invstd * p.max_abs_x +
+                                     max_abs(p.y_train.data(), p.y_train.size()) + 1.0);
+  t.y_eval = elementwise_tol(1, max_abs(p.y_eval.data(), p.y_eval.size()) + 1.0) *
+             (1.0 + p.max_abs_x);
+  t.mean = elementwise_tol(n, p.max_abs_x);
+  t.invstd = elementwise_tol(n, p.max_invstd * (1.0 + p.max_abs_x * p.max_invstd));
+  double max_var = 0;
+  for (float v : p.save_invstd) max_var = std::max(max_var, 1.0 / (double(v) * v));
+  t.var = elementwise_tol(n, max_var * (1.0 + p.max_abs_x * p.max_invstd));
+  t.running_mean = elementwise_tol(n, p.max_abs_x);
+  t.running_var = elementwise_tol(n, max_var * (1.0 + p.max_abs_x * p.max_invstd));
+  double term = p.max_abs_dy * (1.0 + p.max_abs_xhat);
+  t.dx = elementwise_tol(n, p.max_abs_weight * p.max_invstd * term +
+                                max_abs(p.dx.data(), p.dx.size()));
+  t.dweight = sum_tol(n, term);
+  t.dbias = sum_tol(n, p.max_abs_dy);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSV rows, one format for every runner (the PyTorch runner writes the same columns):
+//   impl,shape,layout,op,status,median_ms,min_ms,reps,bytes,err_ratio,note
+// status: ok | FAIL (validation failed, not timed) | error (the call failed) | skip.
+// impl "meta" rows carry key (layout column) = value (note column).
+inline const char* kCsvHeader = "impl,shape,layout,op,status,median_ms,min_ms,reps,bytes,err_ratio,note";
+
+struct Row {
+  std::string impl, shape, layout, op, status;
+  double median_ms = 0, min_ms = 0;
+  int reps = 0;
+  double bytes = 0, err_ratio = 0;
+  std::string note;
+};
+
+inline std::string csv_escape(const std::string& s) {
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"') out += '"';
+    out += ch;
+  }
+  return out + "\"";
+}
+
+inline void write_row(std::FILE* f, const Row& r) {
+  std::fprintf(f, "%s,%s,%s,%s,%s,%.6f,%.6f,%d,%.0f,%.4g,%s\n", csv_escape(r.impl).c_str(),
+               r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.status.c_str(), r.median_ms,
+               r.min_ms, r.reps, r.bytes, r.err_ratio, csv_escape(r.note).c_str());
+  std::fflush(f);
+}
+
+// Prints a one-line progress report of a row on stderr.
+inline void print_row(const Row& r) {
+  if (r.status == "ok") {
+    double gbs = r.bytes / (r.median_ms * 1e-3) / 1e9;
+    std::fprintf(stderr, "  %-8s %-15s %-11s %-9s median %9.4f ms  min %9.4f ms  %6.1f GB/s  (%d reps, err %.2g of tol) %s\n",
+                 r.impl.c_str(), r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.median_ms,
+                 r.min_ms, gbs, r.reps, r.err_ratio, r.note.c_str());
+  } else {
+    std::fprintf(stderr, "  %-8s %-15s %-11s %-9s %s %s\n", r.impl.c_str(), r.shape.c_str(),
+                 r.layout.c_str(), r.op.c_str(), r.status.c_str(), r.note.c_str());
+  }
+}
+
+}  // namespace bench
+
+#endif  // BNORM_BENCH_BENCH_COMMON_H_

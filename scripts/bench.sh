@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The batch-norm benchmark, in one run: STREAM-like copy and non-temporal copy, bnorm, oneDNN and
+# PyTorch on the shapes of bench/shapes/*.txt, every implementation validated before it is timed.
+# Installs the bench dependencies, builds Release from scratch in build/bench, prints the markdown
+# table and writes build/bench/results/{bench.csv,table.md,bench.log}. bench/README.md has the
+# details.
+#
+#   bash scripts/bench.sh [--shapes FILE]... [--ops fwd_train,fwd_infer,bwd]
+#                         [--impls copy,bnorm,onednn,torch] [--quick] [--threads N] [--keep-build]
+#
+#   --shapes FILE   a shape file (repeatable); default: every bench/shapes/*.txt
+#   --ops LIST      a subset of fwd_train,fwd_infer,bwd
+#   --impls LIST    a subset of copy,bnorm,onednn,torch (without copy the % columns are empty)
+#   --quick         fewer repetitions (>= 5 calls, >= 0.05 s each) and a smaller copy, to iterate
+#   --threads N     threads for every implementation (default 2)
+#   --keep-build    reuse the build directory instead of building from scratch
+#   --build-dir DIR build (and results) there instead of build/bench
+# BNORM_BENCH_TIMEOUT (seconds, default 1800) stops a runner that hangs; its rows so far are kept.
+# Exit status: 0, or 1 when an implementation failed validation or a call failed (the table
+# still prints, with those rows marked).
+set -euo pipefail
+
+shapes=()
+ops=fwd_train,fwd_infer,bwd
+impls=copy,bnorm,onednn,torch
+quick=()
+threads=2
+keep_build=0
+build=build/bench
+timeout=${BNORM_BENCH_TIMEOUT:-1800}  # seconds per runner
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --shapes) shapes+=("$(realpath "$2")"); shift 2 ;;
+    --ops) ops=$2; shift 2 ;;
+    --impls) impls=$2; shift 2 ;;
+    --quick) quick=(--quick); shift ;;
+    --threads) threads=$2; shift 2 ;;
+    --keep-build) keep_build=1; shift ;;
+    --build-dir) build=$(realpath -m "$2"); shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.."
+root=$PWD
+start=$(date +%s)
+bash scripts/install_deps.sh bench
+
+results=$build/results
+if [ "$keep_build" -eq 0 ]; then rm -rf "$build"; fi
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DBNORM_BUILD_BENCH=ON -DBNORM_BUILD_TESTS=OFF \
+  -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF >"$build.configure.log" 2>&1 ||
+  { cat "$build.configure.log" >&2; exit 1; }
+grep "bnorm bench:" "$build.configure.log" || true
+cmake --build "$build" --target bnorm_bench -j "$(nproc)" >"$build.build.log" 2>&1 ||
+  { cat "$build.build.log" >&2; exit 1; }
+mkdir -p "$results"
+rm -f "$results"/*.csv "$results"/table.md
+
+if [ ${#shapes[@]} -eq 0 ]; then
+  for f in "$root"/bench/shapes/*.txt; do shapes+=("$f"); done
+fi
+shape_args=()
+for f in "${shapes[@]}"; do shape_args+=(--shapes "$f"); done
+
+# oneDNN in Debian runs on OpenMP; PyTorch uses OpenMP too (and set_num_threads).
+export OMP_NUM_THREADS=$threads
+export BNORM_NUM_THREADS=$threads
+log=$results/bench.log
+: >"$log"
+
+has() { [[ ",$impls," == *",$1,"* ]]; }
+status=0
+cxx_impls=()
+for i in copy bnorm onednn; do has $i && cxx_impls+=("$i"); done
+if [ ${#cxx_impls[@]} -gt 0 ]; then
+  echo "== bnorm_bench (${cxx_impls[*]}), $threads threads" | tee -a "$log"
+  # A hung implementation must not hang the run: each runner gets $timeout seconds.
+  timeout "$timeout" "$build/bin/bnorm_bench" "${shape_args[@]}" --ops "$ops" \
+    --impls "$(IFS=,; echo "${cxx_impls[*]}")" --threads "$threads" "${quick[@]}" \
+    --csv "$results/bnorm.csv" 2>&1 | tee -a "$log" || status=1
+fi
+
+# PyTorch: the first interpreter that imports torch (Debian's python3-torch lives in the
+# system interpreter, which is not always the python3 first on PATH).
+torch_python=""
+torch_missing=""
+if has torch; then
+  for candidate in /usr/bin/python3 python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c "import torch" >/dev/null 2>&1; then
+      torch_python=$(command -v "$candidate")
+      break
+    fi
+  done
+  if [ -n "$torch_python" ]; then
+    echo "== PyTorch ($torch_python), $threads threads" | tee -a "$log"
+    timeout "$timeout" "$torch_python" bench/peers/torch_runner.py "${shape_args[@]}" --ops "$ops" \
+      --threads "$threads" "${quick[@]}" --csv "$results/torch.csv" 2>&1 | tee -a "$log" || status=1
+  else
+    torch_missing="no python3 on this machine imports torch"
+    echo "== PyTorch: not found ($torch_missing)" | tee -a "$log"
+  fi
+else
+  torch_missing="not requested (--impls)"
+fi
+
+report_python=${torch_python:-$(command -v python3 || true)}
+if [ -z "$report_python" ]; then
+  echo "bench.sh: no python3 to write the report; raw CSV in $results" >&2
+  exit 1
+fi
+command_line="bash scripts/bench.sh"
+[ ${#quick[@]} -gt 0 ] && command_line+=" --quick"
+report_args=(--csv "$results/bnorm.csv" --command "$command_line"
+  --out-csv "$results/bench.csv" --out-md "$results/table.md")
+[ -f "$results/torch.csv" ] && report_args+=(--csv "$results/torch.csv")
+[ -n "$torch_missing" ] && report_args+=(--torch-missing "$torch_missing")
+echo
+"$report_python" bench/report.py "${report_args[@]}" || status=1
+echo
+echo "Results: $results/table.md, $results/bench.csv (merged), $results/bench.log;" \
+  "took $(( $(date +%s) - start )) s"
+exit $status

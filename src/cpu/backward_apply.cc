@@ -1,0 +1,196 @@
+// backward_apply: dx (block kernel and the standalone pass).
+//
+// Training: dx = weight * invstd / n * (n * dy - sum_dy - xhat * sum_dy_xhat), regrouped as
+// dx = alpha * dy + (beta * (x - m) + gamma) with per-channel fp32 alpha, beta, gamma computed in
+// fp64. Eval (statistics constant): dx = alpha * dy.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/backward_apply.cc"
+// clang-format off
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// clang-format on
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/cpu.h"
+#include "cpu/internal.h"
+#include "cpu/ops-inl.h"
+#include "cpu/thread_pool.h"
+#include "hwy/cache_control.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace bnorm::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace {
+
+inline float dx_one(float g, float x, float m, float alpha, float beta, float gamma) {
+  return std::fma(alpha, g, std::fma(beta, x - m, gamma));
+}
+
+// One contiguous run of one channel.
+void backward_apply_row(const float* dy, const float* x, float* dx, int64_t len, float m,
+                        float alpha, float beta, float gamma, bool training, bool stream) {
+  const hn::ScalableTag<float> df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const auto vm = hn::Set(df, m), va = hn::Set(df, alpha), vb = hn::Set(df, beta),
+             vg = hn::Set(df, gamma);
+  int64_t k = 0;
+  if (!training) {
+    if (stream && len >= 4 * nf) {
+      const size_t align = static_cast<size_t>(nf) * sizeof(float);
+      for (; k < len && reinterpret_cast<uintptr_t>(dx + k) % align != 0; ++k)
+        dx[k] = alpha * dy[k];
+      for (; k + nf <= len; k += nf) hn::Stream(hn::Mul(va, hn::LoadU(df, dy + k)), df, dx + k);
+    }
+    for (; k + nf <= len; k += nf) hn::StoreU(hn::Mul(va, hn::LoadU(df, dy + k)), df, dx + k);
+    for (; k < len; ++k) dx[k] = alpha * dy[k];
+    return;
+  }
+  if (stream && len >= 4 * nf) {
+    const size_t align = static_cast<size_t>(nf) * sizeof(float);
+    for (; k < len && reinterpret_cast<uintptr_t>(dx + k) % align != 0; ++k)
+      dx[k] = dx_one(dy[k], x[k], m, alpha, beta, gamma);
+    for (; k + nf <= len; k += nf) {
+      const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
+      hn::Stream(hn::MulAdd(va, hn::LoadU(df, dy + k), t), df, dx + k);
+    }
+  }
+  for (; k + nf <= len; k += nf) {
+    const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
+    hn::StoreU(hn::MulAdd(va, hn::LoadU(df, dy + k), t), df, dx + k);
+  }
+  for (; k < len; ++k) dx[k] = dx_one(dy[k], x[k], m, alpha, beta, gamma);
+}
+
+}  // namespace
+
+void backward_apply_block(const Plan& p, const float* dy, const float* x, const Block& b,
+                          const BackwardParams& q, bool training, float* dx, bool stream) {
+  if (!p.channels_last) {
+    const int64_t len = b.j1 - b.j0;
+    for (int64_t c = b.c0; c < b.c1; ++c)
+      for (int64_t i = b.i0; i < b.i1; ++i) {
+        const int64_t at = (i * p.c + c) * p.s + b.j0;
+        backward_apply_row(dy + at, x + at, dx + at, len, q.m[c], q.alpha[c], q.beta[c], q.gamma[c],
+                           training, stream);
+      }
+    return;
+  }
+  const hn::ScalableTag<float> df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
+  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
+  const float* const qm = q.m;
+  const float* const qalpha = q.alpha;
+  const float* const qbeta = q.beta;
+  const float* const qgamma = q.gamma;
+  for (int64_t r = b.i0; r < b.i1; ++r) {
+    const float* gr = dy + r * p.c;
+    const float* xr = x + r * p.c;
+    float* out = dx + r * p.c;
+    const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
+    int64_t k = b.c0;
+    if (!training) {
+      for (; k < vec_end; k += nf) {
+        const auto v = hn::Mul(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k));
+        if (nt) {
+          hn::Stream(v, df, out + k);
+        } else {
+          hn::StoreU(v, df, out + k);
+        }
+      }
+      for (; k < b.c1; ++k) out[k] = qalpha[k] * gr[k];
+      continue;
+    }
+    for (; k < vec_end; k += nf) {
+      const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
+                                hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
+                                hn::LoadU(df, qgamma + k));
+      const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k), t);
+      if (nt) {
+        hn::Stream(v, df, out + k);
+      } else {
+        hn::StoreU(v, df, out + k);
+      }
+    }
+    for (; k < b.c1; ++k) out[k] = dx_one(gr[k], xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
+  }
+}
+
+namespace {
+
+struct BackwardApplyJob {
+  const Plan* plan;
+  const float* dy;
+  const float* x;
+  BackwardParams q;
+  bool training;
+  float* dx;
+  bool stream;
+};
+
+void backward_apply_task(void* ctx, int t, int n) {
+  const BackwardApplyJob& job = *static_cast<const BackwardApplyJob*>(ctx);
+  const Plan& p = *job.plan;
+  int64_t begin, end;
+  split_range(0, static_cast<int64_t>(p.blocks.size()), t, n, &begin, &end);
+  for (int64_t k = begin; k < end; ++k)
+    backward_apply_block(p, job.dy, job.x, p.blocks[k], job.q, job.training, job.dx, job.stream);
+  if (job.stream) hwy::FlushStream();
+}
+
+}  // namespace
+
+void backward_apply_with_params(const Geometry& g, const float* dy, const float* x,
+                                const BackwardParams& q, bool training, float* dx) {
+  const std::shared_ptr<const Plan> plan = get_plan(g, 2);
+  BackwardApplyJob job{plan.get(), dy, x, q, training, dx, g.numel() * 4 >= kStreamMinBytes};
+  const int threads = call_threads(*plan);
+  ThreadPool::instance().run(threads,
+                             block_slots(static_cast<int64_t>(plan->blocks.size()), threads),
+                             &backward_apply_task, &job);
+}
+
+void backward_apply_pass(const Geometry& g, const float* dy, const float* x, const double* mean,
+                         const double* invstd, const double* weight, const double* sum_dy,
+                         const double* sum_dy_xhat, bool training, float* dx) {
+  float* params = thread_workspace().param_data(4 * g.c);
+  float *m = params, *alpha = params + g.c, *beta = params + 2 * g.c, *gamma = params + 3 * g.c;
+  const double n = static_cast<double>(g.count());
+  for (int64_t c = 0; c < g.c; ++c) {
+    const double w = weight ? weight[c] : 1.0;
+    m[c] = static_cast<float>(mean[c]);
+    alpha[c] = static_cast<float>(w * invstd[c]);
+    if (training) {
+      const double b = -w * invstd[c] * invstd[c] * sum_dy_xhat[c] / n;
+      beta[c] = static_cast<float>(b);
+      gamma[c] = static_cast<float>(-w * invstd[c] * sum_dy[c] / n +
+                                    b * (static_cast<double>(m[c]) - mean[c]));
+    } else {
+      beta[c] = 0;
+      gamma[c] = 0;
+    }
+  }
+  backward_apply_with_params(g, dy, x, BackwardParams{m, alpha, beta, gamma}, training, dx);
+}
+
+}  // namespace bnorm::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace bnorm::cpu {
+
+HWY_EXPORT(backward_apply_pass);
+
+void backward_apply(const Geometry& g, const float* dy, const float* x, const double* mean,
+                    const double* invstd, const double* weight, const double* sum_dy,
+                    const double* sum_dy_xhat, bool training, float* dx) {
+  HWY_DYNAMIC_DISPATCH(backward_apply_pass)
+  (g, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, training, dx);
+}
+
+}  // namespace bnorm::cpu
+#endif  // HWY_ONCE

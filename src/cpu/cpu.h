@@ -1,0 +1,50 @@
+// The fast CPU kernels: Highway SIMD (one dynamic dispatch per call) on our own thread pool.
+//
+// Same passes and signatures as the reference (src/reference/reference.h, namespace bnorm::ref)
+// for float data, so the tests compare them one to one. Every entry point dispatches once to the
+// best target the CPU supports (hwy::SetSupportedTargetsForTest narrows it in tests) and runs on
+// bnorm::num_threads() threads. Results are bitwise identical for every thread count: the
+// reductions are split into blocks that depend on the shape only (plan.h) and merged in a fixed
+// order. docs/design.md describes partitioning, numerics and memory traffic.
+//
+// No SIMD type appears here; the per-target code lives in the .cc files.
+#ifndef BNORM_SRC_CPU_CPU_H_
+#define BNORM_SRC_CPU_CPU_H_
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace bnorm::cpu {
+
+using detail::Geometry;
+
+// stats: per channel, mean and biased variance, from fp64 sums of x - pivot and (x - pivot)^2
+// (the pivot is the channel's first element), per block, added in block order.
+void stats(const Geometry& g, const float* x, double* mean, double* var);
+
+// finalize: invstd = 1 / sqrt(var + eps); running statistics as the reference (Bessel).
+void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
+              double* invstd, float* running_mean, float* running_var);
+
+// apply: y = weight * (x - mean) * invstd + bias, in fp32 as y = (x - m) * a + b. y may equal x.
+void apply(const Geometry& g, const float* x, const double* mean, const double* invstd,
+           const double* weight, const double* bias, float* y);
+
+// backward_reduce: sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd (fp64 sums).
+void backward_reduce(const Geometry& g, const float* dy, const float* x, const double* mean,
+                     const double* invstd, double* sum_dy, double* sum_dy_xhat);
+
+// backward_apply: as the reference. dx may equal dy or x.
+void backward_apply(const Geometry& g, const float* dy, const float* x, const double* mean,
+                    const double* invstd, const double* weight, const double* sum_dy,
+                    const double* sum_dy_xhat, bool training, float* dx);
+
+// The three whole passes (the Implementation listed first in implementations.cc).
+void forward_train(const detail::TrainCall& call);
+void forward_eval(const detail::EvalCall& call);
+void backward(const detail::BackwardCall& call);
+
+}  // namespace bnorm::cpu
+
+#endif  // BNORM_SRC_CPU_CPU_H_

@@ -1,0 +1,63 @@
+// finalize (per channel, no SIMD: C values) and the fixed-order merges of block partials.
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/cpu.h"
+#include "cpu/internal.h"
+
+namespace bnorm::cpu {
+
+void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
+              double* invstd, float* running_mean, float* running_var) {
+  const double n = static_cast<double>(g.count());
+  for (int64_t c = 0; c < g.c; ++c) {
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    if (running_mean == nullptr) continue;
+    const double unbiased_var = var[c] * n / (n - 1.0);  // Bessel, as PyTorch stores it
+    running_mean[c] = static_cast<float>((1.0 - factor) * running_mean[c] + factor * mean[c]);
+    running_var[c] = static_cast<float>((1.0 - factor) * running_var[c] + factor * unbiased_var);
+  }
+}
+
+void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, double* sum0,
+                double* sum1) {
+  for (int64_t c = c0; c < c1; ++c) sum0[c] = sum1[c] = 0;
+  // Groups overlapping [c0, c1); within a group, blocks in order.
+  for (int64_t group = c0 / p.group_channels; group * p.group_channels < c1; ++group) {
+    for (int64_t k = p.group_first_block[group]; k < p.group_first_block[group + 1]; ++k) {
+      const Block& b = p.blocks[k];
+      const int64_t lo = std::max(b.c0, c0), hi = std::min(b.c1, c1);
+      const double* s0 = partials + b.slot - b.c0;
+      const double* s1 = s0 + (b.c1 - b.c0);
+      for (int64_t c = lo; c < hi; ++c) {
+        sum0[c] += s0[c];
+        sum1[c] += s1[c];
+      }
+    }
+  }
+}
+
+void merge_stats(const Plan& p, const double* partials, int64_t c0, int64_t c1, const double* pivot,
+                 double* mean, double* var) {
+  merge_sums(p, partials, c0, c1, mean, var);
+  const double n = static_cast<double>(p.n * p.s);
+  for (int64_t c = c0; c < c1; ++c) {
+    const double s1 = mean[c], s2 = var[c];
+    const double d = s1 / n;
+    double m2 = s2 - s1 * d;
+    if (m2 < 0) m2 = 0;  // rounding; NaN passes through
+    mean[c] = pivot[c] + d;
+    var[c] = m2 / n;
+  }
+}
+
+void set_apply_params(double mean, double invstd, double weight, double bias, int64_t c, float* mhi,
+                      float* mlo, float* a, float* b) {
+  const float hi = static_cast<float>(mean);
+  mhi[c] = hi;
+  mlo[c] = static_cast<float>(mean - static_cast<double>(hi));
+  a[c] = static_cast<float>(weight * invstd);
+  b[c] = static_cast<float>(bias);
+}
+
+}  // namespace bnorm::cpu

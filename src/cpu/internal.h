@@ -1,0 +1,65 @@
+// Shared, SIMD-free pieces of the CPU kernels: per-channel parameter sets of the apply kernels
+// and the fixed-order merges of block partials (finalize.cc).
+#ifndef BNORM_SRC_CPU_INTERNAL_H_
+#define BNORM_SRC_CPU_INTERNAL_H_
+
+#include <cstdint>
+
+#include "cpu/plan.h"
+#include "hwy/cache_control.h"
+
+namespace bnorm::cpu {
+
+// y = ((x - mhi) - mlo) * a + b per channel. mhi + mlo is the fp64 mean split into two floats,
+// so x - mean keeps its fp64 accuracy, and a constant channel (x == mhi, mlo == 0) gives exactly
+// y = b. Eval passes the running mean as mhi, mlo = 0.
+struct ApplyParams {
+  const float* mhi;
+  const float* mlo;
+  const float* a;
+  const float* b;
+};
+
+// dx = alpha * dy + (beta * (x - m) + gamma) per channel (eval: beta = gamma = 0).
+struct BackwardParams {
+  const float* m;
+  const float* alpha;
+  const float* beta;
+  const float* gamma;
+};
+
+// The channel's pivot: its first element. Every block shifts by it, so the merge needs no
+// fp32 cancellation and a constant channel sums exact zeros.
+inline double channel_pivot(const Plan& p, const float* x, int64_t c) {
+  return static_cast<double>(p.channels_last ? x[c] : x[c * p.s]);
+}
+
+// The two per-channel sums of channels [c0, c1) from the block partials, added in block order
+// (the same order for every thread count).
+void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, double* sum0,
+                double* sum1);
+
+// Channels-last reductions prefetch this many rows ahead (see stats.cc).
+inline constexpr int64_t kPrefetchRows = 16;
+
+// Prefetches the cache lines of `count` floats from `row`.
+inline void prefetch_row(const float* row, int64_t count) {
+  for (int64_t k = 0; k < count; k += 16) hwy::Prefetch(row + k);
+}
+
+// Mean and biased variance of channels [c0, c1) from the stats partials, whose sums are
+// s1 = sum (x - pivot) and s2 = sum (x - pivot)^2 in fp64: mean = pivot + s1 / n,
+// var = (s2 - s1^2 / n) / n. The pivot is an element of the channel, so
+// (pivot - mean)^2 <= n * var and the subtraction loses at most a factor n + 1 of fp64's
+// precision (in practice a few units: the pivot lies within a few standard deviations).
+// Uses mean and var as scratch for the sums.
+void merge_stats(const Plan& p, const double* partials, int64_t c0, int64_t c1, const double* pivot,
+                 double* mean, double* var);
+
+// Writes mhi, mlo, a, b of channel c for y = weight * (x - mean) * invstd + bias.
+void set_apply_params(double mean, double invstd, double weight, double bias, int64_t c, float* mhi,
+                      float* mlo, float* a, float* b);
+
+}  // namespace bnorm::cpu
+
+#endif  // BNORM_SRC_CPU_INTERNAL_H_

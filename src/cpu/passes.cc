@@ -1,0 +1,259 @@
+// The three whole passes of the CPU kernels, one dynamic dispatch each.
+//
+// Training forward and training backward run wave by wave (plan.h): the blocks of a wave are
+// reduced, the wave's channels merged, then the same blocks applied by the same threads, so the
+// second read of the inputs comes from cache when a wave fits in it. Each thread handles the
+// same contiguous range of a wave's blocks in both sweeps.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/passes.cc"
+// clang-format off
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// clang-format on
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/cpu.h"
+#include "cpu/internal.h"
+#include "cpu/ops-inl.h"
+#include "cpu/thread_pool.h"
+#include "hwy/cache_control.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace bnorm::cpu::HWY_NAMESPACE {
+namespace {
+
+// Which sweep of a wave a job runs; the caller runs them in order, one pool job each.
+enum class Phase { kReduce, kMerge, kApply, kReduceApply };
+
+struct TrainJob {
+  const Plan* plan;
+  const detail::TrainCall* call;
+  double* pivot;
+  double* mean;
+  double* var;
+  double* invstd;
+  double* partials;
+  float *mhi, *mlo, *a, *b;
+  bool stream;
+  const Wave* wave;
+  Phase phase;
+};
+
+void train_task(void* ctx, int t, int n) {
+  const TrainJob& job = *static_cast<const TrainJob*>(ctx);
+  const Plan& p = *job.plan;
+  const detail::TrainCall& call = *job.call;
+  const Wave& w = *job.wave;
+  int64_t begin, end;
+  if (job.phase == Phase::kMerge) {
+    split_range(w.c0, w.c1, t, n, &begin, &end);
+    if (end == begin) return;
+    merge_stats(p, job.partials, begin, end, job.pivot, job.mean, job.var);
+    detail::Geometry part = call.g;
+    part.c = end - begin;
+    finalize(part, job.mean + begin, job.var + begin, call.eps, call.factor, job.invstd + begin,
+             call.running_mean ? call.running_mean + begin : nullptr,
+             call.running_var ? call.running_var + begin : nullptr);
+    for (int64_t c = begin; c < end; ++c) {
+      if (call.save_mean) call.save_mean[c] = static_cast<float>(job.mean[c]);
+      if (call.save_invstd) call.save_invstd[c] = static_cast<float>(job.invstd[c]);
+      set_apply_params(job.mean[c], job.invstd[c], call.weight ? call.weight[c] : 1.0,
+                       call.bias ? call.bias[c] : 0.0, c, job.mhi, job.mlo, job.a, job.b);
+    }
+    return;
+  }
+  split_range(w.b0, w.b1, t, n, &begin, &end);
+  if (job.phase == Phase::kReduce) {
+    for (int64_t k = begin; k < end; ++k)
+      stats_block(p, call.x, p.blocks[k], job.pivot, job.partials);
+    return;
+  }
+  const ApplyParams q{job.mhi, job.mlo, job.a, job.b};
+  for (int64_t k = begin; k < end; ++k) apply_block(p, call.x, p.blocks[k], q, call.y, job.stream);
+  if (job.stream) hwy::FlushStream();
+}
+
+struct BackwardJob {
+  const Plan* plan;
+  const detail::BackwardCall* call;
+  double* invstd;
+  double* sum0;  // sum dy
+  double* sum1;  // sum dy * (x - m)
+  double* partials;
+  float *m, *alpha, *beta, *gamma;
+  bool stream;
+  const Wave* wave;
+  Phase phase;
+};
+
+// Training: dx depends on the merged sums, so reduce, merge and apply wave by wave. Eval with
+// dweight or dbias: dx does not, so each block is reduced and written in one sweep
+// (kReduceApply: block k's dx overwrites only block k's dy or x, already read), then merged.
+void backward_task(void* ctx, int t, int n) {
+  const BackwardJob& job = *static_cast<const BackwardJob*>(ctx);
+  const Plan& p = *job.plan;
+  const detail::BackwardCall& call = *job.call;
+  const Wave& w = *job.wave;
+  int64_t begin, end;
+  if (job.phase == Phase::kMerge) {
+    split_range(w.c0, w.c1, t, n, &begin, &end);
+    merge_sums(p, job.partials, begin, end, job.sum0, job.sum1);
+    const double count = static_cast<double>(call.g.count());
+    for (int64_t c = begin; c < end; ++c) {
+      const double invstd = job.invstd[c];
+      const double sum_dy = job.sum0[c];
+      const double sum_dy_xhat = job.sum1[c] * invstd;
+      if (call.dweight) call.dweight[c] = static_cast<float>(sum_dy_xhat);
+      if (call.dbias) call.dbias[c] = static_cast<float>(sum_dy);
+      if (!call.training) continue;
+      const double wc = call.weight ? call.weight[c] : 1.0;
+      job.beta[c] = static_cast<float>(-wc * invstd * invstd * sum_dy_xhat / count);
+      job.gamma[c] = static_cast<float>(-wc * invstd * sum_dy / count);
+    }
+    return;
+  }
+  split_range(w.b0, w.b1, t, n, &begin, &end);
+  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma};
+  if (job.phase != Phase::kApply) {
+    for (int64_t k = begin; k < end; ++k) {
+      backward_reduce_block(p, call.dy, call.x, p.blocks[k], job.m, job.partials);
+      if (job.phase == Phase::kReduceApply)
+        backward_apply_block(p, call.dy, call.x, p.blocks[k], q, false, call.dx, job.stream);
+    }
+  } else {
+    for (int64_t k = begin; k < end; ++k)
+      backward_apply_block(p, call.dy, call.x, p.blocks[k], q, call.training, call.dx, job.stream);
+  }
+  if (job.stream) hwy::FlushStream();
+}
+
+}  // namespace
+
+void forward_train_pass(const detail::TrainCall& call) {
+  const detail::Geometry& g = call.g;
+  const std::shared_ptr<const Plan> plan = get_plan(g, 1);
+  Workspace& ws = thread_workspace();
+  double* channel = ws.channel_data(4 * g.c);
+  float* params = ws.param_data(4 * g.c);
+  TrainJob job{plan.get(),
+               &call,
+               channel,
+               channel + g.c,
+               channel + 2 * g.c,
+               channel + 3 * g.c,
+               ws.partial_data(plan->partial_doubles),
+               params,
+               params + g.c,
+               params + 2 * g.c,
+               params + 3 * g.c,
+               g.numel() * 4 >= kStreamMinBytes,
+               nullptr,
+               Phase::kReduce};
+  // Pivots before anything is written: y may be x.
+  for (int64_t c = 0; c < g.c; ++c) job.pivot[c] = channel_pivot(*plan, call.x, c);
+  const int threads = call_threads(*plan);
+  ThreadPool& pool = ThreadPool::instance();
+  for (const Wave& w : plan->waves) {
+    job.wave = &w;
+    const int slots = block_slots(w.b1 - w.b0, threads);
+    job.phase = Phase::kReduce;
+    pool.run(threads, slots, &train_task, &job);
+    job.phase = Phase::kMerge;
+    pool.run(threads, threads, &train_task, &job);
+    job.phase = Phase::kApply;
+    pool.run(threads, slots, &train_task, &job);
+  }
+}
+
+void forward_eval_pass(const detail::EvalCall& call) {
+  const detail::Geometry& g = call.g;
+  float* params = thread_workspace().param_data(4 * g.c);
+  float *mhi = params, *mlo = params + g.c, *a = params + 2 * g.c, *b = params + 3 * g.c;
+  for (int64_t c = 0; c < g.c; ++c) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(call.running_var[c]) + call.eps);
+    set_apply_params(call.running_mean[c], invstd, call.weight ? call.weight[c] : 1.0,
+                     call.bias ? call.bias[c] : 0.0, c, mhi, mlo, a, b);
+  }
+  apply_with_params(g, call.x, ApplyParams{mhi, mlo, a, b}, call.y);
+}
+
+void backward_pass(const detail::BackwardCall& call) {
+  const detail::Geometry& g = call.g;
+  Workspace& ws = thread_workspace();
+  double* channel = ws.channel_data(3 * g.c);
+  float* params = ws.param_data(4 * g.c);
+  BackwardJob job{nullptr,
+                  &call,
+                  channel,
+                  channel + g.c,
+                  channel + 2 * g.c,
+                  nullptr,
+                  params,
+                  params + g.c,
+                  params + 2 * g.c,
+                  params + 3 * g.c,
+                  g.numel() * 4 >= kStreamMinBytes,
+                  nullptr,
+                  Phase::kReduce};
+  for (int64_t c = 0; c < g.c; ++c) {
+    const double invstd =
+        call.training ? static_cast<double>(call.save_invstd[c])
+                      : 1.0 / std::sqrt(static_cast<double>(call.running_var[c]) + call.eps);
+    job.invstd[c] = invstd;
+    job.m[c] = call.training ? call.save_mean[c] : call.running_mean[c];
+    job.alpha[c] = static_cast<float>((call.weight ? call.weight[c] : 1.0) * invstd);
+    job.beta[c] = 0;
+    job.gamma[c] = 0;
+  }
+  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma};
+  if (!call.training && call.dweight == nullptr && call.dbias == nullptr) {
+    backward_apply_with_params(g, call.dy, call.x, q, false, call.dx);
+    return;
+  }
+  const std::shared_ptr<const Plan> plan = get_plan(g, 2);
+  job.plan = plan.get();
+  job.partials = ws.partial_data(plan->partial_doubles);
+  const int threads = call_threads(*plan);
+  ThreadPool& pool = ThreadPool::instance();
+  if (!call.training) {
+    // One wave of everything: the sweep reads each element once.
+    const Wave all{0, static_cast<int64_t>(plan->blocks.size()), 0, g.c};
+    job.wave = &all;
+    job.phase = Phase::kReduceApply;
+    pool.run(threads, block_slots(all.b1, threads), &backward_task, &job);
+    job.phase = Phase::kMerge;
+    pool.run(threads, threads, &backward_task, &job);
+    return;
+  }
+  for (const Wave& w : plan->waves) {
+    job.wave = &w;
+    const int slots = block_slots(w.b1 - w.b0, threads);
+    job.phase = Phase::kReduce;
+    pool.run(threads, slots, &backward_task, &job);
+    job.phase = Phase::kMerge;
+    pool.run(threads, threads, &backward_task, &job);
+    job.phase = Phase::kApply;
+    pool.run(threads, slots, &backward_task, &job);
+  }
+}
+
+}  // namespace bnorm::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace bnorm::cpu {
+
+HWY_EXPORT(forward_train_pass);
+HWY_EXPORT(forward_eval_pass);
+HWY_EXPORT(backward_pass);
+
+void forward_train(const detail::TrainCall& call) {
+  HWY_DYNAMIC_DISPATCH(forward_train_pass)(call);
+}
+void forward_eval(const detail::EvalCall& call) { HWY_DYNAMIC_DISPATCH(forward_eval_pass)(call); }
+void backward(const detail::BackwardCall& call) { HWY_DYNAMIC_DISPATCH(backward_pass)(call); }
+
+}  // namespace bnorm::cpu
+#endif  // HWY_ONCE

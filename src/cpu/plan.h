@@ -1,0 +1,95 @@
+// How the CPU kernels cut a problem into blocks, and the per-shape plan cache.
+//
+// Determinism rests on this file: the blocks depend on the shape only, never on the thread count.
+// Each block's partial sums are stored in its own slot and merged per channel in block order, so
+// every thread count gives the same bits; threads only choose which blocks they compute.
+//
+//   channels-first: groups of G = kBlockElems / S channels (at least 1), so that a block reads
+//       runs of G*S ~ kBlockElems contiguous floats per batch item (short rows scattered at a
+//       stride of C*S floats would defeat the prefetchers and the TLB); a block is such runs
+//       for several batch items, or, for S > kBlockElems, a piece of one row.
+//   channels-last (and channels-first with S = 1, the same bytes): one group of all channels; a
+//       block is a range of rows r = i*S + j, each row C contiguous floats.
+//
+// Waves: consecutive groups whose data fits in the cache budget. A forward (or backward) runs
+// stats, merge and apply wave by wave, so the second read of x (and dy) comes from cache.
+// Channels-last has a single group, hence a single wave. Waves only order the work: the result
+// is the same for any wave split.
+#ifndef BNORM_SRC_CPU_PLAN_H_
+#define BNORM_SRC_CPU_PLAN_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bnorm::cpu {
+
+inline constexpr int64_t kBlockElems = 16384;             // channels-first block size (64 KiB)
+inline constexpr int64_t kBlockElemsLast = 32768;         // channels-last block size (128 KiB)
+inline constexpr int64_t kMinRowsLast = 32;               // channels-last rows per block, at least
+inline constexpr int64_t kWaveBytes = int64_t{12} << 20;  // data per wave (the L3 is 32 MiB)
+inline constexpr int64_t kParallelMinElems = int64_t{1} << 17;  // below: one thread
+inline constexpr int64_t kStreamMinBytes = int64_t{16} << 20;   // output larger: streaming stores
+
+// A product set of elements: channels [c0, c1) x (channels-first) batch [i0, i1) x spatial
+// [j0, j1), or (channels-last) rows [i0, i1) with j0 = 0, j1 = 1.
+struct Block {
+  int64_t c0, c1, i0, i1, j0, j1;
+  int64_t slot;  // first of the block's 2 * (c1 - c0) partial sums
+  int64_t count() const { return (i1 - i0) * (j1 - j0); }  // elements per channel
+};
+
+struct Wave {
+  int64_t b0, b1;  // blocks
+  int64_t c0, c1;  // channels (whole groups)
+};
+
+struct Plan {
+  bool channels_last = false;  // also channels-first with S = 1
+  int64_t n = 0, c = 0, s = 0;
+  int64_t rows = 0;                        // channels-last: n * s
+  int64_t group_channels = 0;              // G: channel k is in group k / G
+  std::vector<Block> blocks;               // group-major; a group's blocks are consecutive
+  std::vector<int64_t> group_first_block;  // per group, and one past the end
+  std::vector<Wave> waves;
+  int64_t partial_doubles = 0;
+  int max_threads = 1;  // threads worth waking for this shape
+};
+
+// The plan of a shape; `arrays` is the number of inputs read twice (1 forward, 2 backward).
+// Built on first use and cached (a few shapes, under a mutex); no allocation when cached.
+std::shared_ptr<const Plan> get_plan(const detail::Geometry& g, int arrays);
+
+// [begin, end) of part t of n of the range [b0, b1), contiguous and balanced.
+inline void split_range(int64_t b0, int64_t b1, int t, int n, int64_t* begin, int64_t* end) {
+  const int64_t len = b1 - b0;
+  *begin = b0 + len * t / n;
+  *end = b0 + len * (t + 1) / n;
+}
+
+// Grow-only scratch of the calling thread: after the first call for a shape, nothing allocates.
+struct Workspace {
+  std::vector<double> partials;
+  std::vector<double> channel;  // per-channel fp64 vectors
+  std::vector<float> params;    // per-channel fp32 vectors for the apply kernels
+  double* partial_data(int64_t count);
+  double* channel_data(int64_t count);
+  float* param_data(int64_t count);
+};
+Workspace& thread_workspace();
+
+// Threads for a call: bnorm::num_threads(), at most what the plan can use.
+int call_threads(const Plan& plan);
+
+// Pool slots for a sweep over `blocks` blocks: several per thread, so that a descheduled thread
+// holds up little (threads claim slots dynamically; the blocks, not the slots, fix the result).
+inline int block_slots(int64_t blocks, int threads) {
+  if (threads <= 1) return 1;
+  return static_cast<int>(blocks < 8 * threads ? blocks : 8 * threads);
+}
+
+}  // namespace bnorm::cpu
+
+#endif  // BNORM_SRC_CPU_PLAN_H_

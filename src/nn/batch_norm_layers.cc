@@ -1,0 +1,120 @@
+// BatchNorm1d / BatchNorm2d on the public bnorm::BatchNorm layer.
+#include <string>
+
+#include "bnorm/nn/layers.h"
+#include "common.h"
+
+namespace bnorm::nn {
+
+Status BatchNormNd::init(const BatchNormOptions& options) {
+  Status s = bnorm::BatchNorm::create(options, &bn_);
+  if (s.code() == StatusCode::kInvalidArgument)
+    return Status::invalid_argument(std::string(type_name_) + ": " + s.message());
+  if (!s.ok()) return Status::internal(std::string(type_name_) + ": " + s.message());
+  num_batches_tracked_ = 0;
+  return Status();
+}
+
+Status BatchNorm1d::create(const BatchNormOptions& options, std::unique_ptr<BatchNorm1d>* out) {
+  if (out == nullptr) return Status::invalid_argument("BatchNorm1d: out: is null");
+  std::unique_ptr<BatchNorm1d> m(new BatchNorm1d());
+  BNORM_RETURN_IF_ERROR(m->init(options));
+  *out = std::move(m);
+  return Status();
+}
+
+Status BatchNorm2d::create(const BatchNormOptions& options, std::unique_ptr<BatchNorm2d>* out) {
+  if (out == nullptr) return Status::invalid_argument("BatchNorm2d: out: is null");
+  std::unique_ptr<BatchNorm2d> m(new BatchNorm2d());
+  BNORM_RETURN_IF_ERROR(m->init(options));
+  *out = std::move(m);
+  return Status();
+}
+
+void BatchNormNd::train(bool on) {
+  training_ = on;
+  bn_.train(on);
+}
+
+Status BatchNormNd::forward(const Tensor& x, Tensor* y) {
+  if (y == nullptr) return Status::invalid_argument(repr() + ": y: is null");
+  if (x.rank() < min_rank_ || x.rank() > max_rank_ || x.dim(1) != bn_.num_features()) {
+    std::string expected = min_rank_ == 4 ? "[N, C, H, W]" : "[N, C] or [N, C, L]";
+    return detail::shape_error(repr(), "x",
+                               expected + " with C = " + std::to_string(bn_.num_features()), x);
+  }
+  if (y == &x) return Status::invalid_argument(repr() + ": y: must not be x");
+  y->resize(x.shape());
+  // The counter lives here so that state_dict can point at it; keep the layer's copy in step
+  // (a checkpoint may have written ours).
+  bn_.set_num_batches_tracked(num_batches_tracked_);
+  Status s = bn_.forward(x.view(), y->view());
+  if (!s.ok()) return Status::invalid_argument(repr() + ": " + s.message());
+  num_batches_tracked_ = bn_.num_batches_tracked();
+  x_ = &x;
+  out_shape_ = x.shape();
+  return Status();
+}
+
+Status BatchNormNd::backward(const Tensor& dy, Tensor* dx) {
+  if (x_ == nullptr) return Status::invalid_argument(repr() + ": backward: no forward before it");
+  if (dy.shape() != out_shape_)
+    return detail::shape_error(repr(), "dy",
+                               "the forward's output shape " + shape_string(out_shape_), dy);
+  if (dx == &dy) return Status::invalid_argument(repr() + ": dx: must not be dy");
+  // The layer always writes dx; without a caller's dx it goes to a scratch tensor.
+  Tensor* target = dx != nullptr ? dx : &scratch_;
+  target->resize(out_shape_);
+  Status s = bn_.backward(dy.view(), x_->view(), target->view());
+  if (!s.ok()) return Status::invalid_argument(repr() + ": " + s.message());
+  return Status();
+}
+
+void BatchNormNd::zero_grad() { bn_.zero_grad(); }
+
+std::string BatchNormNd::repr() const {
+  const BatchNormOptions& o = bn_.options();
+  return std::string(type_name_) + "(" + std::to_string(o.num_features) +
+         ", eps=" + detail::format_double(o.eps) +
+         ", momentum=" + (o.momentum ? detail::format_double(*o.momentum) : "None") +
+         ", affine=" + (o.affine ? "True" : "False") +
+         ", track_running_stats=" + (o.track_running_stats ? "True" : "False") + ")";
+}
+
+std::string BatchNormNd::architecture() const {
+  const BatchNormOptions& o = bn_.options();
+  return std::string("{\"type\":\"") + type_name_ + "\",\"num_features\":" +
+         std::to_string(o.num_features) + ",\"eps\":" + detail::format_double(o.eps) +
+         ",\"momentum\":" + (o.momentum ? detail::format_double(*o.momentum) : "null") +
+         ",\"affine\":" + (o.affine ? "true" : "false") +
+         ",\"track_running_stats\":" + (o.track_running_stats ? "true" : "false") + "}";
+}
+
+void BatchNormNd::append_state(const std::string& prefix, std::vector<StateEntry>* out) {
+  const int64_t c = bn_.num_features();
+  auto add = [&](const char* name, float* data, float* grad) {
+    StateEntry e;
+    e.name = prefix + name;
+    e.shape = {c};
+    e.data = data;
+    e.is_parameter = grad != nullptr;
+    e.grad = grad;
+    out->push_back(std::move(e));
+  };
+  if (bn_.options().affine) {
+    add("weight", bn_.weight().data(), bn_.weight_grad().data());
+    add("bias", bn_.bias().data(), bn_.bias_grad().data());
+  }
+  if (bn_.options().track_running_stats) {
+    add("running_mean", bn_.running_mean().data(), nullptr);
+    add("running_var", bn_.running_var().data(), nullptr);
+    StateEntry e;
+    e.name = prefix + "num_batches_tracked";
+    e.dtype = DType::kI64;
+    e.shape = {};
+    e.data = &num_batches_tracked_;
+    out->push_back(std::move(e));
+  }
+}
+
+}  // namespace bnorm::nn

@@ -1,0 +1,113 @@
+// Bitwise-identical results for 1, 2, 3 and 8 threads: every output of every pass.
+#include <cstring>
+
+#include "test_util.h"
+
+namespace bnorm_test {
+namespace {
+
+struct Outputs {
+  std::vector<float> y, save_mean, save_invstd, rm, rv, y_eval, dx_train, dw_train, db_train,
+      dx_eval, dw_eval, db_eval;
+};
+
+Outputs run_all(const Tensor& x, const Tensor& dy, int threads) {
+  bnorm::set_num_threads(threads);
+  const int64_t c = x.c();
+  Outputs o;
+  std::mt19937_64 rng(7);
+  const std::vector<float> weight = RandomVector(rng, c, 0.5, 1.5),
+                           bias = RandomVector(rng, c, -1, 1);
+  Tensor y(x.dims, x.layout), y_eval(x.dims, x.layout), dx(x.dims, x.layout),
+      dx_eval(x.dims, x.layout);
+  o.save_mean.assign(c, 0);
+  o.save_invstd.assign(c, 0);
+  o.rm.assign(c, 0.5f);
+  o.rv.assign(c, 2.0f);
+  bnorm::ForwardTrainArgs f;
+  f.x = x.cview();
+  f.y = y.view();
+  f.weight = weight;
+  f.bias = bias;
+  f.running_mean = o.rm;
+  f.running_var = o.rv;
+  f.save_mean = o.save_mean;
+  f.save_invstd = o.save_invstd;
+  EXPECT_TRUE(IsOk(bnorm::forward_train(f)));
+  o.y = y.data;
+
+  bnorm::ForwardEvalArgs e;
+  e.x = x.cview();
+  e.y = y_eval.view();
+  e.weight = weight;
+  e.bias = bias;
+  e.running_mean = o.rm;
+  e.running_var = o.rv;
+  EXPECT_TRUE(IsOk(bnorm::forward_eval(e)));
+  o.y_eval = y_eval.data;
+
+  for (bool training : {true, false}) {
+    std::vector<float> dw(c), db(c);
+    Tensor& out = training ? dx : dx_eval;
+    bnorm::BackwardArgs b;
+    b.dy = dy.cview();
+    b.x = x.cview();
+    b.weight = weight;
+    b.training = training;
+    b.save_mean = o.save_mean;
+    b.save_invstd = o.save_invstd;
+    b.running_mean = o.rm;
+    b.running_var = o.rv;
+    b.dx = out.view();
+    b.dweight = dw;
+    b.dbias = db;
+    EXPECT_TRUE(IsOk(bnorm::backward(b)));
+    (training ? o.dw_train : o.dw_eval) = dw;
+    (training ? o.db_train : o.db_eval) = db;
+  }
+  o.dx_train = dx.data;
+  o.dx_eval = dx_eval.data;
+  bnorm::set_num_threads(0);
+  return o;
+}
+
+void expect_identical(const Outputs& a, const Outputs& b) {
+  EXPECT_TRUE(BitIdentical(a.y, b.y)) << "y";
+  EXPECT_TRUE(BitIdentical(a.save_mean, b.save_mean)) << "save_mean";
+  EXPECT_TRUE(BitIdentical(a.save_invstd, b.save_invstd)) << "save_invstd";
+  EXPECT_TRUE(BitIdentical(a.rm, b.rm)) << "running_mean";
+  EXPECT_TRUE(BitIdentical(a.rv, b.rv)) << "running_var";
+  EXPECT_TRUE(BitIdentical(a.y_eval, b.y_eval)) << "y (eval)";
+  EXPECT_TRUE(BitIdentical(a.dx_train, b.dx_train)) << "dx (train)";
+  EXPECT_TRUE(BitIdentical(a.dw_train, b.dw_train)) << "dweight (train)";
+  EXPECT_TRUE(BitIdentical(a.db_train, b.db_train)) << "dbias (train)";
+  EXPECT_TRUE(BitIdentical(a.dx_eval, b.dx_eval)) << "dx (eval)";
+  EXPECT_TRUE(BitIdentical(a.dw_eval, b.dw_eval)) << "dweight (eval)";
+  EXPECT_TRUE(BitIdentical(a.db_eval, b.db_eval)) << "dbias (eval)";
+}
+
+// Shapes large enough that every thread count up to 8 gets work (>= 8 * 2^17 elements read).
+TEST(CpuDeterminism, BitIdenticalOverThreadCounts) {
+  const std::vector<std::pair<std::vector<int64_t>, Layout>> cases = {
+      {{4, 32, 96, 96}, Layout::kChannelsFirst},  // large spatial, rows cut into blocks
+      {{4, 32, 96, 96}, Layout::kChannelsLast},
+      {{96, 256, 7, 7}, Layout::kChannelsFirst},  // 7x7: channel groups
+      {{8192, 160}, Layout::kChannelsFirst},      // 2-D (N, C)
+      {{3, 5, 40000}, Layout::kChannelsFirst},    // few channels, long rows
+      {{40, 7, 33, 129}, Layout::kChannelsLast},  // odd C
+  };
+  for (const auto& [dims, layout] : cases) {
+    BNORM_SEEDED_RNG(rng, 99);
+    const Tensor x = RandomTensor(rng, dims, layout, ChannelOffsets(dims[1], 50.0), 3.0);
+    const Tensor dy = RandomTensor(rng, dims, layout);
+    SCOPED_TRACE(x.Describe());
+    const Outputs one = run_all(x, dy, 1);
+    for (int threads : {2, 3, 8}) {
+      SCOPED_TRACE(::testing::Message() << threads << " threads");
+      expect_identical(one, run_all(x, dy, threads));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace bnorm_test

@@ -1,0 +1,153 @@
+// The CPU kernels against the reference, pass by pass, on every Highway target compiled into the
+// library (HWY_EMU128, Highway's portable scalar fallback, included): the test parameter narrows
+// the library's dynamic dispatch to one target.
+#include <hwy/highway.h>
+#include <hwy/tests/hwy_gtest.h>
+
+#include "kernel_tester.h"
+
+namespace bnorm_test {
+namespace {
+
+using Pass = KernelTester::Pass;
+constexpr Layout kLayouts[] = {Layout::kChannelsFirst, Layout::kChannelsLast};
+
+class CpuKernelTest : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(CpuKernelTest);
+
+// Channels 1 .. 2 * lanes + 1 (16 fp32 lanes on AVX-512) against short and odd spatial sizes.
+TEST_P(CpuKernelTest, ChannelsAndSmallSpatial) {
+  for (Layout layout : kLayouts)
+    for (int64_t c = 1; c <= 33; ++c)
+      for (int64_t s : {1, 2, 3, 7, 15, 16, 17})
+        KernelTester()
+            .layout(layout)
+            .channels(c)
+            .spatial({s})
+            .batch(3)
+            .seed(100 + c * 7 + s)
+            .test_all();
+}
+
+TEST_P(CpuKernelTest, SpatialSizes) {
+  for (Layout layout : kLayouts)
+    for (int64_t s : {1, 2, 3, 7, 15, 16, 17, 49, 196, 1000, 12544})
+      for (int64_t c : {1, 3, 17}) {
+        if (s >= 1000 && c > 3) continue;
+        KernelTester().layout(layout).channels(c).spatial({s}).batch(2).seed(7 * s + c).test_all();
+      }
+}
+
+// Spatial sizes beyond one block (channels-first cuts rows into pieces of <= 16384).
+TEST_P(CpuKernelTest, RowsLongerThanABlock) {
+  for (Layout layout : kLayouts)
+    for (int64_t s : {16383, 16385, 2 * 16384 + 1})
+      KernelTester().layout(layout).channels(1).spatial({s}).batch(2).seed(s).test_all();
+}
+
+// Batch sizes around the block sizes. Channels-first: groups of G = clamp(16384 / S, 1, C)
+// channels, blocks of max(1, 16384 / (G * S)) batch items; channels-last: blocks of
+// max(32, 32768 / C) rows.
+TEST_P(CpuKernelTest, BatchAroundBlockSize) {
+  for (int64_t n : {26, 27, 28, 55})  // S = 196, C = 3: G = 3, 27 items a block
+    KernelTester()
+        .layout(Layout::kChannelsFirst)
+        .channels(3)
+        .spatial({196})
+        .batch(n)
+        .seed(n)
+        .test_all();
+  for (int64_t n : {6, 7, 8, 15})  // S = 49, C = 45: G = 45, 7 items a block
+    KernelTester()
+        .layout(Layout::kChannelsFirst)
+        .channels(45)
+        .spatial({7, 7})
+        .batch(n)
+        .seed(n)
+        .test_all();
+  for (int64_t n : {1, 2, 3})  // S = 784, C = 40: G = 20, one item a block, two groups
+    KernelTester()
+        .layout(Layout::kChannelsFirst)
+        .channels(40)
+        .spatial({28, 28})
+        .batch(n)
+        .seed(n)
+        .test_all();
+  for (int64_t n : {31, 32, 33, 65})  // C = 1024: 32 rows a block
+    KernelTester()
+        .layout(Layout::kChannelsLast)
+        .channels(1024)
+        .spatial({})
+        .batch(n)
+        .seed(n)
+        .test_all();
+  for (int64_t n : {2047, 2048, 2049})  // C = 16: 2048 rows a block
+    KernelTester()
+        .layout(Layout::kChannelsLast)
+        .channels(16)
+        .spatial({})
+        .batch(n)
+        .seed(n)
+        .test_all();
+}
+
+TEST_P(CpuKernelTest, Ranks) {
+  const std::vector<std::vector<int64_t>> spatials = {{}, {5}, {3, 4}, {2, 3, 4}};
+  for (Layout layout : kLayouts)
+    for (const auto& sp : spatials)
+      KernelTester().layout(layout).channels(5).spatial(sp).batch(4).test_all();
+}
+
+TEST_P(CpuKernelTest, MisalignedAndInPlace) {
+  for (Layout layout : kLayouts)
+    for (int64_t s : {1, 17, 196, 1000})
+      for (bool in_place : {false, true})
+        KernelTester()
+            .layout(layout)
+            .channels(s >= 196 ? 5 : 19)
+            .spatial({s})
+            .batch(3)
+            .misaligned()
+            .in_place(in_place)
+            .test_all();
+}
+
+TEST_P(CpuKernelTest, LargeOffsetAndConstantChannel) {
+  for (Layout layout : kLayouts)
+    for (double offset : {1e3, 1e6})
+      for (int64_t s : {1, 49, 300})
+        KernelTester()
+            .layout(layout)
+            .channels(9)
+            .spatial({s})
+            .batch(5)
+            .offset(offset)
+            .constant_channel()
+            .test_all();
+}
+
+TEST_P(CpuKernelTest, AffineRunningStatsMomentum) {
+  for (Layout layout : kLayouts)
+    for (bool affine : {false, true})
+      for (bool running : {false, true})
+        for (std::optional<double> m : {std::optional<double>(0.1), std::optional<double>()}) {
+          if (!m && !running) continue;
+          KernelTester()
+              .layout(layout)
+              .channels(6)
+              .spatial({33})
+              .batch(3)
+              .affine(affine)
+              .running_stats(running)
+              .momentum(m)
+              .test_all();
+        }
+}
+
+TEST_P(CpuKernelTest, LargeShapeUsesThreads) {
+  for (Layout layout : kLayouts)
+    KernelTester().layout(layout).channels(64).spatial({24, 24}).batch(8).test_all();
+}
+
+}  // namespace
+}  // namespace bnorm_test
