@@ -37,16 +37,53 @@ void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, d
   }
 }
 
-void merge_stats(const Plan& p, const double* partials, int64_t c0, int64_t c1, const double* pivot,
-                 double* mean, double* var) {
+namespace {
+
+// sum (x - pivot) and sum (x - pivot)^2 of channel c in fp64, in memory order.
+void channel_sums_fp64(const Plan& p, const float* x, int64_t c, double pivot, double* s1,
+                       double* s2) {
+  double t1 = 0, t2 = 0;
+  if (p.channels_last) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const double d = static_cast<double>(x[r * p.c + c]) - pivot;
+      t1 += d;
+      t2 += d * d;
+    }
+  } else {
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float* row = x + (i * p.c + c) * p.s;
+      for (int64_t j = 0; j < p.s; ++j) {
+        const double d = static_cast<double>(row[j]) - pivot;
+        t1 += d;
+        t2 += d * d;
+      }
+    }
+  }
+  *s1 = t1;
+  *s2 = t2;
+}
+
+}  // namespace
+
+void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
+                 const double* pivot, double* mean, double* var) {
   merge_sums(p, partials, c0, c1, mean, var);
   const double n = static_cast<double>(p.n * p.s);
   for (int64_t c = c0; c < c1; ++c) {
-    const double s1 = mean[c], s2 = var[c];
-    const double d = s1 / n;
+    double centre = pivot[c];
+    double s1 = mean[c], s2 = var[c];
+    double d = s1 / n;
     double m2 = s2 - s1 * d;
+    const bool finite = std::isfinite(s1) && std::isfinite(s2);
+    if (!finite || d * d > kMaxPivotDistance * kMaxPivotDistance * (m2 / n)) {
+      // Sum again about the estimated mean, when it is usable (NaN input stays NaN).
+      if (finite) centre += d;
+      channel_sums_fp64(p, x, c, centre, &s1, &s2);
+      d = s1 / n;
+      m2 = s2 - s1 * d;
+    }
     if (m2 < 0) m2 = 0;  // rounding; NaN passes through
-    mean[c] = pivot[c] + d;
+    mean[c] = centre + d;
     var[c] = m2 / n;
   }
 }

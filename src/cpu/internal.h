@@ -47,14 +47,22 @@ inline void prefetch_row(const float* row, int64_t count) {
   for (int64_t k = 0; k < count; k += 16) hwy::Prefetch(row + k);
 }
 
+// The stats kernel sums x - pivot and its square in fp32 lanes for at most this many terms per
+// lane, then in fp64 (stats.cc).
+inline constexpr int64_t kFlushTerms = 8;
+
+// merge_stats accepts a channel's fp32-lane sums only when |mean - pivot| <= this many standard
+// deviations: the variance's error bound grows with the square of that distance (stats.cc).
+inline constexpr double kMaxPivotDistance = 3.0;
+
 // Mean and biased variance of channels [c0, c1) from the stats partials, whose sums are
-// s1 = sum (x - pivot) and s2 = sum (x - pivot)^2 in fp64: mean = pivot + s1 / n,
-// var = (s2 - s1^2 / n) / n. The pivot is an element of the channel, so
-// (pivot - mean)^2 <= n * var and the subtraction loses at most a factor n + 1 of fp64's
-// precision (in practice a few units: the pivot lies within a few standard deviations).
-// Uses mean and var as scratch for the sums.
-void merge_stats(const Plan& p, const double* partials, int64_t c0, int64_t c1, const double* pivot,
-                 double* mean, double* var);
+// s1 = sum (x - pivot) and s2 = sum (x - pivot)^2: mean = pivot + s1 / n,
+// var = (s2 - s1^2 / n) / n. A channel whose sums are not finite, or whose mean lies more than
+// kMaxPivotDistance standard deviations from its pivot, is summed again from x in fp64 about
+// its estimated mean (a scalar pass over the channel; rare, and the same for any thread
+// count). Uses mean and var as scratch for the sums.
+void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
+                 const double* pivot, double* mean, double* var);
 
 // Writes mhi, mlo, a, b of channel c for y = weight * (x - mean) * invstd + bias.
 void set_apply_params(double mean, double invstd, double weight, double bias, int64_t c, float* mhi,

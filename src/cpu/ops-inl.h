@@ -20,6 +20,7 @@ using detail::Geometry;
 
 // Per channel of the block: sum (x - pivot[c]) and sum (x - pivot[c])^2 in fp64, into
 // partials[slot + k] and partials[slot + width + k] (k = c - c0, width = c1 - c0).
+// Sums in fp32 lanes, kFlushTerms terms at most, then in fp64 (stats.cc).
 void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
                  double* partials);
 

@@ -4,12 +4,20 @@
 // reduced, the wave's channels merged, then the same blocks applied by the same threads, so the
 // second read of the inputs comes from cache when a wave fits in it. Each thread handles the
 // same contiguous range of a wave's blocks in both sweeps.
+//
+// The sweeps are pipelined: wave k is applied in the same sweep that reduces wave k + 1, each
+// thread alternating between its apply blocks and its reduce blocks. The apply reads from cache
+// and writes to DRAM while the reduce reads from DRAM, so both directions of the memory system
+// are busy at once, as in a copy, instead of a read-only sweep followed by a write-only one.
+// Waves are disjoint channel ranges, so the interleaving cannot change a result (in-place
+// included), and the partials of a block do not depend on when it is reduced.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/passes.cc"
 // clang-format off
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // clang-format on
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -25,7 +33,55 @@ namespace bnorm::cpu::HWY_NAMESPACE {
 namespace {
 
 // Which sweep of a wave a job runs; the caller runs them in order, one pool job each.
-enum class Phase { kReduce, kMerge, kApply, kReduceApply };
+enum class Phase { kReduce, kMerge, kApply, kReduceApply, kApplyThenReduce };
+
+// Runs apply(k) for k in [a0, a1) and reduce(k) for k in [r0, r1), alternating so that both
+// progress at the same rate.
+template <class Apply, class Reduce>
+void interleave(int64_t a0, int64_t a1, int64_t r0, int64_t r1, const Apply& apply,
+                const Reduce& reduce) {
+  const int64_t na = a1 - a0, nr = r1 - r0;
+  int64_t ia = 0, ir = 0;
+  while (ia < na || ir < nr) {
+    if (ir >= nr || (ia < na && ia * nr <= ir * na)) {
+      apply(a0 + ia++);
+    } else {
+      reduce(r0 + ir++);
+    }
+  }
+}
+
+// The sweeps of a pipelined wave loop: reduce(0), merge(0), then for k >= 1
+// [apply(k - 1) + reduce(k)], merge(k), and at last apply(K - 1).
+template <class Job>
+void run_waves(const Plan& plan, int threads, Job* job, void (*task)(void*, int, int)) {
+  ThreadPool& pool = ThreadPool::instance();
+  const size_t count = plan.waves.size();
+  for (size_t k = 0; k <= count; ++k) {
+    const Wave* prev = k > 0 ? &plan.waves[k - 1] : nullptr;
+    const Wave* cur = k < count ? &plan.waves[k] : nullptr;
+    const int64_t prev_blocks = prev ? prev->b1 - prev->b0 : 0;
+    const int64_t cur_blocks = cur ? cur->b1 - cur->b0 : 0;
+    const int slots = block_slots(std::max(prev_blocks, cur_blocks), threads);
+    if (prev && cur) {
+      job->wave = prev;
+      job->next = cur;
+      job->phase = Phase::kApplyThenReduce;
+    } else if (cur) {
+      job->wave = cur;
+      job->phase = Phase::kReduce;
+    } else {
+      job->wave = prev;
+      job->phase = Phase::kApply;
+    }
+    pool.run(threads, slots, task, job);
+    if (cur) {
+      job->wave = cur;
+      job->phase = Phase::kMerge;
+      pool.run(threads, threads, task, job);
+    }
+  }
+}
 
 struct TrainJob {
   const Plan* plan;
@@ -38,6 +94,7 @@ struct TrainJob {
   float *mhi, *mlo, *a, *b;
   bool stream;
   const Wave* wave;
+  const Wave* next;  // kApplyThenReduce: the wave reduced while `wave` is applied
   Phase phase;
 };
 
@@ -50,7 +107,7 @@ void train_task(void* ctx, int t, int n) {
   if (job.phase == Phase::kMerge) {
     split_range(w.c0, w.c1, t, n, &begin, &end);
     if (end == begin) return;
-    merge_stats(p, job.partials, begin, end, job.pivot, job.mean, job.var);
+    merge_stats(p, call.x, job.partials, begin, end, job.pivot, job.mean, job.var);
     detail::Geometry part = call.g;
     part.c = end - begin;
     finalize(part, job.mean + begin, job.var + begin, call.eps, call.factor, job.invstd + begin,
@@ -65,13 +122,20 @@ void train_task(void* ctx, int t, int n) {
     return;
   }
   split_range(w.b0, w.b1, t, n, &begin, &end);
+  auto reduce = [&](int64_t k) { stats_block(p, call.x, p.blocks[k], job.pivot, job.partials); };
   if (job.phase == Phase::kReduce) {
-    for (int64_t k = begin; k < end; ++k)
-      stats_block(p, call.x, p.blocks[k], job.pivot, job.partials);
+    for (int64_t k = begin; k < end; ++k) reduce(k);
     return;
   }
   const ApplyParams q{job.mhi, job.mlo, job.a, job.b};
-  for (int64_t k = begin; k < end; ++k) apply_block(p, call.x, p.blocks[k], q, call.y, job.stream);
+  auto apply = [&](int64_t k) { apply_block(p, call.x, p.blocks[k], q, call.y, job.stream); };
+  if (job.phase == Phase::kApplyThenReduce) {
+    int64_t r0, r1;
+    split_range(job.next->b0, job.next->b1, t, n, &r0, &r1);
+    interleave(begin, end, r0, r1, apply, reduce);
+  } else {
+    for (int64_t k = begin; k < end; ++k) apply(k);
+  }
   if (job.stream) hwy::FlushStream();
 }
 
@@ -85,6 +149,7 @@ struct BackwardJob {
   float *m, *alpha, *beta, *gamma;
   bool stream;
   const Wave* wave;
+  const Wave* next;  // kApplyThenReduce: the wave reduced while `wave` is applied
   Phase phase;
 };
 
@@ -116,7 +181,18 @@ void backward_task(void* ctx, int t, int n) {
   }
   split_range(w.b0, w.b1, t, n, &begin, &end);
   const BackwardParams q{job.m, job.alpha, job.beta, job.gamma};
-  if (job.phase != Phase::kApply) {
+  if (job.phase == Phase::kApplyThenReduce) {
+    int64_t r0, r1;
+    split_range(job.next->b0, job.next->b1, t, n, &r0, &r1);
+    interleave(
+        begin, end, r0, r1,
+        [&](int64_t k) {
+          backward_apply_block(p, call.dy, call.x, p.blocks[k], q, true, call.dx, job.stream);
+        },
+        [&](int64_t k) {
+          backward_reduce_block(p, call.dy, call.x, p.blocks[k], job.m, job.partials);
+        });
+  } else if (job.phase != Phase::kApply) {
     for (int64_t k = begin; k < end; ++k) {
       backward_reduce_block(p, call.dy, call.x, p.blocks[k], job.m, job.partials);
       if (job.phase == Phase::kReduceApply)
@@ -150,21 +226,11 @@ void forward_train_pass(const detail::TrainCall& call) {
                params + 3 * g.c,
                g.numel() * 4 >= kStreamMinBytes,
                nullptr,
+               nullptr,
                Phase::kReduce};
   // Pivots before anything is written: y may be x.
   for (int64_t c = 0; c < g.c; ++c) job.pivot[c] = channel_pivot(*plan, call.x, c);
-  const int threads = call_threads(*plan);
-  ThreadPool& pool = ThreadPool::instance();
-  for (const Wave& w : plan->waves) {
-    job.wave = &w;
-    const int slots = block_slots(w.b1 - w.b0, threads);
-    job.phase = Phase::kReduce;
-    pool.run(threads, slots, &train_task, &job);
-    job.phase = Phase::kMerge;
-    pool.run(threads, threads, &train_task, &job);
-    job.phase = Phase::kApply;
-    pool.run(threads, slots, &train_task, &job);
-  }
+  run_waves(*plan, call_threads(*plan), &job, &train_task);
 }
 
 void forward_eval_pass(const detail::EvalCall& call) {
@@ -195,6 +261,7 @@ void backward_pass(const detail::BackwardCall& call) {
                   params + 2 * g.c,
                   params + 3 * g.c,
                   g.numel() * 4 >= kStreamMinBytes,
+                  nullptr,
                   nullptr,
                   Phase::kReduce};
   for (int64_t c = 0; c < g.c; ++c) {
@@ -227,16 +294,7 @@ void backward_pass(const detail::BackwardCall& call) {
     pool.run(threads, threads, &backward_task, &job);
     return;
   }
-  for (const Wave& w : plan->waves) {
-    job.wave = &w;
-    const int slots = block_slots(w.b1 - w.b0, threads);
-    job.phase = Phase::kReduce;
-    pool.run(threads, slots, &backward_task, &job);
-    job.phase = Phase::kMerge;
-    pool.run(threads, threads, &backward_task, &job);
-    job.phase = Phase::kApply;
-    pool.run(threads, slots, &backward_task, &job);
-  }
+  run_waves(*plan, threads, &job, &backward_task);
 }
 
 }  // namespace bnorm::cpu::HWY_NAMESPACE

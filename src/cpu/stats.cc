@@ -1,9 +1,14 @@
 // stats: per-channel mean and biased variance (block kernel and the standalone pass).
 //
-// Numerics: each element is shifted by the channel's pivot (its first element) and the shifted
-// values d and d^2 are summed in fp64 lanes, so squares of |x| up to fp32's maximum cannot
-// overflow and a constant channel sums exact zeros. Block sums are added in block order
-// (finalize.cc: merge_stats).
+// Numerics: each element is shifted by the channel's pivot (its first element, so a constant
+// channel sums exact zeros) and the shifted values d and d^2 are summed in fp32 vector lanes for
+// at most kFlushTerms terms per lane, then added into fp64 accumulators. A lane's fp32 sum of k
+// terms errs by at most about k * 2^-24 of the sum of their magnitudes, so with
+// r = |mean - pivot| / std the variance errs by at most about 60 * kFlushTerms * 2^-24 *
+// (1 + r^2) relative (docs/design.md derives it). merge_stats (finalize.cc) accepts a channel
+// only when r <= kMaxPivotDistance and its sums are finite; any other channel (an outlier
+// pivot, or |x| so large that d^2 overflows fp32) is summed again in fp64 about its estimated
+// mean, so the bound holds for every input. Block sums are added in block order.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/stats.cc"
 // clang-format off
@@ -23,13 +28,33 @@ HWY_BEFORE_NAMESPACE();
 namespace bnorm::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
-                 double* partials) {
+namespace {
+
+// acc += f's lanes in fp64 (the two halves promoted; the scalar target has no halves).
+template <class DF, class VD>
+HWY_INLINE void add_wide(DF df, hn::Vec<DF> f, VD* acc) {
+#if HWY_TARGET == HWY_SCALAR
+  (void)df;
+  const hn::Rebind<double, DF> dd;
+  *acc = hn::Add(*acc, hn::PromoteTo(dd, f));
+#else
+  const hn::Half<DF> dh;
+  const hn::Rebind<double, decltype(dh)> dd;
+  *acc = hn::Add(*acc, hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, f)),
+                               hn::PromoteTo(dd, hn::UpperHalf(dh, f))));
+#endif
+}
+
+}  // namespace
+
+// The fp64 kernel: every element promoted and summed in fp64 lanes. Writes the block's sums at
+// out[c - b.c0] and out[stride + c - b.c0].
+static void stats_block_wide(const Plan& p, const float* x, const Block& b, const double* pivot,
+                             double* out, int64_t stride) {
   const hn::ScalableTag<double> dd;
   const hn::Rebind<float, decltype(dd)> dh;  // half-width floats, promoted to fp64
   const int64_t nd = static_cast<int64_t>(hn::Lanes(dd));
   const int64_t width = b.c1 - b.c0;
-  double* out = partials + b.slot;
 
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
@@ -63,7 +88,7 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
       const double s1 = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s1a, s1b))) + t1;
       const double s2 = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s2a, s2b))) + t2;
       out[c - b.c0] = s1;
-      out[width + c - b.c0] = s2;
+      out[stride + c - b.c0] = s2;
     }
     return;
   }
@@ -92,7 +117,7 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
     }
     for (int v = 0; v < kVecs; ++v) {
       hn::StoreU(s1[v], dd, out + (k0 - b.c0) + v * nd);
-      hn::StoreU(s2[v], dd, out + width + (k0 - b.c0) + v * nd);
+      hn::StoreU(s2[v], dd, out + stride + (k0 - b.c0) + v * nd);
     }
   };
   int64_t k = b.c0;
@@ -107,7 +132,144 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
       t2 += d * d;
     }
     out[k - b.c0] = t1;
-    out[width + k - b.c0] = t2;
+    out[stride + k - b.c0] = t2;
+  }
+}
+
+void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
+                 double* partials) {
+  const hn::ScalableTag<float> df;
+#if HWY_TARGET == HWY_SCALAR
+  const hn::Rebind<double, decltype(df)> dd;
+#else
+  const hn::Rebind<double, hn::Half<decltype(df)>> dd;
+#endif
+  using VD = hn::Vec<decltype(dd)>;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t nd = static_cast<int64_t>(hn::Lanes(dd));
+  (void)nd;  // unused on the scalar target
+  const int64_t width = b.c1 - b.c0;
+  double* out = partials + b.slot;
+
+  if (!p.channels_last) {
+    const int64_t len = b.j1 - b.j0;
+    for (int64_t c = b.c0; c < b.c1; ++c) {
+      const double pv = pivot[c];
+      const auto vp = hn::Set(df, static_cast<float>(pv));  // exact: the pivot is an element
+      auto f1 = hn::Zero(df), f2 = hn::Zero(df), g1 = hn::Zero(df), g2 = hn::Zero(df);
+      VD a1 = hn::Zero(dd), a2 = hn::Zero(dd);
+      int64_t terms = 0;
+      auto flush = [&] {
+        add_wide(df, hn::Add(f1, g1), &a1);
+        add_wide(df, hn::Add(f2, g2), &a2);
+        f1 = f2 = g1 = g2 = hn::Zero(df);
+        terms = 0;
+      };
+      double t1 = 0, t2 = 0;
+      for (int64_t i = b.i0; i < b.i1; ++i) {
+        const float* row = x + (i * p.c + c) * p.s + b.j0;
+        int64_t k = 0;
+        for (; k + 2 * nf <= len; k += 2 * nf) {
+          if (terms == kFlushTerms) flush();
+          ++terms;
+          const auto d0 = hn::Sub(hn::LoadU(df, row + k), vp);
+          const auto d1 = hn::Sub(hn::LoadU(df, row + k + nf), vp);
+          f1 = hn::Add(f1, d0);
+          f2 = hn::MulAdd(d0, d0, f2);
+          g1 = hn::Add(g1, d1);
+          g2 = hn::MulAdd(d1, d1, g2);
+        }
+        if (k + nf <= len) {
+          if (terms == kFlushTerms) flush();
+          ++terms;
+          const auto d0 = hn::Sub(hn::LoadU(df, row + k), vp);
+          f1 = hn::Add(f1, d0);
+          f2 = hn::MulAdd(d0, d0, f2);
+          k += nf;
+        }
+        for (; k < len; ++k) {
+          const double d = static_cast<double>(row[k]) - pv;
+          t1 += d;
+          t2 += d * d;
+        }
+      }
+      flush();
+      out[c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a1)) + t1;
+      out[width + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a2)) + t2;
+    }
+    return;
+  }
+
+  // Channels-last: a tile of channels at a time, its fp32 accumulators in registers, down all
+  // rows of the block (stride C), flushed every kFlushTerms rows into the fp64 partials. Keeping
+  // the fp32 accumulators in memory would cost a load and a store per vector and stall on 4 KiB
+  // aliasing between those stores and the loads of x.
+  auto tile = [&](int64_t k0, auto lanes_tag) {
+    constexpr int kVecs = decltype(lanes_tag)::value;
+    hn::Vec<decltype(df)> vp[kVecs], s1[kVecs], s2[kVecs];
+    double* o1 = out + (k0 - b.c0);
+    double* o2 = out + width + (k0 - b.c0);
+    for (int v = 0; v < kVecs; ++v) {
+      for (int64_t l = 0; l < nf; ++l) {
+        o1[v * nf + l] = 0;
+        o2[v * nf + l] = 0;
+      }
+      // The pivots are elements of x, so the fp32 conversion is exact.
+      vp[v] = hn::LoadU(df, x + k0 + v * nf);
+      s1[v] = hn::Zero(df);
+      s2[v] = hn::Zero(df);
+    }
+    auto flush = [&] {
+      for (int v = 0; v < kVecs; ++v) {
+        VD w1 = hn::LoadU(dd, o1 + v * nf), w2 = hn::LoadU(dd, o2 + v * nf);
+#if HWY_TARGET == HWY_SCALAR
+        w1 = hn::Add(w1, hn::PromoteTo(dd, s1[v]));
+        w2 = hn::Add(w2, hn::PromoteTo(dd, s2[v]));
+        hn::StoreU(w1, dd, o1 + v * nf);
+        hn::StoreU(w2, dd, o2 + v * nf);
+#else
+        const hn::Half<decltype(df)> dh;
+        VD u1 = hn::LoadU(dd, o1 + v * nf + nd), u2 = hn::LoadU(dd, o2 + v * nf + nd);
+        w1 = hn::Add(w1, hn::PromoteTo(dd, hn::LowerHalf(dh, s1[v])));
+        u1 = hn::Add(u1, hn::PromoteTo(dd, hn::UpperHalf(dh, s1[v])));
+        w2 = hn::Add(w2, hn::PromoteTo(dd, hn::LowerHalf(dh, s2[v])));
+        u2 = hn::Add(u2, hn::PromoteTo(dd, hn::UpperHalf(dh, s2[v])));
+        hn::StoreU(w1, dd, o1 + v * nf);
+        hn::StoreU(u1, dd, o1 + v * nf + nd);
+        hn::StoreU(w2, dd, o2 + v * nf);
+        hn::StoreU(u2, dd, o2 + v * nf + nd);
+#endif
+        s1[v] = hn::Zero(df);
+        s2[v] = hn::Zero(df);
+      }
+    };
+    const float* row = x + b.i0 * p.c + k0;
+    int64_t terms = 0;
+    for (int64_t r = b.i0; r < b.i1; ++r, row += p.c) {
+      // The first tile pulls whole rows ahead into the cache: the tiles walk down rows with a
+      // stride of C floats, which hardware prefetchers do not follow across 4 KiB pages.
+      if (k0 == b.c0 && r + kPrefetchRows < b.i1) prefetch_row(row + kPrefetchRows * p.c, width);
+      if (terms == kFlushTerms) {
+        flush();
+        terms = 0;
+      }
+      ++terms;
+      for (int v = 0; v < kVecs; ++v) {
+        const auto d = hn::Sub(hn::LoadU(df, row + v * nf), vp[v]);
+        s1[v] = hn::Add(s1[v], d);
+        s2[v] = hn::MulAdd(d, d, s2[v]);
+      }
+    }
+    flush();
+  };
+  int64_t k = b.c0;
+  for (; k + 4 * nf <= b.c1; k += 4 * nf) tile(k, std::integral_constant<int, 4>());
+  for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
+  if (k < b.c1) {
+    // The last channels (fewer than a vector): the fp64 kernel on a block of just them.
+    Block rest = b;
+    rest.c0 = k;
+    stats_block_wide(p, x, rest, pivot, out + (k - b.c0), width);
   }
 }
 
@@ -134,7 +296,7 @@ void merge_task(void* ctx, int t, int n) {
   const StatsJob& job = *static_cast<const StatsJob*>(ctx);
   int64_t begin, end;
   split_range(0, job.plan->c, t, n, &begin, &end);
-  merge_stats(*job.plan, job.partials, begin, end, job.pivot, job.mean, job.var);
+  merge_stats(*job.plan, job.x, job.partials, begin, end, job.pivot, job.mean, job.var);
 }
 
 }  // namespace

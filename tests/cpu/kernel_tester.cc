@@ -129,8 +129,21 @@ Scales scales_of(const bnorm::detail::Geometry& g, const float* x) {
         abs_sum += std::fabs(v);
         max_dev2 = std::max(max_dev2, (v - s.mean[ch]) * (v - s.mean[ch]));
       }
-    s.tol_mean[ch] = 2 * n * kU64 * abs_sum / n;
-    s.tol_var[ch] = 2 * n * kU64 * (s.var[ch] + max_dev2);
+    // The kernel sums d = x - pivot in fp32 lanes, at most kFlushTerms terms a lane, then in
+    // fp64 (src/cpu/stats.cc). It accepts those sums only when |mean - pivot| <= R std
+    // (R = kMaxPivotDistance; else it sums again in fp64): with R' = R + 1 for the rounding of
+    // that test and u = 2^-24, mean|d| <= mean|x - mean| + R' std, the mean errs by at most
+    // (K + 2) u mean|d|, and the variance by (K + 3) u std^2 (1 + 2 R' + 3 R'^2). Twice those,
+    // plus the fp64 terms of the merge.
+    const double k_terms = static_cast<double>(bnorm::cpu::kFlushTerms);
+    const double r = bnorm::cpu::kMaxPivotDistance + 1;
+    const double sd = std::sqrt(s.var[ch]);
+    double abs_dev = 0;
+    for (int64_t i = 0; i < g.n; ++i)
+      for (int64_t j = 0; j < g.s; ++j) abs_dev += std::fabs(x[g.index(i, ch, j)] - s.mean[ch]);
+    s.tol_mean[ch] = 2 * (k_terms + 2) * kFloatU * (abs_dev / n + r * sd) + 2 * n * kU64 * abs_sum / n;
+    s.tol_var[ch] = 2 * (k_terms + 3) * kFloatU * s.var[ch] * (1 + 2 * r + 3 * r * r) +
+                    2 * n * kU64 * (s.var[ch] + max_dev2);
   }
   return s;
 }

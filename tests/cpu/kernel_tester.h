@@ -35,6 +35,7 @@
 
 #include "bnorm/batch_norm.h"
 #include "cpu/cpu.h"
+#include "cpu/internal.h"
 #include "kernels.h"
 #include "reference/reference.h"
 #include "test_util.h"
