@@ -1,7 +1,10 @@
 // backward_reduce: per channel sum dy and sum dy * xhat (block kernel and the standalone pass).
 //
-// The block sums are sum dy and sum dy * (x - m) in fp64 (x - m and the product are exact in
-// fp64 for fp32 inputs); invstd multiplies the merged sum once.
+// The block sums are sum dy and sum dy * (x - m), summed as the stats kernel does (stats.cc):
+// in fp32 lanes for at most kFlushTerms terms, then in fp64, so each errs by about
+// (kFlushTerms + 3) 2^-24 of the sum of its terms' magnitudes, as any fp32 implementation's
+// would at best. invstd multiplies the merged sum once. A channel whose fp32 sums overflow
+// (|dy (x - m)| beyond fp32's range) is summed again in fp64 (merge_backward_sums).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/backward_reduce.cc"
 // clang-format off
@@ -21,13 +24,15 @@ HWY_BEFORE_NAMESPACE();
 namespace bnorm::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
-                           const float* m, double* partials) {
+// The fp64 kernel: every element promoted. Writes the block's sums at out[c - b.c0] and
+// out[stride + c - b.c0].
+static void backward_reduce_block_wide(const Plan& p, const float* dy, const float* x,
+                                       const Block& b, const float* m, double* out,
+                                       int64_t stride) {
   const hn::ScalableTag<double> dd;
   const hn::Rebind<float, decltype(dd)> dh;
   const int64_t nd = static_cast<int64_t>(hn::Lanes(dd));
   const int64_t width = b.c1 - b.c0;
-  double* out = partials + b.slot;
 
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
@@ -64,7 +69,7 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
         }
       }
       out[c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s0a, s0b))) + t0;
-      out[width + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s1a, s1b))) + t1;
+      out[stride + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s1a, s1b))) + t1;
     }
     return;
   }
@@ -94,7 +99,7 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
     }
     for (int v = 0; v < kVecs; ++v) {
       hn::StoreU(s0[v], dd, out + (k0 - b.c0) + v * nd);
-      hn::StoreU(s1[v], dd, out + width + (k0 - b.c0) + v * nd);
+      hn::StoreU(s1[v], dd, out + stride + (k0 - b.c0) + v * nd);
     }
   };
   int64_t k = b.c0;
@@ -109,7 +114,159 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
       t1 += g * (static_cast<double>(x[r * p.c + k]) - mc);
     }
     out[k - b.c0] = t0;
-    out[width + k - b.c0] = t1;
+    out[stride + k - b.c0] = t1;
+  }
+}
+
+namespace {
+
+// acc += f's lanes in fp64 (the two halves promoted; the scalar target has no halves).
+template <class DF, class VD>
+HWY_INLINE void add_wide(DF df, hn::Vec<DF> f, VD* acc) {
+#if HWY_TARGET == HWY_SCALAR
+  (void)df;
+  const hn::Rebind<double, DF> dd;
+  *acc = hn::Add(*acc, hn::PromoteTo(dd, f));
+#else
+  const hn::Half<DF> dh;
+  const hn::Rebind<double, decltype(dh)> dd;
+  *acc = hn::Add(*acc, hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, f)),
+                               hn::PromoteTo(dd, hn::UpperHalf(dh, f))));
+#endif
+}
+
+// o[0 .. lanes) += f's lanes in fp64.
+template <class DF>
+HWY_INLINE void add_wide_to(DF df, hn::Vec<DF> f, double* o) {
+#if HWY_TARGET == HWY_SCALAR
+  const hn::Rebind<double, DF> dd;
+  hn::StoreU(hn::Add(hn::LoadU(dd, o), hn::PromoteTo(dd, f)), dd, o);
+#else
+  const hn::Half<DF> dh;
+  const hn::Rebind<double, decltype(dh)> dd;
+  const size_t nd = hn::Lanes(dd);
+  hn::StoreU(hn::Add(hn::LoadU(dd, o), hn::PromoteTo(dd, hn::LowerHalf(dh, f))), dd, o);
+  hn::StoreU(hn::Add(hn::LoadU(dd, o + nd), hn::PromoteTo(dd, hn::UpperHalf(dh, f))), dd, o + nd);
+#endif
+  (void)df;
+}
+
+}  // namespace
+
+void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
+                           const float* m, double* partials) {
+  const hn::ScalableTag<float> df;
+#if HWY_TARGET == HWY_SCALAR
+  const hn::Rebind<double, decltype(df)> dd;
+#else
+  const hn::Rebind<double, hn::Half<decltype(df)>> dd;
+#endif
+  using VD = hn::Vec<decltype(dd)>;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t width = b.c1 - b.c0;
+  double* out = partials + b.slot;
+
+  if (!p.channels_last) {
+    const int64_t len = b.j1 - b.j0;
+    for (int64_t c = b.c0; c < b.c1; ++c) {
+      const double mc = static_cast<double>(m[c]);
+      const auto vm = hn::Set(df, m[c]);
+      auto f0 = hn::Zero(df), f1 = hn::Zero(df), h0 = hn::Zero(df), h1 = hn::Zero(df);
+      VD a0 = hn::Zero(dd), a1 = hn::Zero(dd);
+      int64_t terms = 0;
+      auto flush = [&] {
+        add_wide(df, hn::Add(f0, h0), &a0);
+        add_wide(df, hn::Add(f1, h1), &a1);
+        f0 = f1 = h0 = h1 = hn::Zero(df);
+        terms = 0;
+      };
+      double t0 = 0, t1 = 0;
+      for (int64_t i = b.i0; i < b.i1; ++i) {
+        const int64_t at = (i * p.c + c) * p.s + b.j0;
+        const float* gr = dy + at;
+        const float* xr = x + at;
+        int64_t k = 0;
+        for (; k + 2 * nf <= len; k += 2 * nf) {
+          if (terms == kFlushTerms) flush();
+          ++terms;
+          const auto g0 = hn::LoadU(df, gr + k);
+          const auto g1 = hn::LoadU(df, gr + k + nf);
+          f0 = hn::Add(f0, g0);
+          f1 = hn::MulAdd(g0, hn::Sub(hn::LoadU(df, xr + k), vm), f1);
+          h0 = hn::Add(h0, g1);
+          h1 = hn::MulAdd(g1, hn::Sub(hn::LoadU(df, xr + k + nf), vm), h1);
+        }
+        if (k + nf <= len) {
+          if (terms == kFlushTerms) flush();
+          ++terms;
+          const auto g0 = hn::LoadU(df, gr + k);
+          f0 = hn::Add(f0, g0);
+          f1 = hn::MulAdd(g0, hn::Sub(hn::LoadU(df, xr + k), vm), f1);
+          k += nf;
+        }
+        for (; k < len; ++k) {
+          const double g0 = gr[k];
+          t0 += g0;
+          t1 += g0 * (static_cast<double>(xr[k]) - mc);
+        }
+      }
+      flush();
+      out[c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a0)) + t0;
+      out[width + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a1)) + t1;
+    }
+    return;
+  }
+
+  // Channels-last: a tile of channels at a time, fp32 accumulators in registers, flushed into
+  // the fp64 partials every kFlushTerms rows (see stats.cc).
+  auto tile = [&](int64_t k0, auto lanes_tag) {
+    constexpr int kVecs = decltype(lanes_tag)::value;
+    hn::Vec<decltype(df)> vm[kVecs], s0[kVecs], s1[kVecs];
+    double* o0 = out + (k0 - b.c0);
+    double* o1 = out + width + (k0 - b.c0);
+    for (int v = 0; v < kVecs; ++v) {
+      for (int64_t l = 0; l < nf; ++l) o0[v * nf + l] = o1[v * nf + l] = 0;
+      vm[v] = hn::LoadU(df, m + k0 + v * nf);
+      s0[v] = hn::Zero(df);
+      s1[v] = hn::Zero(df);
+    }
+    auto flush = [&] {
+      for (int v = 0; v < kVecs; ++v) {
+        add_wide_to(df, s0[v], o0 + v * nf);
+        add_wide_to(df, s1[v], o1 + v * nf);
+        s0[v] = hn::Zero(df);
+        s1[v] = hn::Zero(df);
+      }
+    };
+    const float* gr = dy + b.i0 * p.c + k0;
+    const float* xr = x + b.i0 * p.c + k0;
+    int64_t terms = 0;
+    for (int64_t r = b.i0; r < b.i1; ++r, gr += p.c, xr += p.c) {
+      if (k0 == b.c0 && r + kPrefetchRows < b.i1) {  // see stats.cc
+        prefetch_row(gr + kPrefetchRows * p.c, width);
+        prefetch_row(xr + kPrefetchRows * p.c, width);
+      }
+      if (terms == kFlushTerms) {
+        flush();
+        terms = 0;
+      }
+      ++terms;
+      for (int v = 0; v < kVecs; ++v) {
+        const auto g = hn::LoadU(df, gr + v * nf);
+        s0[v] = hn::Add(s0[v], g);
+        s1[v] = hn::MulAdd(g, hn::Sub(hn::LoadU(df, xr + v * nf), vm[v]), s1[v]);
+      }
+    }
+    flush();
+  };
+  int64_t k = b.c0;
+  for (; k + 4 * nf <= b.c1; k += 4 * nf) tile(k, std::integral_constant<int, 4>());
+  for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
+  if (k < b.c1) {
+    // The last channels (fewer than a vector): the fp64 kernel on a block of just them.
+    Block rest = b;
+    rest.c0 = k;
+    backward_reduce_block_wide(p, dy, x, rest, m, out + (k - b.c0), width);
   }
 }
 
@@ -138,7 +295,8 @@ void merge_task(void* ctx, int t, int n) {
   const ReduceJob& job = *static_cast<const ReduceJob*>(ctx);
   int64_t begin, end;
   split_range(0, job.plan->c, t, n, &begin, &end);
-  merge_sums(*job.plan, job.partials, begin, end, job.sum0, job.sum1);
+  merge_backward_sums(*job.plan, job.dy, job.x, job.m, job.partials, begin, end, true, job.sum0,
+                      job.sum1);
 }
 
 }  // namespace

@@ -65,6 +65,30 @@ void channel_sums_fp64(const Plan& p, const float* x, int64_t c, double pivot, d
 
 }  // namespace
 
+void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* m,
+                         const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
+                         double* sum1) {
+  merge_sums(p, partials, c0, c1, sum0, sum1);
+  for (int64_t c = c0; resum && c < c1; ++c) {
+    if (std::isfinite(sum0[c]) && std::isfinite(sum1[c])) continue;
+    const double mc = static_cast<double>(m[c]);
+    double t0 = 0, t1 = 0;
+    auto add = [&](int64_t k) {
+      const double g = dy[k];
+      t0 += g;
+      t1 += g * (static_cast<double>(x[k]) - mc);
+    };
+    if (p.channels_last) {
+      for (int64_t r = 0; r < p.rows; ++r) add(r * p.c + c);
+    } else {
+      for (int64_t i = 0; i < p.n; ++i)
+        for (int64_t j = 0; j < p.s; ++j) add((i * p.c + c) * p.s + j);
+    }
+    sum0[c] = t0;
+    sum1[c] = t1;
+  }
+}
+
 void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
                  const double* pivot, double* mean, double* var) {
   merge_sums(p, partials, c0, c1, mean, var);

@@ -39,6 +39,14 @@ inline double channel_pivot(const Plan& p, const float* x, int64_t c) {
 void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, double* sum0,
                 double* sum1);
 
+// merge_sums of the backward_reduce partials (sum dy, sum dy * (x - m)); with `resum`, a
+// channel whose sums are not finite is summed again from dy and x in fp64 (a scalar pass over
+// the channel), so fp32 overflow of dy * (x - m) cannot make a finite result infinite. `resum`
+// must be false when dx may already have overwritten dy or x.
+void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* m,
+                         const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
+                         double* sum1);
+
 // Channels-last reductions prefetch this many rows ahead (see stats.cc).
 inline constexpr int64_t kPrefetchRows = 16;
 

@@ -164,7 +164,10 @@ void backward_task(void* ctx, int t, int n) {
   int64_t begin, end;
   if (job.phase == Phase::kMerge) {
     split_range(w.c0, w.c1, t, n, &begin, &end);
-    merge_sums(p, job.partials, begin, end, job.sum0, job.sum1);
+    // Eval's single sweep may have written dx over dy or x already.
+    const bool resum = call.training || (call.dx != call.dy && call.dx != call.x);
+    merge_backward_sums(p, call.dy, call.x, job.m, job.partials, begin, end, resum, job.sum0,
+                        job.sum1);
     const double count = static_cast<double>(call.g.count());
     for (int64_t c = begin; c < end; ++c) {
       const double invstd = job.invstd[c];

@@ -90,6 +90,7 @@ void expect_identical(const Outputs& a, const Outputs& b) {
 TEST(CpuDeterminism, BitIdenticalOverThreadCounts) {
   const std::vector<std::pair<std::vector<int64_t>, Layout>> cases = {
       {{4, 32, 96, 96}, Layout::kChannelsFirst},  // large spatial, rows cut into blocks
+      {{9, 40, 100, 100}, Layout::kChannelsFirst},  // 14 MB: several pipelined waves
       {{4, 32, 96, 96}, Layout::kChannelsLast},
       {{96, 256, 7, 7}, Layout::kChannelsFirst},  // 7x7: channel groups
       {{8192, 160}, Layout::kChannelsFirst},      // 2-D (N, C)
