@@ -29,7 +29,7 @@ namespace bnorm::cpu {
 inline constexpr int64_t kBlockElems = 16384;             // channels-first block size (64 KiB)
 inline constexpr int64_t kBlockElemsLast = 32768;         // channels-last block size (128 KiB)
 inline constexpr int64_t kMinRowsLast = 32;               // channels-last rows per block, at least
-inline constexpr int64_t kWaveBytes = int64_t{12} << 20;  // data per wave (the L3 is 32 MiB)
+inline constexpr int64_t kWaveBytes = int64_t{6} << 20;  // data per wave; two are in flight
 inline constexpr int64_t kParallelMinElems = int64_t{1} << 17;  // below: one thread
 inline constexpr int64_t kStreamMinBytes = int64_t{16} << 20;   // output larger: streaming stores
 
