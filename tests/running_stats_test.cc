@@ -97,9 +97,12 @@ TEST_P(RunningStats, MatchesIndependentFp64Recurrence) {
       }
       // Each step rounds the stored state to fp32 once (u relative) and that error is carried
       // on with a factor <= 1: after `step` steps at most step * u * scale, times 8 for safety.
+      // The batch statistics themselves are within the fast kernels' accuracy (test_util.h).
       const double tol = 8 * step * kFloatU * scale;
-      EXPECT_TRUE(Near(rm[ch], want_rm[ch], tol, "running_mean[" + std::to_string(ch) + "]"));
-      EXPECT_TRUE(Near(rv[ch], want_rv[ch], tol, "running_var[" + std::to_string(ch) + "]"));
+      EXPECT_TRUE(Near(rm[ch], want_rm[ch], tol + kMeanStdTol * std::sqrt(scale),
+                       "running_mean[" + std::to_string(ch) + "]"));
+      EXPECT_TRUE(Near(rv[ch], want_rv[ch], tol + kVarRelTol * scale,
+                       "running_var[" + std::to_string(ch) + "]"));
     }
   }
   if (p.m.momentum && *p.m.momentum == 0.0) {
@@ -110,10 +113,11 @@ TEST_P(RunningStats, MatchesIndependentFp64Recurrence) {
   if (p.m.momentum && *p.m.momentum == 1.0) {
     // Momentum 1: the last batch's statistics only.
     for (int64_t ch = 0; ch < c; ++ch) {
-      EXPECT_TRUE(Near(rm[ch], means.back()[ch], 2 * kFloatU * std::fabs(means.back()[ch]),
+      const double uv = unbiased_vars.back()[ch];
+      EXPECT_TRUE(Near(rm[ch], means.back()[ch],
+                       2 * kFloatU * std::fabs(means.back()[ch]) + kMeanStdTol * std::sqrt(uv),
                        "running_mean"));
-      EXPECT_TRUE(Near(rv[ch], unbiased_vars.back()[ch], 2 * kFloatU * unbiased_vars.back()[ch],
-                       "running_var"));
+      EXPECT_TRUE(Near(rv[ch], uv, (2 * kFloatU + kVarRelTol) * uv, "running_var"));
     }
   }
 }

@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
                 "paper-mlp (Ioffe & Szegedy 4.1, Fig. 1) or cnn (conv-BN-ReLU, >= 93 %)")
       ->capture_default_str();
   t->add_option("--steps", train.steps, "Optimizer steps (paper-mlp: 50000)");
-  t->add_option("--epochs", train.epochs, "Epochs instead of steps (cnn: 12)");
+  t->add_option("--epochs", train.epochs, "Epochs instead of steps (cnn: 15)");
   t->add_option("--batch-size", train.batch_size, "Mini-batch size (paper-mlp: 60, cnn: 128)");
   t->add_option("--lr", train.lr, "Learning rate (paper-mlp: 0.1, cnn: 0.05)");
   t->add_option("--momentum", train.momentum, "SGD momentum (paper-mlp: 0, cnn: 0.9)");
@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
       ->delimiter(',');
   t->add_option("--sweep-steps", train.sweep_steps, "Steps of each sweep run (paper-mlp: 5000, cnn: 1000)");
   t->add_flag("--normalize", train.normalize, "Standardize the pixels (cnn always does)");
-  t->add_option("--augment", train.augment, "none or flip: random horizontal flips (paper-mlp: none, cnn: flip)");
+  t->add_option("--augment", train.augment, "none, flip (random horizontal flips), crop (random shifts of up to 2 pixels) or flip+crop (paper-mlp: none, cnn: flip+crop)");
   bool no_plots = false;
   t->add_flag("--no-plots", no_plots, "Write report.json only, no PNGs or report.md");
 

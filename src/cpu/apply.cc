@@ -49,6 +49,14 @@ void apply_row(const float* x, float* y, int64_t len, float mhi, float mlo, floa
     const auto v = hn::LoadU(df, x + k);
     hn::StoreU(hn::MulAdd(hn::Sub(hn::Sub(v, vh), vl), va, vb), df, y + k);
   }
+#if BNORM_MASKED_TAIL
+  if (k < len) {
+    const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+    const auto v = hn::MaskedLoad(mk, df, x + k);
+    hn::BlendedStore(hn::MulAdd(hn::Sub(hn::Sub(v, vh), vl), va, vb), mk, df, y + k);
+    return;
+  }
+#endif
   for (; k < len; ++k) y[k] = apply_one(x[k], mhi, mlo, a, b);
 }
 

@@ -45,6 +45,13 @@ void backward_apply_row(const float* dy, const float* x, float* dx, int64_t len,
       for (; k + nf <= len; k += nf) hn::Stream(hn::Mul(va, hn::LoadU(df, dy + k)), df, dx + k);
     }
     for (; k + nf <= len; k += nf) hn::StoreU(hn::Mul(va, hn::LoadU(df, dy + k)), df, dx + k);
+#if BNORM_MASKED_TAIL
+    if (k < len) {
+      const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+      hn::BlendedStore(hn::Mul(va, hn::MaskedLoad(mk, df, dy + k)), mk, df, dx + k);
+      return;
+    }
+#endif
     for (; k < len; ++k) dx[k] = alpha * dy[k];
     return;
   }
@@ -61,6 +68,14 @@ void backward_apply_row(const float* dy, const float* x, float* dx, int64_t len,
     const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
     hn::StoreU(hn::MulAdd(va, hn::LoadU(df, dy + k), t), df, dx + k);
   }
+#if BNORM_MASKED_TAIL
+  if (k < len) {
+    const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+    const auto t = hn::MulAdd(vb, hn::Sub(hn::MaskedLoad(mk, df, x + k), vm), vg);
+    hn::BlendedStore(hn::MulAdd(va, hn::MaskedLoad(mk, df, dy + k), t), mk, df, dx + k);
+    return;
+  }
+#endif
   for (; k < len; ++k) dx[k] = dx_one(dy[k], x[k], m, alpha, beta, gamma);
 }
 

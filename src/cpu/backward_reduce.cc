@@ -118,40 +118,6 @@ static void backward_reduce_block_wide(const Plan& p, const float* dy, const flo
   }
 }
 
-namespace {
-
-// acc += f's lanes in fp64 (the two halves promoted; the scalar target has no halves).
-template <class DF, class VD>
-HWY_INLINE void add_wide(DF df, hn::Vec<DF> f, VD* acc) {
-#if HWY_TARGET == HWY_SCALAR
-  (void)df;
-  const hn::Rebind<double, DF> dd;
-  *acc = hn::Add(*acc, hn::PromoteTo(dd, f));
-#else
-  const hn::Half<DF> dh;
-  const hn::Rebind<double, decltype(dh)> dd;
-  *acc = hn::Add(*acc, hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, f)),
-                               hn::PromoteTo(dd, hn::UpperHalf(dh, f))));
-#endif
-}
-
-// o[0 .. lanes) += f's lanes in fp64.
-template <class DF>
-HWY_INLINE void add_wide_to(DF df, hn::Vec<DF> f, double* o) {
-#if HWY_TARGET == HWY_SCALAR
-  const hn::Rebind<double, DF> dd;
-  hn::StoreU(hn::Add(hn::LoadU(dd, o), hn::PromoteTo(dd, f)), dd, o);
-#else
-  const hn::Half<DF> dh;
-  const hn::Rebind<double, decltype(dh)> dd;
-  const size_t nd = hn::Lanes(dd);
-  hn::StoreU(hn::Add(hn::LoadU(dd, o), hn::PromoteTo(dd, hn::LowerHalf(dh, f))), dd, o);
-  hn::StoreU(hn::Add(hn::LoadU(dd, o + nd), hn::PromoteTo(dd, hn::UpperHalf(dh, f))), dd, o + nd);
-#endif
-  (void)df;
-}
-
-}  // namespace
 
 void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
                            const float* m, double* partials) {
@@ -204,6 +170,18 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
           f1 = hn::MulAdd(g0, hn::Sub(hn::LoadU(df, xr + k), vm), f1);
           k += nf;
         }
+#if BNORM_MASKED_TAIL
+        if (k < len) {
+          if (terms == kFlushTerms) flush();
+          ++terms;
+          // Masked-off lanes load 0 for dy, so they add nothing to either sum.
+          const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+          const auto g0 = hn::MaskedLoad(mk, df, gr + k);
+          f0 = hn::Add(f0, g0);
+          f1 = hn::MulAdd(g0, hn::Sub(hn::MaskedLoad(mk, df, xr + k), vm), f1);
+          k = len;
+        }
+#endif
         for (; k < len; ++k) {
           const double g0 = gr[k];
           t0 += g0;
@@ -217,27 +195,19 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
     return;
   }
 
-  // Channels-last: a tile of channels at a time, fp32 accumulators in registers, flushed into
-  // the fp64 partials every kFlushTerms rows (see stats.cc).
+  // Channels-last: a tile of channels at a time, fp32 accumulators and their fp64 totals in
+  // registers, flushed every kFlushTerms rows (see stats.cc).
   auto tile = [&](int64_t k0, auto lanes_tag) {
     constexpr int kVecs = decltype(lanes_tag)::value;
     hn::Vec<decltype(df)> vm[kVecs], s0[kVecs], s1[kVecs];
-    double* o0 = out + (k0 - b.c0);
-    double* o1 = out + width + (k0 - b.c0);
+    Wide<decltype(df)> w0[kVecs], w1[kVecs];
     for (int v = 0; v < kVecs; ++v) {
-      for (int64_t l = 0; l < nf; ++l) o0[v * nf + l] = o1[v * nf + l] = 0;
       vm[v] = hn::LoadU(df, m + k0 + v * nf);
       s0[v] = hn::Zero(df);
       s1[v] = hn::Zero(df);
+      w0[v].zero();
+      w1[v].zero();
     }
-    auto flush = [&] {
-      for (int v = 0; v < kVecs; ++v) {
-        add_wide_to(df, s0[v], o0 + v * nf);
-        add_wide_to(df, s1[v], o1 + v * nf);
-        s0[v] = hn::Zero(df);
-        s1[v] = hn::Zero(df);
-      }
-    };
     const float* gr = dy + b.i0 * p.c + k0;
     const float* xr = x + b.i0 * p.c + k0;
     int64_t terms = 0;
@@ -247,7 +217,12 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
         prefetch_row(xr + kPrefetchRows * p.c, width);
       }
       if (terms == kFlushTerms) {
-        flush();
+        for (int v = 0; v < kVecs; ++v) {
+          w0[v].add(s0[v]);
+          w1[v].add(s1[v]);
+          s0[v] = hn::Zero(df);
+          s1[v] = hn::Zero(df);
+        }
         terms = 0;
       }
       ++terms;
@@ -257,10 +232,15 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
         s1[v] = hn::MulAdd(g, hn::Sub(hn::LoadU(df, xr + v * nf), vm[v]), s1[v]);
       }
     }
-    flush();
+    for (int v = 0; v < kVecs; ++v) {
+      w0[v].add(s0[v]);
+      w1[v].add(s1[v]);
+      w0[v].store(out + (k0 - b.c0) + v * nf);
+      w1[v].store(out + width + (k0 - b.c0) + v * nf);
+    }
   };
   int64_t k = b.c0;
-  for (; k + 4 * nf <= b.c1; k += 4 * nf) tile(k, std::integral_constant<int, 4>());
+  for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
   for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
   if (k < b.c1) {
     // The last channels (fewer than a vector): the fp64 kernel on a block of just them.

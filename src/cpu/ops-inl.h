@@ -17,10 +17,66 @@ HWY_BEFORE_NAMESPACE();
 namespace bnorm::cpu::HWY_NAMESPACE {
 
 using detail::Geometry;
+namespace hn = hwy::HWY_NAMESPACE;
 
-// Per channel of the block: sum (x - pivot[c]) and sum (x - pivot[c])^2 in fp64, into
-// partials[slot + k] and partials[slot + width + k] (k = c - c0, width = c1 - c0).
-// Sums in fp32 lanes, kFlushTerms terms at most, then in fp64 (stats.cc).
+// Whether the target has masked loads and stores that never touch masked-off lanes (AVX-512):
+// the row kernels then finish a row with one masked vector instead of a scalar loop.
+#undef BNORM_MASKED_TAIL
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+#define BNORM_MASKED_TAIL 1
+#else
+#define BNORM_MASKED_TAIL 0
+#endif
+
+// Helpers of the reductions, which sum in fp32 lanes and flush into fp64 (stats.cc).
+// acc += f's lanes in fp64 (the two halves promoted; the scalar target has no halves).
+template <class DF, class VD>
+HWY_INLINE void add_wide(DF df, hn::Vec<DF> f, VD* acc) {
+#if HWY_TARGET == HWY_SCALAR
+  (void)df;
+  const hn::Rebind<double, DF> dd;
+  *acc = hn::Add(*acc, hn::PromoteTo(dd, f));
+#else
+  const hn::Half<DF> dh;
+  const hn::Rebind<double, decltype(dh)> dd;
+  *acc = hn::Add(*acc, hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, f)),
+                               hn::PromoteTo(dd, hn::UpperHalf(dh, f))));
+#endif
+}
+
+// The fp64 totals of one fp32 vector's lanes, in registers: two fp64 vectors (one on the
+// scalar target).
+template <class DF>
+struct Wide {
+#if HWY_TARGET == HWY_SCALAR
+  using DD = hn::Rebind<double, DF>;
+#else
+  using DD = hn::Rebind<double, hn::Half<DF>>;
+#endif
+  hn::Vec<DD> lo, hi;
+  void zero() { lo = hi = hn::Zero(DD()); }
+  void add(hn::Vec<DF> f) {
+#if HWY_TARGET == HWY_SCALAR
+    lo = hn::Add(lo, hn::PromoteTo(DD(), f));
+#else
+    const hn::Half<DF> dh;
+    lo = hn::Add(lo, hn::PromoteTo(DD(), hn::LowerHalf(dh, f)));
+    hi = hn::Add(hi, hn::PromoteTo(DD(), hn::UpperHalf(dh, f)));
+#endif
+  }
+  void store(double* out) const {
+    const DD dd;
+    hn::StoreU(lo, dd, out);
+#if HWY_TARGET != HWY_SCALAR
+    hn::StoreU(hi, dd, out + hn::Lanes(dd));
+#endif
+  }
+};
+
+// Per channel of the block: sum (x - pivot[c]) and sum (x - pivot[c])^2, into
+// partials[slot + k] and partials[slot + width + k] (k = c - c0, width = c1 - c0), summed in
+// fp32 lanes for kFlushTerms terms at most, then in fp64 (stats.cc). pivot[c] must be an fp32
+// value.
 void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
                  double* partials);
 
@@ -31,7 +87,8 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
 // The apply kernel over the whole tensor on the pool (forward_eval's pass).
 void apply_with_params(const Geometry& g, const float* x, const ApplyParams& q, float* y);
 
-// Per channel of the block: sum dy and sum dy * (x - m[c]) in fp64, into the partial slots.
+// Per channel of the block: sum dy and sum dy * (x - m[c]) into the partial slots, summed as
+// stats_block sums.
 void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
                            const float* m, double* partials);
 

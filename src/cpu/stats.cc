@@ -28,24 +28,6 @@ HWY_BEFORE_NAMESPACE();
 namespace bnorm::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-namespace {
-
-// acc += f's lanes in fp64 (the two halves promoted; the scalar target has no halves).
-template <class DF, class VD>
-HWY_INLINE void add_wide(DF df, hn::Vec<DF> f, VD* acc) {
-#if HWY_TARGET == HWY_SCALAR
-  (void)df;
-  const hn::Rebind<double, DF> dd;
-  *acc = hn::Add(*acc, hn::PromoteTo(dd, f));
-#else
-  const hn::Half<DF> dh;
-  const hn::Rebind<double, decltype(dh)> dd;
-  *acc = hn::Add(*acc, hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, f)),
-                               hn::PromoteTo(dd, hn::UpperHalf(dh, f))));
-#endif
-}
-
-}  // namespace
 
 // The fp64 kernel: every element promoted and summed in fp64 lanes. Writes the block's sums at
 // out[c - b.c0] and out[stride + c - b.c0].
@@ -187,6 +169,17 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
           f2 = hn::MulAdd(d0, d0, f2);
           k += nf;
         }
+#if BNORM_MASKED_TAIL
+        if (k < len) {
+          if (terms == kFlushTerms) flush();
+          ++terms;
+          const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+          const auto d0 = hn::IfThenElseZero(mk, hn::Sub(hn::MaskedLoad(mk, df, row + k), vp));
+          f1 = hn::Add(f1, d0);
+          f2 = hn::MulAdd(d0, d0, f2);
+          k = len;
+        }
+#endif
         for (; k < len; ++k) {
           const double d = static_cast<double>(row[k]) - pv;
           t1 += d;
@@ -200,49 +193,22 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
     return;
   }
 
-  // Channels-last: a tile of channels at a time, its fp32 accumulators in registers, down all
-  // rows of the block (stride C), flushed every kFlushTerms rows into the fp64 partials. Keeping
-  // the fp32 accumulators in memory would cost a load and a store per vector and stall on 4 KiB
-  // aliasing between those stores and the loads of x.
+  // Channels-last: a tile of channels at a time down all rows of the block (stride C), its
+  // fp32 accumulators and their fp64 totals in registers; the fp32 ones are flushed into the
+  // fp64 ones every kFlushTerms rows. Accumulators in memory would cost a load and a store per
+  // vector and stall on 4 KiB aliasing between those stores and the loads of x.
   auto tile = [&](int64_t k0, auto lanes_tag) {
     constexpr int kVecs = decltype(lanes_tag)::value;
     hn::Vec<decltype(df)> vp[kVecs], s1[kVecs], s2[kVecs];
-    double* o1 = out + (k0 - b.c0);
-    double* o2 = out + width + (k0 - b.c0);
+    Wide<decltype(df)> w1[kVecs], w2[kVecs];
     for (int v = 0; v < kVecs; ++v) {
-      for (int64_t l = 0; l < nf; ++l) {
-        o1[v * nf + l] = 0;
-        o2[v * nf + l] = 0;
-      }
       // The pivots are elements of x, so the fp32 conversion is exact.
       vp[v] = hn::LoadU(df, x + k0 + v * nf);
       s1[v] = hn::Zero(df);
       s2[v] = hn::Zero(df);
+      w1[v].zero();
+      w2[v].zero();
     }
-    auto flush = [&] {
-      for (int v = 0; v < kVecs; ++v) {
-        VD w1 = hn::LoadU(dd, o1 + v * nf), w2 = hn::LoadU(dd, o2 + v * nf);
-#if HWY_TARGET == HWY_SCALAR
-        w1 = hn::Add(w1, hn::PromoteTo(dd, s1[v]));
-        w2 = hn::Add(w2, hn::PromoteTo(dd, s2[v]));
-        hn::StoreU(w1, dd, o1 + v * nf);
-        hn::StoreU(w2, dd, o2 + v * nf);
-#else
-        const hn::Half<decltype(df)> dh;
-        VD u1 = hn::LoadU(dd, o1 + v * nf + nd), u2 = hn::LoadU(dd, o2 + v * nf + nd);
-        w1 = hn::Add(w1, hn::PromoteTo(dd, hn::LowerHalf(dh, s1[v])));
-        u1 = hn::Add(u1, hn::PromoteTo(dd, hn::UpperHalf(dh, s1[v])));
-        w2 = hn::Add(w2, hn::PromoteTo(dd, hn::LowerHalf(dh, s2[v])));
-        u2 = hn::Add(u2, hn::PromoteTo(dd, hn::UpperHalf(dh, s2[v])));
-        hn::StoreU(w1, dd, o1 + v * nf);
-        hn::StoreU(u1, dd, o1 + v * nf + nd);
-        hn::StoreU(w2, dd, o2 + v * nf);
-        hn::StoreU(u2, dd, o2 + v * nf + nd);
-#endif
-        s1[v] = hn::Zero(df);
-        s2[v] = hn::Zero(df);
-      }
-    };
     const float* row = x + b.i0 * p.c + k0;
     int64_t terms = 0;
     for (int64_t r = b.i0; r < b.i1; ++r, row += p.c) {
@@ -250,7 +216,12 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
       // stride of C floats, which hardware prefetchers do not follow across 4 KiB pages.
       if (k0 == b.c0 && r + kPrefetchRows < b.i1) prefetch_row(row + kPrefetchRows * p.c, width);
       if (terms == kFlushTerms) {
-        flush();
+        for (int v = 0; v < kVecs; ++v) {
+          w1[v].add(s1[v]);
+          w2[v].add(s2[v]);
+          s1[v] = hn::Zero(df);
+          s2[v] = hn::Zero(df);
+        }
         terms = 0;
       }
       ++terms;
@@ -260,10 +231,15 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
         s2[v] = hn::MulAdd(d, d, s2[v]);
       }
     }
-    flush();
+    for (int v = 0; v < kVecs; ++v) {
+      w1[v].add(s1[v]);
+      w2[v].add(s2[v]);
+      w1[v].store(out + (k0 - b.c0) + v * nf);
+      w2[v].store(out + width + (k0 - b.c0) + v * nf);
+    }
   };
   int64_t k = b.c0;
-  for (; k + 4 * nf <= b.c1; k += 4 * nf) tile(k, std::integral_constant<int, 4>());
+  for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
   for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
   if (k < b.c1) {
     // The last channels (fewer than a vector): the fp64 kernel on a block of just them.

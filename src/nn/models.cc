@@ -77,8 +77,14 @@ Sequential cnn(bool batch_norm, uint64_t seed) {
   pool();
   block(64, 128);
   add(&seq, Flatten::create());
+  // A hidden layer of kCnnHidden units in the head (Linear-BN-ReLU; no bias before BN).
+  std::unique_ptr<Linear> hidden;
+  must(Linear::create(128 * 7 * 7, kCnnHidden, !batch_norm, rng, &hidden));
+  add(&seq, std::move(hidden));
+  if (batch_norm) add(&seq, bn1d(kCnnHidden));
+  add(&seq, ReLU::create());
   std::unique_ptr<Linear> head;
-  must(Linear::create(128 * 7 * 7, 10, true, rng, &head));
+  must(Linear::create(kCnnHidden, 10, true, rng, &head));
   add(&seq, std::move(head));
   return seq;
 }

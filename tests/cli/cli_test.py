@@ -92,6 +92,8 @@ def main():
         expect_error("unknown option", run("train", "--bogus", "--out", out + "x"), "--bogus")
         expect_error("batch size 1", run("train", "--batch-size", "1", "--out", out + "x"), "--batch-size")
         expect_error("negative lr", run("train", "--lr", "-1", "--out", out + "x"), "--lr")
+        expect_error("unknown augmentation", run("train", "--augment", "rotate", "--out", out + "x"),
+                     "'rotate' (expected none, flip, crop or flip+crop)")
         check("no output dir for a bad command line", not os.path.exists(out + "x"))
 
         # Data: missing directory, truncated file, bad label.

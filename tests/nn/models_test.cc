@@ -82,8 +82,10 @@ TEST(Presets, CnnStateDictAsPyTorch) {
                                              {"3.bias", {64}},
                                              {"6.weight", {128, 64, 3, 3}},
                                              {"6.bias", {128}},
-                                             {"9.weight", {10, 6272}},
-                                             {"9.bias", {10}}}));
+                                             {"9.weight", {256, 6272}},
+                                             {"9.bias", {256}},
+                                             {"11.weight", {10, 256}},
+                                             {"11.bias", {10}}}));
   Sequential bn = cnn(true, 1);
   Shapes expected;
   auto block = [&](int conv, int64_t in, int64_t out) {
@@ -96,10 +98,14 @@ TEST(Presets, CnnStateDictAsPyTorch) {
   block(0, 1, 32);
   block(4, 32, 64);
   block(8, 64, 128);
-  expected.push_back({"12.weight", {10, 6272}});
-  expected.push_back({"12.bias", {10}});
+  expected.push_back({"12.weight", {256, 6272}});  // no bias before BN
+  for (const char* n : {".weight", ".bias", ".running_mean", ".running_var"})
+    expected.push_back({std::string("13") + n, {256}});
+  expected.push_back({"13.num_batches_tracked", {}});
+  expected.push_back({"15.weight", {10, 256}});
+  expected.push_back({"15.bias", {10}});
   EXPECT_EQ(names_and_shapes(bn), expected);
-  EXPECT_EQ(bn.size(), 13u);
+  EXPECT_EQ(bn.size(), 16u);
 }
 
 TEST(Presets, ReprAndArchitecture) {
@@ -122,8 +128,10 @@ TEST(Presets, ReprAndArchitecture) {
       "[{\"type\":\"Conv2d\",\"in\":1,\"out\":32,\"kernel\":3,\"stride\":1,\"padding\":1,"
       "\"bias\":false},{\"type\":\"BatchNorm2d\",\"num_features\":32,"));
   EXPECT_NE(arch.find("{\"type\":\"MaxPool2d\",\"kernel\":2,\"stride\":2},"), std::string::npos);
-  EXPECT_TRUE(arch.ends_with(
-      "{\"type\":\"Flatten\"},{\"type\":\"Linear\",\"in\":6272,\"out\":10,\"bias\":true}]"));
+  EXPECT_NE(arch.find("{\"type\":\"Flatten\"},{\"type\":\"Linear\",\"in\":6272,\"out\":256,"
+                      "\"bias\":false},{\"type\":\"BatchNorm1d\",\"num_features\":256,"),
+            std::string::npos);
+  EXPECT_TRUE(arch.ends_with("{\"type\":\"Linear\",\"in\":256,\"out\":10,\"bias\":true}]"));
   EXPECT_EQ(Sequential().repr(), "Sequential()");
 }
 
