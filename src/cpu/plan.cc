@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <mutex>
-#include <cstdlib>
 
 #include "bnorm/batch_norm.h"
 
@@ -31,8 +30,7 @@ std::shared_ptr<Plan> build_plan(const detail::Geometry& g, int arrays) {
       add_block(0, g.c, r, std::min(p->rows, r + rows_per_block), 0, 1);
     p->group_first_block.push_back(static_cast<int64_t>(p->blocks.size()));
   } else {
-    const int64_t items = std::min<int64_t>(g.n, getenv("MIN_ITEMS") ? atoi(getenv("MIN_ITEMS")) : 1);
-    const int64_t group = std::clamp<int64_t>(kBlockElems / (g.s * items), 1, g.c);
+    const int64_t group = std::clamp<int64_t>(kBlockElems / g.s, 1, g.c);
     p->group_channels = group;
     for (int64_t c0 = 0; c0 < g.c; c0 += group) {
       const int64_t c1 = std::min(g.c, c0 + group);
