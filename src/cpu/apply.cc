@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu.h"
 #include "cpu/internal.h"
@@ -73,32 +74,82 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
       }
     return;
   }
-  const hn::ScalableTag<float> df;
-  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-  const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
-  const size_t align = static_cast<size_t>(nf) * sizeof(float);
-  // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
-  const float* const mhi = q.mhi;
-  const float* const mlo = q.mlo;
-  const float* const qa = q.a;
-  const float* const qb = q.b;
-  for (int64_t r = b.i0; r < b.i1; ++r) {
-    const float* xr = x + r * p.c;
-    float* yr = y + r * p.c;
-    int64_t k = b.c0;
-    if (stream && reinterpret_cast<uintptr_t>(yr + k) % align == 0) {
+  if (p.c > kTileApplyMaxChannels) {
+    const hn::ScalableTag<float> df;
+    const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+    const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
+    const size_t align = static_cast<size_t>(nf) * sizeof(float);
+    // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
+    const float* const mhi = q.mhi;
+    const float* const mlo = q.mlo;
+    const float* const qa = q.a;
+    const float* const qb = q.b;
+    for (int64_t r = b.i0; r < b.i1; ++r) {
+      const float* xr = x + r * p.c;
+      float* yr = y + r * p.c;
+      int64_t k = b.c0;
+      if (stream && reinterpret_cast<uintptr_t>(yr + k) % align == 0) {
+        for (; k < vec_end; k += nf) {
+          const auto t =
+              hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
+          hn::Stream(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+        }
+      }
       for (; k < vec_end; k += nf) {
         const auto t =
             hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-        hn::Stream(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+        hn::StoreU(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+      }
+      for (; k < b.c1; ++k) yr[k] = apply_one(xr[k], mhi[k], mlo[k], qa[k], qb[k]);
+    }
+    return;
+  }
+  // Channels-last: a tile of channels at a time down the block's rows, its parameters in
+  // registers (four parameter loads per vector would bound the loop by the load ports); the
+  // first tile prefetches whole rows ahead, as the reductions do (stats.cc).
+  const hn::ScalableTag<float> df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t width = b.c1 - b.c0;
+  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  auto tile = [&](int64_t k0, auto lanes_tag) {
+    constexpr int kVecs = decltype(lanes_tag)::value;
+    hn::Vec<decltype(df)> vh[kVecs], vl[kVecs], va[kVecs], vb[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      vh[v] = hn::LoadU(df, q.mhi + k0 + v * nf);
+      vl[v] = hn::LoadU(df, q.mlo + k0 + v * nf);
+      va[v] = hn::LoadU(df, q.a + k0 + v * nf);
+      vb[v] = hn::LoadU(df, q.b + k0 + v * nf);
+    }
+    for (int64_t r = b.i0; r < b.i1; ++r) {
+      const float* xr = x + r * p.c + k0;
+      float* yr = y + r * p.c + k0;
+      if (k0 == b.c0 && r + kPrefetchRows < b.i1) prefetch_row(xr + kPrefetchRows * p.c, width);
+      const bool nt = stream && reinterpret_cast<uintptr_t>(yr) % align == 0;
+      for (int v = 0; v < kVecs; ++v) {
+        const auto t = hn::Sub(hn::Sub(hn::LoadU(df, xr + v * nf), vh[v]), vl[v]);
+        const auto out = hn::MulAdd(t, va[v], vb[v]);
+        if (nt) {
+          hn::Stream(out, df, yr + v * nf);
+        } else {
+          hn::StoreU(out, df, yr + v * nf);
+        }
       }
     }
-    for (; k < vec_end; k += nf) {
-      const auto t =
-          hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-      hn::StoreU(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+  };
+  int64_t k = b.c0;
+  for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
+  for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
+  if (k < b.c1) {
+    // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
+    const float* const mhi = q.mhi;
+    const float* const mlo = q.mlo;
+    const float* const qa = q.a;
+    const float* const qb = q.b;
+    for (int64_t r = b.i0; r < b.i1; ++r) {
+      const float* xr = x + r * p.c;
+      float* yr = y + r * p.c;
+      for (int64_t c = k; c < b.c1; ++c) yr[c] = apply_one(xr[c], mhi[c], mlo[c], qa[c], qb[c]);
     }
-    for (; k < b.c1; ++k) yr[k] = apply_one(xr[k], mhi[k], mlo[k], qa[k], qb[k]);
   }
 }
 

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu.h"
 #include "cpu/internal.h"
@@ -93,45 +94,106 @@ void backward_apply_block(const Plan& p, const float* dy, const float* x, const 
       }
     return;
   }
-  const hn::ScalableTag<float> df;
-  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-  const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
-  const size_t align = static_cast<size_t>(nf) * sizeof(float);
-  // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
-  const float* const qm = q.m;
-  const float* const qalpha = q.alpha;
-  const float* const qbeta = q.beta;
-  const float* const qgamma = q.gamma;
-  for (int64_t r = b.i0; r < b.i1; ++r) {
-    const float* gr = dy + r * p.c;
-    const float* xr = x + r * p.c;
-    float* out = dx + r * p.c;
-    const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
-    int64_t k = b.c0;
-    if (!training) {
+  if (p.c > kTileApplyMaxChannels) {
+    const hn::ScalableTag<float> df;
+    const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+    const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
+    const size_t align = static_cast<size_t>(nf) * sizeof(float);
+    // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
+    const float* const qm = q.m;
+    const float* const qalpha = q.alpha;
+    const float* const qbeta = q.beta;
+    const float* const qgamma = q.gamma;
+    for (int64_t r = b.i0; r < b.i1; ++r) {
+      const float* gr = dy + r * p.c;
+      const float* xr = x + r * p.c;
+      float* out = dx + r * p.c;
+      const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
+      int64_t k = b.c0;
+      if (!training) {
+        for (; k < vec_end; k += nf) {
+          const auto v = hn::Mul(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k));
+          if (nt) {
+            hn::Stream(v, df, out + k);
+          } else {
+            hn::StoreU(v, df, out + k);
+          }
+        }
+        for (; k < b.c1; ++k) out[k] = qalpha[k] * gr[k];
+        continue;
+      }
       for (; k < vec_end; k += nf) {
-        const auto v = hn::Mul(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k));
+        const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
+                                  hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
+                                  hn::LoadU(df, qgamma + k));
+        const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k), t);
         if (nt) {
           hn::Stream(v, df, out + k);
         } else {
           hn::StoreU(v, df, out + k);
         }
       }
-      for (; k < b.c1; ++k) out[k] = qalpha[k] * gr[k];
-      continue;
+      for (; k < b.c1; ++k) out[k] = dx_one(gr[k], xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
     }
-    for (; k < vec_end; k += nf) {
-      const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
-                                hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
-                                hn::LoadU(df, qgamma + k));
-      const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k), t);
-      if (nt) {
-        hn::Stream(v, df, out + k);
-      } else {
-        hn::StoreU(v, df, out + k);
+    return;
+  }
+  // Channels-last: a tile of channels at a time down the block's rows, its parameters in
+  // registers (see apply.cc).
+  const hn::ScalableTag<float> df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t width = b.c1 - b.c0;
+  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  auto tile = [&](int64_t k0, auto lanes_tag) {
+    constexpr int kVecs = decltype(lanes_tag)::value;
+    hn::Vec<decltype(df)> vm[kVecs], va[kVecs], vb[kVecs], vg[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      vm[v] = hn::LoadU(df, q.m + k0 + v * nf);
+      va[v] = hn::LoadU(df, q.alpha + k0 + v * nf);
+      vb[v] = hn::LoadU(df, q.beta + k0 + v * nf);
+      vg[v] = hn::LoadU(df, q.gamma + k0 + v * nf);
+    }
+    for (int64_t r = b.i0; r < b.i1; ++r) {
+      const float* gr = dy + r * p.c + k0;
+      const float* xr = x + r * p.c + k0;
+      float* out = dx + r * p.c + k0;
+      if (k0 == b.c0 && r + kPrefetchRows < b.i1) {
+        prefetch_row(gr + kPrefetchRows * p.c, width);
+        if (training) prefetch_row(xr + kPrefetchRows * p.c, width);
+      }
+      const bool nt = stream && reinterpret_cast<uintptr_t>(out) % align == 0;
+      for (int v = 0; v < kVecs; ++v) {
+        hn::Vec<decltype(df)> d;
+        if (training) {
+          const auto t = hn::MulAdd(vb[v], hn::Sub(hn::LoadU(df, xr + v * nf), vm[v]), vg[v]);
+          d = hn::MulAdd(va[v], hn::LoadU(df, gr + v * nf), t);
+        } else {
+          d = hn::Mul(va[v], hn::LoadU(df, gr + v * nf));
+        }
+        if (nt) {
+          hn::Stream(d, df, out + v * nf);
+        } else {
+          hn::StoreU(d, df, out + v * nf);
+        }
       }
     }
-    for (; k < b.c1; ++k) out[k] = dx_one(gr[k], xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
+  };
+  int64_t k = b.c0;
+  for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
+  for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
+  if (k < b.c1) {
+    // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
+    const float* const qm = q.m;
+    const float* const qalpha = q.alpha;
+    const float* const qbeta = q.beta;
+    const float* const qgamma = q.gamma;
+    for (int64_t r = b.i0; r < b.i1; ++r) {
+      const float* gr = dy + r * p.c;
+      const float* xr = x + r * p.c;
+      float* out = dx + r * p.c;
+      for (int64_t c = k; c < b.c1; ++c)
+        out[c] = training ? dx_one(gr[c], xr[c], qm[c], qalpha[c], qbeta[c], qgamma[c])
+                          : qalpha[c] * gr[c];
+    }
   }
 }
 

@@ -47,6 +47,12 @@ void merge_backward_sums(const Plan& p, const float* dy, const float* x, const f
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
                          double* sum1);
 
+// Channels-last apply kernels walk tiles of channels down the rows, their parameters in
+// registers, up to this many channels; wider rows go row by row with the parameters loaded
+// per vector (measured: tiles were faster at C = 64, slower at C = 512 and 2048, where rows
+// 2-8 KiB apart alias in the L1 and scatter the streaming stores).
+inline constexpr int64_t kTileApplyMaxChannels = 128;
+
 // Channels-last reductions prefetch this many rows ahead (see stats.cc).
 inline constexpr int64_t kPrefetchRows = 16;
 

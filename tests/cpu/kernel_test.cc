@@ -149,6 +149,13 @@ TEST_P(CpuKernelTest, LargeShapeUsesThreads) {
     KernelTester().layout(layout).channels(64).spatial({24, 24}).batch(8).test_all();
 }
 
+// Channels-last rows wider than kTileApplyMaxChannels go row by row in the apply kernels;
+// narrower ones in tiles (internal.h): both sides of the switch, with a channel remainder.
+TEST_P(CpuKernelTest, WideAndNarrowChannelsLast) {
+  for (int64_t c : {bnorm::cpu::kTileApplyMaxChannels + 37, bnorm::cpu::kTileApplyMaxChannels})
+    KernelTester().layout(Layout::kChannelsLast).channels(c).spatial({5}).batch(13).test_all();
+}
+
 // Channels-first data larger than a wave (plan.h: 6 MiB): the pipelined sweeps apply one wave
 // while they reduce the next, in place (the harder case: y overwrites x).
 TEST_P(CpuKernelTest, ManyWavesPipelined) {
