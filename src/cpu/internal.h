@@ -69,6 +69,12 @@ inline constexpr int64_t kFlushTerms = 8;
 // deviations: the variance's error bound grows with the square of that distance (stats.cc).
 inline constexpr double kMaxPivotDistance = 3.0;
 
+// Channels with fewer values than this are summed in fp64 lanes throughout: for so few values a
+// sequential fp32 two-pass sum (PyTorch's error model, tests/torch/conformance.py) is more
+// accurate than shifted fp32 sums whose pivot may lie sqrt(n - 1) std from the mean, and the
+// cost of fp64 does not matter.
+inline constexpr int64_t kMinFp32LaneCount = 32;
+
 // Mean and biased variance of channels [c0, c1) from the stats partials, whose sums are
 // s1 = sum (x - pivot) and s2 = sum (x - pivot)^2: mean = pivot + s1 / n,
 // var = (s2 - s1^2 / n) / n. A channel whose sums are not finite, or whose mean lies more than

@@ -132,6 +132,10 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
   (void)nd;  // unused on the scalar target
   const int64_t width = b.c1 - b.c0;
   double* out = partials + b.slot;
+  if (p.n * p.s < kMinFp32LaneCount) {
+    stats_block_wide(p, x, b, pivot, out, width);
+    return;
+  }
 
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
