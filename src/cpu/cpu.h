@@ -19,8 +19,9 @@ namespace bnorm::cpu {
 
 using detail::Geometry;
 
-// stats: per channel, mean and biased variance, from fp64 sums of x - pivot and (x - pivot)^2
-// (the pivot is the channel's first element), per block, added in block order.
+// stats: per channel, mean and biased variance, from sums of x - pivot and (x - pivot)^2 (the
+// pivot is the channel's first element) in short fp32 runs then fp64, per block, added in block
+// order; a channel outside the proven error bound is summed again in fp64 (stats.cc).
 void stats(const Geometry& g, const float* x, double* mean, double* var);
 
 // finalize: invstd = 1 / sqrt(var + eps); running statistics as the reference (Bessel).
@@ -31,7 +32,8 @@ void finalize(const Geometry& g, const double* mean, const double* var, double e
 void apply(const Geometry& g, const float* x, const double* mean, const double* invstd,
            const double* weight, const double* bias, float* y);
 
-// backward_reduce: sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd (fp64 sums).
+// backward_reduce: sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd (short fp32 runs
+// summed in fp64, as stats).
 void backward_reduce(const Geometry& g, const float* dy, const float* x, const double* mean,
                      const double* invstd, double* sum_dy, double* sum_dy_xhat);
 
