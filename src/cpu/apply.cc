@@ -61,6 +61,38 @@ void apply_row(const float* x, float* y, int64_t len, float mhi, float mlo, floa
   for (; k < len; ++k) y[k] = apply_one(x[k], mhi, mlo, a, b);
 }
 
+// Channels-last, row by row: the parameters loaded per vector.
+void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyParams& q,
+                     float* y, bool stream) {
+  const hn::ScalableTag<float> df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
+  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
+  const float* const mhi = q.mhi;
+  const float* const mlo = q.mlo;
+  const float* const qa = q.a;
+  const float* const qb = q.b;
+  for (int64_t r = b.i0; r < b.i1; ++r) {
+    const float* xr = x + r * p.c;
+    float* yr = y + r * p.c;
+    int64_t k = b.c0;
+    if (stream && reinterpret_cast<uintptr_t>(yr + k) % align == 0) {
+      for (; k < vec_end; k += nf) {
+        const auto t =
+            hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
+        hn::Stream(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+      }
+    }
+    for (; k < vec_end; k += nf) {
+      const auto t =
+          hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
+      hn::StoreU(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+    }
+    for (; k < b.c1; ++k) yr[k] = apply_one(xr[k], mhi[k], mlo[k], qa[k], qb[k]);
+  }
+}
+
 }  // namespace
 
 void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
@@ -75,33 +107,7 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
     return;
   }
   if (p.c > kTileApplyMaxChannels) {
-    const hn::ScalableTag<float> df;
-    const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-    const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
-    const size_t align = static_cast<size_t>(nf) * sizeof(float);
-    // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
-    const float* const mhi = q.mhi;
-    const float* const mlo = q.mlo;
-    const float* const qa = q.a;
-    const float* const qb = q.b;
-    for (int64_t r = b.i0; r < b.i1; ++r) {
-      const float* xr = x + r * p.c;
-      float* yr = y + r * p.c;
-      int64_t k = b.c0;
-      if (stream && reinterpret_cast<uintptr_t>(yr + k) % align == 0) {
-        for (; k < vec_end; k += nf) {
-          const auto t =
-              hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-          hn::Stream(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
-        }
-      }
-      for (; k < vec_end; k += nf) {
-        const auto t =
-            hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-        hn::StoreU(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
-      }
-      for (; k < b.c1; ++k) yr[k] = apply_one(xr[k], mhi[k], mlo[k], qa[k], qb[k]);
-    }
+    apply_rows_last(p, x, b, q, y, stream);
     return;
   }
   // Channels-last: a tile of channels at a time down the block's rows, its parameters in
@@ -139,17 +145,10 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
   int64_t k = b.c0;
   for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
   for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
-  if (k < b.c1) {
-    // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
-    const float* const mhi = q.mhi;
-    const float* const mlo = q.mlo;
-    const float* const qa = q.a;
-    const float* const qb = q.b;
-    for (int64_t r = b.i0; r < b.i1; ++r) {
-      const float* xr = x + r * p.c;
-      float* yr = y + r * p.c;
-      for (int64_t c = k; c < b.c1; ++c) yr[c] = apply_one(xr[c], mhi[c], mlo[c], qa[c], qb[c]);
-    }
+  if (k < b.c1) {  // the last channels, fewer than a vector
+    Block rest = b;
+    rest.c0 = k;
+    apply_rows_last(p, x, rest, q, y, stream);
   }
 }
 

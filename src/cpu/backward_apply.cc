@@ -80,6 +80,51 @@ void backward_apply_row(const float* dy, const float* x, float* dx, int64_t len,
   for (; k < len; ++k) dx[k] = dx_one(dy[k], x[k], m, alpha, beta, gamma);
 }
 
+// Channels-last, row by row: the parameters loaded per vector.
+void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, const Block& b,
+                              const BackwardParams& q, bool training, float* dx, bool stream) {
+  const hn::ScalableTag<float> df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
+  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
+  const float* const qm = q.m;
+  const float* const qalpha = q.alpha;
+  const float* const qbeta = q.beta;
+  const float* const qgamma = q.gamma;
+  for (int64_t r = b.i0; r < b.i1; ++r) {
+    const float* gr = dy + r * p.c;
+    const float* xr = x + r * p.c;
+    float* out = dx + r * p.c;
+    const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
+    int64_t k = b.c0;
+    if (!training) {
+      for (; k < vec_end; k += nf) {
+        const auto v = hn::Mul(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k));
+        if (nt) {
+          hn::Stream(v, df, out + k);
+        } else {
+          hn::StoreU(v, df, out + k);
+        }
+      }
+      for (; k < b.c1; ++k) out[k] = qalpha[k] * gr[k];
+      continue;
+    }
+    for (; k < vec_end; k += nf) {
+      const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
+                                hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
+                                hn::LoadU(df, qgamma + k));
+      const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k), t);
+      if (nt) {
+        hn::Stream(v, df, out + k);
+      } else {
+        hn::StoreU(v, df, out + k);
+      }
+    }
+    for (; k < b.c1; ++k) out[k] = dx_one(gr[k], xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
+  }
+}
+
 }  // namespace
 
 void backward_apply_block(const Plan& p, const float* dy, const float* x, const Block& b,
@@ -95,46 +140,7 @@ void backward_apply_block(const Plan& p, const float* dy, const float* x, const 
     return;
   }
   if (p.c > kTileApplyMaxChannels) {
-    const hn::ScalableTag<float> df;
-    const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-    const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
-    const size_t align = static_cast<size_t>(nf) * sizeof(float);
-    // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
-    const float* const qm = q.m;
-    const float* const qalpha = q.alpha;
-    const float* const qbeta = q.beta;
-    const float* const qgamma = q.gamma;
-    for (int64_t r = b.i0; r < b.i1; ++r) {
-      const float* gr = dy + r * p.c;
-      const float* xr = x + r * p.c;
-      float* out = dx + r * p.c;
-      const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
-      int64_t k = b.c0;
-      if (!training) {
-        for (; k < vec_end; k += nf) {
-          const auto v = hn::Mul(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k));
-          if (nt) {
-            hn::Stream(v, df, out + k);
-          } else {
-            hn::StoreU(v, df, out + k);
-          }
-        }
-        for (; k < b.c1; ++k) out[k] = qalpha[k] * gr[k];
-        continue;
-      }
-      for (; k < vec_end; k += nf) {
-        const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
-                                  hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
-                                  hn::LoadU(df, qgamma + k));
-        const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k), t);
-        if (nt) {
-          hn::Stream(v, df, out + k);
-        } else {
-          hn::StoreU(v, df, out + k);
-        }
-      }
-      for (; k < b.c1; ++k) out[k] = dx_one(gr[k], xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
-    }
+    backward_apply_rows_last(p, dy, x, b, q, training, dx, stream);
     return;
   }
   // Channels-last: a tile of channels at a time down the block's rows, its parameters in
@@ -180,20 +186,10 @@ void backward_apply_block(const Plan& p, const float* dy, const float* x, const 
   int64_t k = b.c0;
   for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
   for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
-  if (k < b.c1) {
-    // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
-    const float* const qm = q.m;
-    const float* const qalpha = q.alpha;
-    const float* const qbeta = q.beta;
-    const float* const qgamma = q.gamma;
-    for (int64_t r = b.i0; r < b.i1; ++r) {
-      const float* gr = dy + r * p.c;
-      const float* xr = x + r * p.c;
-      float* out = dx + r * p.c;
-      for (int64_t c = k; c < b.c1; ++c)
-        out[c] = training ? dx_one(gr[c], xr[c], qm[c], qalpha[c], qbeta[c], qgamma[c])
-                          : qalpha[c] * gr[c];
-    }
+  if (k < b.c1) {  // the last channels, fewer than a vector
+    Block rest = b;
+    rest.c0 = k;
+    backward_apply_rows_last(p, dy, x, rest, q, training, dx, stream);
   }
 }
 
