@@ -93,23 +93,51 @@ void merge_stats(const Plan& p, const float* x, const double* partials, int64_t 
                  const double* pivot, double* mean, double* var) {
   merge_sums(p, partials, c0, c1, mean, var);
   const double n = static_cast<double>(p.n * p.s);
-  for (int64_t c = c0; c < c1; ++c) {
-    double centre = pivot[c];
-    double s1 = mean[c], s2 = var[c];
-    double d = s1 / n;
+  // Channels to sum again, in batches: channels-last sums a batch in one pass over the rows,
+  // so that many such channels cost a few passes over the tensor, not one strided pass each.
+  constexpr int kBatch = 256;
+  int64_t redo[kBatch];
+  double centre[kBatch], t1[kBatch], t2[kBatch];
+  int count = 0;
+  auto finish = [&](int64_t c, double ctr, double s1, double s2) {
+    const double d = s1 / n;
     double m2 = s2 - s1 * d;
-    const bool finite = std::isfinite(s1) && std::isfinite(s2);
-    if (!finite || d * d > kMaxPivotDistance * kMaxPivotDistance * (m2 / n)) {
-      // Sum again about the estimated mean, when it is usable (NaN input stays NaN).
-      if (finite) centre += d;
-      channel_sums_fp64(p, x, c, centre, &s1, &s2);
-      d = s1 / n;
-      m2 = s2 - s1 * d;
-    }
     if (m2 < 0) m2 = 0;  // rounding; NaN passes through
-    mean[c] = centre + d;
+    mean[c] = ctr + d;
     var[c] = m2 / n;
+  };
+  auto flush = [&] {
+    for (int j = 0; j < count; ++j) t1[j] = t2[j] = 0;
+    if (p.channels_last) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const float* row = x + r * p.c;
+        for (int j = 0; j < count; ++j) {
+          const double d = static_cast<double>(row[redo[j]]) - centre[j];
+          t1[j] += d;
+          t2[j] += d * d;
+        }
+      }
+    } else {
+      for (int j = 0; j < count; ++j) channel_sums_fp64(p, x, redo[j], centre[j], &t1[j], &t2[j]);
+    }
+    for (int j = 0; j < count; ++j) finish(redo[j], centre[j], t1[j], t2[j]);
+    count = 0;
+  };
+  for (int64_t c = c0; c < c1; ++c) {
+    const double s1 = mean[c], s2 = var[c];
+    const double d = s1 / n;
+    const double m2 = s2 - s1 * d;
+    const bool finite = std::isfinite(s1) && std::isfinite(s2);
+    if (finite && !(d * d > kMaxPivotDistance * kMaxPivotDistance * (m2 / n))) {
+      finish(c, pivot[c], s1, s2);
+      continue;
+    }
+    // Sum again in fp64 about the estimated mean, when it is usable (NaN input stays NaN).
+    redo[count] = c;
+    centre[count] = finite ? pivot[c] + d : pivot[c];
+    if (++count == kBatch) flush();
   }
+  flush();
 }
 
 void set_apply_params(double mean, double invstd, double weight, double bias, int64_t c, float* mhi,

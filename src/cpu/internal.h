@@ -79,8 +79,8 @@ inline constexpr int64_t kMinFp32LaneCount = 32;
 // s1 = sum (x - pivot) and s2 = sum (x - pivot)^2: mean = pivot + s1 / n,
 // var = (s2 - s1^2 / n) / n. A channel whose sums are not finite, or whose mean lies more than
 // kMaxPivotDistance standard deviations from its pivot, is summed again from x in fp64 about
-// its estimated mean (a scalar pass over the channel; rare, and the same for any thread
-// count). Uses mean and var as scratch for the sums.
+// its estimated mean (scalar; channels-last batches up to 256 such channels in one pass over the
+// rows; rare, and the same for any thread count). Uses mean and var as scratch for the sums.
 void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
                  const double* pivot, double* mean, double* var);
 
