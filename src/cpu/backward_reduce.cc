@@ -122,12 +122,6 @@ static void backward_reduce_block_wide(const Plan& p, const float* dy, const flo
 void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
                            const float* m, double* partials) {
   const hn::ScalableTag<float> df;
-#if HWY_TARGET == HWY_SCALAR
-  const hn::Rebind<double, decltype(df)> dd;
-#else
-  const hn::Rebind<double, hn::Half<decltype(df)>> dd;
-#endif
-  using VD = hn::Vec<decltype(dd)>;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   const int64_t width = b.c1 - b.c0;
   double* out = partials + b.slot;
@@ -138,11 +132,13 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
       const double mc = static_cast<double>(m[c]);
       const auto vm = hn::Set(df, m[c]);
       auto f0 = hn::Zero(df), f1 = hn::Zero(df), h0 = hn::Zero(df), h1 = hn::Zero(df);
-      VD a0 = hn::Zero(dd), a1 = hn::Zero(dd);
+      Wide<decltype(df)> a0, a1;
+      a0.zero();
+      a1.zero();
       int64_t terms = 0;
       auto flush = [&] {
-        add_wide(df, hn::Add(f0, h0), &a0);
-        add_wide(df, hn::Add(f1, h1), &a1);
+        a0.add(hn::Add(f0, h0));
+        a1.add(hn::Add(f1, h1));
         f0 = f1 = h0 = h1 = hn::Zero(df);
         terms = 0;
       };
@@ -189,8 +185,8 @@ void backward_reduce_block(const Plan& p, const float* dy, const float* x, const
         }
       }
       flush();
-      out[c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a0)) + t0;
-      out[width + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a1)) + t1;
+      out[c - b.c0] = a0.sum() + t0;
+      out[width + c - b.c0] = a1.sum() + t1;
     }
     return;
   }

@@ -39,28 +39,44 @@ void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, d
 
 namespace {
 
-// sum (x - pivot) and sum (x - pivot)^2 of channel c in fp64, in memory order.
-void channel_sums_fp64(const Plan& p, const float* x, int64_t c, double pivot, double* s1,
-                       double* s2) {
-  double t1 = 0, t2 = 0;
+// Channels summed again in fp64, in batches: channels-last sums a batch in one pass over the
+// rows, so that many such channels cost a few passes over the tensor, not one strided pass
+// each; channels-first sums each channel's rows. Either way a channel's elements are added in
+// memory order, so the sums depend on the data only.
+constexpr int kResumBatch = 256;
+
+// Calls add(j, k) for every element index k of channel channels[j], j < count.
+template <class Add>
+void for_each_element(const Plan& p, const int64_t* channels, int count, const Add& add) {
   if (p.channels_last) {
-    for (int64_t r = 0; r < p.rows; ++r) {
-      const double d = static_cast<double>(x[r * p.c + c]) - pivot;
-      t1 += d;
-      t2 += d * d;
-    }
+    for (int64_t r = 0; r < p.rows; ++r)
+      for (int j = 0; j < count; ++j) add(j, r * p.c + channels[j]);
   } else {
-    for (int64_t i = 0; i < p.n; ++i) {
-      const float* row = x + (i * p.c + c) * p.s;
-      for (int64_t j = 0; j < p.s; ++j) {
-        const double d = static_cast<double>(row[j]) - pivot;
-        t1 += d;
-        t2 += d * d;
-      }
-    }
+    for (int j = 0; j < count; ++j)
+      for (int64_t i = 0; i < p.n; ++i)
+        for (int64_t k = 0; k < p.s; ++k) add(j, (i * p.c + channels[j]) * p.s + k);
   }
-  *s1 = t1;
-  *s2 = t2;
+}
+
+// For each channel c of [c0, c1) in order, select(j, c) says whether c is summed again (and then
+// prepares slot j of the batch); a batch at a time, for_each_element calls add and then
+// done(j, c) for each of its channels.
+template <class Select, class Add, class Done>
+void resum_channels(const Plan& p, int64_t c0, int64_t c1, const Select& select, const Add& add,
+                    const Done& done) {
+  int64_t channels[kResumBatch];
+  int count = 0;
+  auto flush = [&] {
+    for_each_element(p, channels, count, add);
+    for (int j = 0; j < count; ++j) done(j, channels[j]);
+    count = 0;
+  };
+  for (int64_t c = c0; c < c1; ++c) {
+    if (!select(count, c)) continue;
+    channels[count] = c;
+    if (++count == kResumBatch) flush();
+  }
+  flush();
 }
 
 }  // namespace
@@ -69,75 +85,62 @@ void merge_backward_sums(const Plan& p, const float* dy, const float* x, const f
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
                          double* sum1) {
   merge_sums(p, partials, c0, c1, sum0, sum1);
-  for (int64_t c = c0; resum && c < c1; ++c) {
-    if (std::isfinite(sum0[c]) && std::isfinite(sum1[c])) continue;
-    const double mc = static_cast<double>(m[c]);
-    double t0 = 0, t1 = 0;
-    auto add = [&](int64_t k) {
-      const double g = dy[k];
-      t0 += g;
-      t1 += g * (static_cast<double>(x[k]) - mc);
-    };
-    if (p.channels_last) {
-      for (int64_t r = 0; r < p.rows; ++r) add(r * p.c + c);
-    } else {
-      for (int64_t i = 0; i < p.n; ++i)
-        for (int64_t j = 0; j < p.s; ++j) add((i * p.c + c) * p.s + j);
-    }
-    sum0[c] = t0;
-    sum1[c] = t1;
-  }
+  if (!resum) return;
+  double mc[kResumBatch], t0[kResumBatch], t1[kResumBatch];
+  resum_channels(
+      p, c0, c1,
+      [&](int j, int64_t c) {
+        if (std::isfinite(sum0[c]) && std::isfinite(sum1[c])) return false;
+        mc[j] = static_cast<double>(m[c]);
+        t0[j] = t1[j] = 0;
+        return true;
+      },
+      [&](int j, int64_t k) {
+        const double g = dy[k];
+        t0[j] += g;
+        t1[j] += g * (static_cast<double>(x[k]) - mc[j]);
+      },
+      [&](int j, int64_t c) {
+        sum0[c] = t0[j];
+        sum1[c] = t1[j];
+      });
 }
 
 void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
                  const double* pivot, double* mean, double* var) {
   merge_sums(p, partials, c0, c1, mean, var);
   const double n = static_cast<double>(p.n * p.s);
-  // Channels to sum again, in batches: channels-last sums a batch in one pass over the rows,
-  // so that many such channels cost a few passes over the tensor, not one strided pass each.
-  constexpr int kBatch = 256;
-  int64_t redo[kBatch];
-  double centre[kBatch], t1[kBatch], t2[kBatch];
-  int count = 0;
-  auto finish = [&](int64_t c, double ctr, double s1, double s2) {
+  // Mean and variance from the sums about `centre`, in place of the sums.
+  auto finish = [&](int64_t c, double centre, double s1, double s2) {
     const double d = s1 / n;
     double m2 = s2 - s1 * d;
     if (m2 < 0) m2 = 0;  // rounding; NaN passes through
-    mean[c] = ctr + d;
+    mean[c] = centre + d;
     var[c] = m2 / n;
   };
-  auto flush = [&] {
-    for (int j = 0; j < count; ++j) t1[j] = t2[j] = 0;
-    if (p.channels_last) {
-      for (int64_t r = 0; r < p.rows; ++r) {
-        const float* row = x + r * p.c;
-        for (int j = 0; j < count; ++j) {
-          const double d = static_cast<double>(row[redo[j]]) - centre[j];
-          t1[j] += d;
-          t2[j] += d * d;
+  double centre[kResumBatch], t1[kResumBatch], t2[kResumBatch];
+  resum_channels(
+      p, c0, c1,
+      [&](int j, int64_t c) {
+        const double s1 = mean[c], s2 = var[c];
+        const double d = s1 / n;
+        const bool finite = std::isfinite(s1) && std::isfinite(s2);
+        if (finite && !(d * d > kMaxPivotDistance * kMaxPivotDistance * ((s2 - s1 * d) / n))) {
+          finish(c, pivot[c], s1, s2);
+          return false;
         }
-      }
-    } else {
-      for (int j = 0; j < count; ++j) channel_sums_fp64(p, x, redo[j], centre[j], &t1[j], &t2[j]);
-    }
-    for (int j = 0; j < count; ++j) finish(redo[j], centre[j], t1[j], t2[j]);
-    count = 0;
-  };
-  for (int64_t c = c0; c < c1; ++c) {
-    const double s1 = mean[c], s2 = var[c];
-    const double d = s1 / n;
-    const double m2 = s2 - s1 * d;
-    const bool finite = std::isfinite(s1) && std::isfinite(s2);
-    if (finite && !(d * d > kMaxPivotDistance * kMaxPivotDistance * (m2 / n))) {
-      finish(c, pivot[c], s1, s2);
-      continue;
-    }
-    // Sum again in fp64 about the estimated mean, when it is usable (NaN input stays NaN).
-    redo[count] = c;
-    centre[count] = finite ? pivot[c] + d : pivot[c];
-    if (++count == kBatch) flush();
-  }
-  flush();
+        // Summed again in fp64 about the estimated mean, when it is usable (NaN input stays
+        // NaN).
+        centre[j] = finite ? pivot[c] + d : pivot[c];
+        t1[j] = t2[j] = 0;
+        return true;
+      },
+      [&](int j, int64_t k) {
+        const double d = static_cast<double>(x[k]) - centre[j];
+        t1[j] += d;
+        t2[j] += d * d;
+      },
+      [&](int j, int64_t c) { finish(c, centre[j], t1[j], t2[j]); });
 }
 
 void set_apply_params(double mean, double invstd, double weight, double bias, int64_t c, float* mhi,

@@ -40,8 +40,8 @@ void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, d
                 double* sum1);
 
 // merge_sums of the backward_reduce partials (sum dy, sum dy * (x - m)); with `resum`, a
-// channel whose sums are not finite is summed again from dy and x in fp64 (a scalar pass over
-// the channel), so fp32 overflow of dy * (x - m) cannot make a finite result infinite. `resum`
+// channel whose sums are not finite is summed again from dy and x in fp64 (scalar, batched as
+// merge_stats batches), so fp32 overflow of dy * (x - m) cannot make a finite result infinite. `resum`
 // must be false when dx may already have overwritten dy or x.
 void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* m,
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,

@@ -28,22 +28,7 @@ namespace hn = hwy::HWY_NAMESPACE;
 #define BNORM_MASKED_TAIL 0
 #endif
 
-// Helpers of the reductions, which sum in fp32 lanes and flush into fp64 (stats.cc).
-// acc += f's lanes in fp64 (the two halves promoted; the scalar target has no halves).
-template <class DF, class VD>
-HWY_INLINE void add_wide(DF df, hn::Vec<DF> f, VD* acc) {
-#if HWY_TARGET == HWY_SCALAR
-  (void)df;
-  const hn::Rebind<double, DF> dd;
-  *acc = hn::Add(*acc, hn::PromoteTo(dd, f));
-#else
-  const hn::Half<DF> dh;
-  const hn::Rebind<double, decltype(dh)> dd;
-  *acc = hn::Add(*acc, hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, f)),
-                               hn::PromoteTo(dd, hn::UpperHalf(dh, f))));
-#endif
-}
-
+// The reductions sum in fp32 lanes and flush into fp64 (stats.cc).
 // The fp64 totals of one fp32 vector's lanes, in registers: two fp64 vectors (one on the
 // scalar target).
 template <class DF>
@@ -64,6 +49,7 @@ struct Wide {
     hi = hn::Add(hi, hn::PromoteTo(DD(), hn::UpperHalf(dh, f)));
 #endif
   }
+  double sum() const { return hn::GetLane(hn::SumOfLanes(DD(), hn::Add(lo, hi))); }
   void store(double* out) const {
     const DD dd;
     hn::StoreU(lo, dd, out);

@@ -2,10 +2,10 @@
 //
 // Numerics: each element is shifted by the channel's pivot (its first element, so a constant
 // channel sums exact zeros) and the shifted values d and d^2 are summed in fp32 vector lanes for
-// at most kFlushTerms terms per lane, then added into fp64 accumulators. A lane's fp32 sum of k
-// terms errs by at most about k * 2^-24 of the sum of their magnitudes, so with
-// r = |mean - pivot| / std the variance errs by at most about 60 * kFlushTerms * 2^-24 *
-// (1 + r^2) relative (docs/design.md derives it). merge_stats (finalize.cc) accepts a channel
+// at most K = kFlushTerms terms per lane, then added into fp64 accumulators. A lane's fp32 sum
+// of K terms errs by at most (K + 1) 2^-24 of the sum of their magnitudes, so with
+// r = |mean - pivot| / std the variance errs by at most (K + 3) 2^-24 (1 + 2r + 3r^2) of itself
+// (docs/design.md derives it). merge_stats (finalize.cc) accepts a channel
 // only when r <= kMaxPivotDistance and its sums are finite; any other channel (an outlier
 // pivot, or |x| so large that d^2 overflows fp32) is summed again in fp64 about its estimated
 // mean, so the bound holds for every input. Block sums are added in block order.
@@ -121,15 +121,7 @@ static void stats_block_wide(const Plan& p, const float* x, const Block& b, cons
 void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
                  double* partials) {
   const hn::ScalableTag<float> df;
-#if HWY_TARGET == HWY_SCALAR
-  const hn::Rebind<double, decltype(df)> dd;
-#else
-  const hn::Rebind<double, hn::Half<decltype(df)>> dd;
-#endif
-  using VD = hn::Vec<decltype(dd)>;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-  const int64_t nd = static_cast<int64_t>(hn::Lanes(dd));
-  (void)nd;  // unused on the scalar target
   const int64_t width = b.c1 - b.c0;
   double* out = partials + b.slot;
   if (p.n * p.s < kMinFp32LaneCount) {
@@ -143,11 +135,13 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
       const double pv = pivot[c];
       const auto vp = hn::Set(df, static_cast<float>(pv));  // exact: the pivot is an element
       auto f1 = hn::Zero(df), f2 = hn::Zero(df), g1 = hn::Zero(df), g2 = hn::Zero(df);
-      VD a1 = hn::Zero(dd), a2 = hn::Zero(dd);
+      Wide<decltype(df)> a1, a2;
+      a1.zero();
+      a2.zero();
       int64_t terms = 0;
       auto flush = [&] {
-        add_wide(df, hn::Add(f1, g1), &a1);
-        add_wide(df, hn::Add(f2, g2), &a2);
+        a1.add(hn::Add(f1, g1));
+        a2.add(hn::Add(f2, g2));
         f1 = f2 = g1 = g2 = hn::Zero(df);
         terms = 0;
       };
@@ -191,8 +185,8 @@ void stats_block(const Plan& p, const float* x, const Block& b, const double* pi
         }
       }
       flush();
-      out[c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a1)) + t1;
-      out[width + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, a2)) + t2;
+      out[c - b.c0] = a1.sum() + t1;
+      out[width + c - b.c0] = a2.sum() + t2;
     }
     return;
   }
