@@ -4,6 +4,7 @@
 #include <exception>
 
 #include "bnorm/batch_norm.h"
+#include "bnorm/comm.h"
 #include "util/check.h"
 
 namespace bnorm {
@@ -64,6 +65,12 @@ void BatchNorm::reset_parameters() {
   std::fill(bias_.begin(), bias_.end(), 0.0f);
 }
 
+void BatchNorm::set_sync(Communicator* comm, SyncMode mode) {
+  comm_ = comm;
+  sync_mode_ = static_cast<int>(mode);
+  last_split_.clear();
+}
+
 void BatchNorm::zero_grad() {
   std::fill(weight_grad_.begin(), weight_grad_.end(), 0.0f);
   std::fill(bias_grad_.begin(), bias_grad_.end(), 0.0f);
@@ -106,7 +113,15 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     a.y = y;
     a.save_mean = save_mean_;
     a.save_invstd = save_invstd_;
-    BNORM_RETURN_IF_ERROR(forward_train(a, call_options()));
+    if (comm_ != nullptr && training_) {
+      SyncOptions sync;
+      sync.mode = static_cast<SyncMode>(sync_mode_);
+      sync.split = sync_split_;
+      sync.split_out = &last_split_;
+      BNORM_RETURN_IF_ERROR(sync_forward_train(*comm_, a, call_options(), sync));
+    } else {
+      BNORM_RETURN_IF_ERROR(forward_train(a, call_options()));
+    }
   } else {
     ForwardEvalArgs a;
     a.x = x;
@@ -125,6 +140,7 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
   }
   have_forward_ = true;
   last_forward_training_ = use_batch_stats;
+  last_forward_synced_ = use_batch_stats && comm_ != nullptr && training_;
   last_rank_ = x.rank();
   last_layout_ = x.layout();
   for (int i = 0; i < kMaxRank; ++i) last_dims_[i] = x.raw_dim(i);
@@ -154,7 +170,14 @@ Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx)
   a.dx = dx;
   a.dweight = dweight_scratch_;
   a.dbias = dbias_scratch_;
-  BNORM_RETURN_IF_ERROR(bnorm::backward(a, call_options()));
+  if (last_forward_synced_) {
+    SyncOptions sync;
+    sync.mode = static_cast<SyncMode>(sync_mode_);
+    sync.split = last_split_;
+    BNORM_RETURN_IF_ERROR(sync_backward(*comm_, a, call_options(), sync));
+  } else {
+    BNORM_RETURN_IF_ERROR(bnorm::backward(a, call_options()));
+  }
   for (size_t c = 0; c < weight_grad_.size(); ++c) {
     weight_grad_[c] += dweight_scratch_[c];
     bias_grad_[c] += dbias_scratch_[c];

@@ -41,6 +41,9 @@
 
 namespace bnorm {
 
+class Communicator;       // bnorm/comm.h
+enum class SyncMode : int;  // bnorm/comm.h
+
 // Library version, "MAJOR.MINOR.PATCH".
 const char* version();
 
@@ -162,6 +165,17 @@ class BatchNorm {
   // Sets the gradients to zero.
   void zero_grad();
 
+  // Synchronized batch norm (bnorm/comm.h): in training mode, forward and backward normalize
+  // over the global batch of every rank of comm (each rank passes its part), and the gradients
+  // accumulated into weight_grad() / bias_grad() are the GLOBAL batch's, identical on every
+  // rank. Eval mode does not communicate. nullptr (the default) turns it off. comm is not owned
+  // and must outlive the layer's use of it; every rank's layer must make the same calls.
+  void set_sync(Communicator* comm, SyncMode mode);
+  Communicator* sync_communicator() const { return comm_; }
+  // The per-rank sample counts of the next forwards, when every rank knows them (e.g. a fixed
+  // sharding): each forward then makes one exchange instead of two. Empty: exchanged.
+  void set_sync_split(std::vector<int64_t> split) { sync_split_ = std::move(split); }
+
   // weight = 1, bias = 0 and reset_running_stats(), as PyTorch's reset_parameters.
   void reset_parameters();
   // running_mean = 0, running_var = 1, num_batches_tracked = 0.
@@ -202,6 +216,11 @@ class BatchNorm {
   // What the last forward used, for backward.
   std::vector<float> save_mean_, save_invstd_;
   std::vector<float> dweight_scratch_, dbias_scratch_;
+  Communicator* comm_ = nullptr;
+  int sync_mode_ = 0;
+  std::vector<int64_t> sync_split_;       // given by set_sync_split
+  std::vector<int64_t> last_split_;       // the last synchronized forward's
+  bool last_forward_synced_ = false;
   bool have_forward_ = false;
   bool last_forward_training_ = true;  // whether batch statistics were used
   std::array<int64_t, kMaxRank> last_dims_{};

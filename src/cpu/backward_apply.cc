@@ -229,10 +229,10 @@ void backward_apply_with_params(const Geometry& g, const float* dy, const float*
 
 void backward_apply_pass(const Geometry& g, const float* dy, const float* x, const double* mean,
                          const double* invstd, const double* weight, const double* sum_dy,
-                         const double* sum_dy_xhat, bool training, float* dx) {
+                         const double* sum_dy_xhat, bool training, float* dx, int64_t count) {
   float* params = thread_workspace().param_data(4 * g.c);
   float *m = params, *alpha = params + g.c, *beta = params + 2 * g.c, *gamma = params + 3 * g.c;
-  const double n = static_cast<double>(g.count());
+  const double n = static_cast<double>(count > 0 ? count : g.count());
   for (int64_t c = 0; c < g.c; ++c) {
     const double w = weight ? weight[c] : 1.0;
     m[c] = static_cast<float>(mean[c]);
@@ -260,9 +260,9 @@ HWY_EXPORT(backward_apply_pass);
 
 void backward_apply(const Geometry& g, const float* dy, const float* x, const double* mean,
                     const double* invstd, const double* weight, const double* sum_dy,
-                    const double* sum_dy_xhat, bool training, float* dx) {
+                    const double* sum_dy_xhat, bool training, float* dx, int64_t count) {
   HWY_DYNAMIC_DISPATCH(backward_apply_pass)
-  (g, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, training, dx);
+  (g, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, training, dx, count);
 }
 
 }  // namespace bnorm::cpu

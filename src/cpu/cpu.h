@@ -37,10 +37,11 @@ void apply(const Geometry& g, const float* x, const double* mean, const double* 
 void backward_reduce(const Geometry& g, const float* dy, const float* x, const double* mean,
                      const double* invstd, double* sum_dy, double* sum_dy_xhat);
 
-// backward_apply: as the reference. dx may equal dy or x.
+// backward_apply: as the reference. dx may equal dy or x. count: the n of the sums (0: g.count();
+// sync batch norm passes the global batch's).
 void backward_apply(const Geometry& g, const float* dy, const float* x, const double* mean,
                     const double* invstd, const double* weight, const double* sum_dy,
-                    const double* sum_dy_xhat, bool training, float* dx);
+                    const double* sum_dy_xhat, bool training, float* dx, int64_t count = 0);
 
 // The three whole passes (the Implementation listed first in implementations.cc).
 void forward_train(const detail::TrainCall& call);

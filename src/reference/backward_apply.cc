@@ -5,8 +5,8 @@ namespace bnorm::ref {
 template <class T>
 void backward_apply(const Geometry& g, const T* dy, const T* x, const double* mean,
                     const double* invstd, const double* weight, const double* sum_dy,
-                    const double* sum_dy_xhat, bool training, T* dx) {
-  const double n = static_cast<double>(g.count());
+                    const double* sum_dy_xhat, bool training, T* dx, int64_t count) {
+  const double n = static_cast<double>(count > 0 ? count : g.count());
   for (int64_t i = 0; i < g.n; ++i)
     for (int64_t c = 0; c < g.c; ++c) {
       const double w = weight ? weight[c] : 1.0;
@@ -27,9 +27,9 @@ void backward_apply(const Geometry& g, const T* dy, const T* x, const double* me
 
 template void backward_apply<float>(const Geometry&, const float*, const float*, const double*,
                                     const double*, const double*, const double*, const double*,
-                                    bool, float*);
+                                    bool, float*, int64_t);
 template void backward_apply<double>(const Geometry&, const double*, const double*, const double*,
                                      const double*, const double*, const double*, const double*,
-                                     bool, double*);
+                                     bool, double*, int64_t);
 
 }  // namespace bnorm::ref

@@ -36,11 +36,12 @@ void backward_reduce(const Geometry& g, const T* dy, const T* x, const double* m
                      const double* invstd, double* sum_dy, double* sum_dy_xhat);
 
 // backward_apply: training: dx = weight * invstd / n * (n * dy - sum_dy - xhat * sum_dy_xhat);
-// eval (statistics constant): dx = dy * weight * invstd. dx may equal dy or x.
+// eval (statistics constant): dx = dy * weight * invstd. dx may equal dy or x. count: the n of
+// the sums (0: g.count(); sync batch norm passes the global batch's).
 template <class T>
 void backward_apply(const Geometry& g, const T* dy, const T* x, const double* mean,
                     const double* invstd, const double* weight, const double* sum_dy,
-                    const double* sum_dy_xhat, bool training, T* dx);
+                    const double* sum_dy_xhat, bool training, T* dx, int64_t count = 0);
 
 // The three whole passes on fp32 buffers, composed from the kernels above.
 void forward_train(const detail::TrainCall& call);

@@ -1,0 +1,611 @@
+// Synchronized batch norm: the stats and backward_reduce passes of the global batch, exchanged
+// in one all-reduce each, then finalize and apply on every rank's own part.
+//
+// Why it is bitwise independent of the split (SyncMode::kReproducible): the unit of reduction is
+// one sample. Each sample's partials (mean and M2 over its S values, or its two backward sums)
+// are computed by the same kernel on the same (1, C, S) shape whichever rank holds it, so they
+// are the same bits. The all-reduce places each in its own slot (every other rank adds +0.0,
+// which is exact), so every rank receives the same table of partials in global-batch order.
+// Every rank then merges the table with the same fixed pairwise tree over the global batch, so
+// the merged statistics depend on the global batch only, and so does everything computed from
+// them: y, dx, the running statistics, dweight and dbias.
+//
+// The exchange of the forward is preceded by a small one of every rank's header (status, count,
+// shape, options): the payload's size depends on the global batch, and a rank whose arguments
+// are bad reports it there, so that every rank fails together instead of waiting forever.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <array>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "bnorm/comm.h"
+#include "cpu/cpu.h"
+#include "kernels.h"
+#include "reference/reference.h"
+#include "util/check.h"
+
+namespace bnorm {
+namespace {
+
+using detail::Geometry;
+
+// Per-rank header of the forward exchange, in doubles.
+enum Header : int {
+  kStatus,     // 0: OK, else 1 + StatusCode
+  kCount,      // local N
+  kChannels,   // C
+  kSpatial,    // S
+  kLayout,     // Layout
+  kFlags,      // 1: weight, 2: bias, 4: running statistics
+  kEps,        // eps
+  kMomentum,   // momentum, -1 for none
+  kMode,       // SyncMode
+  kStateHash,  // 48 bits of the running statistics (and num_batches_tracked)
+  kHeaderSize
+};
+
+// Per-rank header of the backward exchange.
+enum BackwardHeader : int { kBStatus, kBCount, kBChannels, kBSpatial, kBLayout, kBHeaderSize };
+
+bool use_reference(Backend backend) {
+  return std::strcmp(detail::select_implementation(backend).name, "reference") == 0;
+}
+
+// +0.0 for -0.0, x otherwise: the other ranks add +0.0 to this slot, which would turn -0.0 into
+// +0.0 on some splits only.
+double canonical(double v) { return v + 0.0; }
+
+uint64_t fnv1a(uint64_t h, const void* data, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  return h;
+}
+
+// The statistics of one unit of the merge: count, mean and sum of squared deviations M2.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+};
+
+// Chan, Golub & LeVeque's pairwise update; an empty side leaves the other unchanged.
+Moments chan(const Moments& a, const Moments& b) {
+  if (a.n == 0) return b;
+  if (b.n == 0) return a;
+  Moments r;
+  r.n = a.n + b.n;
+  const double delta = b.mean - a.mean;
+  r.mean = a.mean + delta * (b.n / r.n);
+  r.m2 = a.m2 + b.m2 + delta * delta * (a.n / r.n) * b.n;
+  return r;
+}
+
+// Units [lo, hi) of channel c merged by the fixed tree that halves the range.
+Moments merge_moments(const std::vector<double>& counts, const double* table, int64_t channels,
+                      int64_t c, int64_t lo, int64_t hi) {
+  if (hi - lo == 1) {
+    const double* u = table + (lo * channels + c) * 2;
+    return Moments{counts[static_cast<size_t>(lo)], u[0], u[1]};
+  }
+  const int64_t mid = lo + (hi - lo) / 2;
+  return chan(merge_moments(counts, table, channels, c, lo, mid),
+              merge_moments(counts, table, channels, c, mid, hi));
+}
+
+// The same tree for plain sums (the backward's): returns both sums of channel c.
+void merge_sums(const double* table, int64_t channels, int64_t c, int64_t lo, int64_t hi,
+                double* s0, double* s1) {
+  if (hi - lo == 1) {
+    const double* u = table + (lo * channels + c) * 2;
+    *s0 = u[0];
+    *s1 = u[1];
+    return;
+  }
+  const int64_t mid = lo + (hi - lo) / 2;
+  double a0, a1, b0, b1;
+  merge_sums(table, channels, c, lo, mid, &a0, &a1);
+  merge_sums(table, channels, c, mid, hi, &b0, &b1);
+  *s0 = a0 + b0;
+  *s1 = a1 + b1;
+}
+
+// A tensor that may hold N = 0 samples: checked as check_tensor does with N = 1.
+Status check_local_tensor(const char* name, ConstTensorView t, Geometry* g) {
+  if (t.rank() >= 1 && t.rank() <= kMaxRank && t.dim(0) == 0) {
+    std::array<int64_t, kMaxRank> dims{};
+    for (int i = 0; i < t.rank(); ++i) dims[i] = t.dim(i);
+    dims[0] = 1;
+    static const float kProbe = 0;
+    ConstTensorView probe(&kProbe, std::span<const int64_t>(dims.data(), t.rank()), t.layout());
+    BNORM_RETURN_IF_ERROR(detail::check_tensor(name, probe, g));
+    g->n = 0;
+    return Status();
+  }
+  return detail::check_tensor(name, t, g);
+}
+
+// Same dims and layout as `like` (either may hold N = 0; data may then be null).
+Status check_local_same_shape(const char* name, ConstTensorView t, const char* like_name,
+                              ConstTensorView like) {
+  if (like.batch() > 0) return detail::check_same_shape(name, t, like_name, like);
+  bool same = t.rank() == like.rank() && t.layout() == like.layout();
+  for (int i = 0; same && i < t.rank(); ++i) same = t.dim(i) == like.dim(i);
+  if (!same)
+    return Status::invalid_argument(std::string(name) + ": size " + t.size_string() + " (" +
+                                    layout_name(t.layout()) + ") must equal " + like_name +
+                                    "'s size " + like.size_string() + " (" +
+                                    layout_name(like.layout()) + ")");
+  return Status();
+}
+
+Status run_kernels(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::bad_alloc&) {
+    return Status::internal("out of memory");
+  } catch (const std::exception& e) {
+    return Status::internal(e.what());
+  }
+  return Status();
+}
+
+double encode(const Status& s) {
+  return s.ok() ? 0.0 : 1.0 + static_cast<double>(static_cast<int>(s.code()));
+}
+
+Status with_code(StatusCode code, std::string message) {
+  switch (code) {
+    case StatusCode::kNonFinite:
+      return Status::non_finite(std::move(message));
+    case StatusCode::kInternal:
+      return Status::internal(std::move(message));
+    default:
+      return Status::invalid_argument(std::move(message));
+  }
+}
+
+// After an exchange of headers: OK if every rank's status is; else this rank's own error, or an
+// error naming the lowest failed rank.
+Status collective_status(const Status& mine, const double* headers, int size, int stride,
+                         int status_index, int rank) {
+  if (!mine.ok())
+    return with_code(mine.code(), mine.message() + " (on rank " + std::to_string(rank) +
+                                      "; every rank stops)");
+  for (int r = 0; r < size; ++r) {
+    const double code = headers[r * stride + status_index];
+    if (code != 0)
+      return Status::invalid_argument("sync batch norm: rank " + std::to_string(r) + " failed (" +
+                                      status_code_name(static_cast<StatusCode>(code - 1)) +
+                                      ", see its message); every rank stops");
+  }
+  return Status();
+}
+
+// Which units the payload has, and where this rank's go.
+struct Split {
+  std::vector<double> unit_counts;  // values per unit (sample or rank)
+  int64_t units = 0;
+  int64_t first_unit = 0;  // this rank's first unit
+  int64_t global_n = 0;    // samples of the global batch
+};
+
+Split make_split(const std::vector<int64_t>& counts, int rank, int64_t spatial, SyncMode mode) {
+  Split s;
+  for (size_t r = 0; r < counts.size(); ++r) {
+    if (static_cast<int>(r) < rank) s.first_unit += mode == SyncMode::kPerRank ? 1 : counts[r];
+    s.global_n += counts[r];
+  }
+  if (mode == SyncMode::kPerRank) {
+    s.units = static_cast<int64_t>(counts.size());
+    s.first_unit = rank;
+    for (int64_t c : counts) s.unit_counts.push_back(static_cast<double>(c * spatial));
+  } else {
+    s.units = s.global_n;
+    s.unit_counts.assign(static_cast<size_t>(s.global_n), static_cast<double>(spatial));
+  }
+  return s;
+}
+
+// This rank's stats partials into its slots of the table (units x C x {mean, M2}).
+void local_stats(const Geometry& g, const float* x, bool reference, SyncMode mode, double* slots) {
+  if (g.n == 0) return;
+  std::vector<double> mean(g.c), var(g.c);
+  auto stats = [&](const Geometry& part, const float* data) {
+    if (reference) {
+      ref::stats(part, data, mean.data(), var.data());
+    } else {
+      cpu::stats(part, data, mean.data(), var.data());
+    }
+  };
+  if (mode == SyncMode::kPerRank) {
+    stats(g, x);
+    const double n = static_cast<double>(g.count());
+    for (int64_t c = 0; c < g.c; ++c) {
+      slots[2 * c] = canonical(mean[c]);
+      slots[2 * c + 1] = canonical(var[c] * n);
+    }
+    return;
+  }
+  Geometry one = g;
+  one.n = 1;
+  const int64_t sample = g.c * g.s;
+  for (int64_t i = 0; i < g.n; ++i) {
+    double* out = slots + i * g.c * 2;
+    if (g.s == 1) {  // one value per channel: it is the mean, M2 is 0
+      for (int64_t c = 0; c < g.c; ++c) {
+        out[2 * c] = canonical(static_cast<double>(x[i * sample + c]));
+        out[2 * c + 1] = 0.0;
+      }
+      continue;
+    }
+    stats(one, x + i * sample);
+    const double n = static_cast<double>(g.s);
+    for (int64_t c = 0; c < g.c; ++c) {
+      out[2 * c] = canonical(mean[c]);
+      out[2 * c + 1] = canonical(var[c] * n);
+    }
+  }
+}
+
+// This rank's backward partials (sum dy, sum dy * xhat) into its slots.
+void local_backward_sums(const Geometry& g, const float* dy, const float* x, const double* mean,
+                         const double* invstd, bool reference, SyncMode mode, double* slots) {
+  if (g.n == 0) return;
+  std::vector<double> s0(g.c), s1(g.c);
+  auto reduce = [&](const Geometry& part, const float* d, const float* data) {
+    if (reference) {
+      ref::backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
+    } else {
+      cpu::backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
+    }
+  };
+  if (mode == SyncMode::kPerRank) {
+    reduce(g, dy, x);
+    for (int64_t c = 0; c < g.c; ++c) {
+      slots[2 * c] = canonical(s0[c]);
+      slots[2 * c + 1] = canonical(s1[c]);
+    }
+    return;
+  }
+  Geometry one = g;
+  one.n = 1;
+  const int64_t sample = g.c * g.s;
+  for (int64_t i = 0; i < g.n; ++i) {
+    double* out = slots + i * g.c * 2;
+    if (g.s == 1) {
+      for (int64_t c = 0; c < g.c; ++c) {
+        const double d = static_cast<double>(dy[i * sample + c]);
+        out[2 * c] = canonical(d);
+        out[2 * c + 1] =
+            canonical(d * ((static_cast<double>(x[i * sample + c]) - mean[c]) * invstd[c]));
+      }
+      continue;
+    }
+    reduce(one, dy + i * sample, x + i * sample);
+    for (int64_t c = 0; c < g.c; ++c) {
+      out[2 * c] = canonical(s0[c]);
+      out[2 * c + 1] = canonical(s1[c]);
+    }
+  }
+}
+
+// What every rank must agree on, checked after the header exchange.
+Status check_agreement(const double* h, int size, int stride,
+                       std::initializer_list<std::pair<int, const char*>> fields) {
+  for (const auto& [index, name] : fields)
+    for (int r = 1; r < size; ++r) {
+      const double a = h[index], b = h[r * stride + index];
+      if (!(a == b) && !(std::isnan(a) && std::isnan(b)))
+        return Status::invalid_argument(
+            std::string("sync batch norm: ") + name + " differs between ranks: " +
+            detail::format_number(a) + " on rank 0, " + detail::format_number(b) + " on rank " +
+            std::to_string(r));
+    }
+  return Status();
+}
+
+
+// One pass's exchange: header_size doubles per rank (status first, local N second), then the
+// table of units x C x {2 values}. When the units' layout is known before (a given split, or
+// one unit per rank) header and table travel in one all-reduce; else the headers go first.
+// On return, *table points at the merged table inside *buffer.
+struct ExchangeArgs {
+  int header_size = 0;
+  std::function<void(double*)> fill_header;               // when the local status is OK
+  std::function<Status(const double*)> check_headers;     // every rank's headers
+  std::function<void(const Split&, double*)> fill_slots;  // this rank's slots
+};
+
+Status exchange(Communicator& comm, Status mine, const Geometry& g, const SyncOptions& sync,
+                const ExchangeArgs& x, std::vector<double>* buffer, const double** table,
+                Split* split) {
+  const int size = comm.size(), rank = comm.rank();
+  const int hs = x.header_size;
+  const size_t header_values = static_cast<size_t>(size) * static_cast<size_t>(hs);
+  if (mine.ok() && !sync.split.empty()) {
+    if (sync.split.size() != static_cast<size_t>(size))
+      mine = Status::invalid_argument("split: has " + std::to_string(sync.split.size()) +
+                                      " counts for " + std::to_string(size) + " ranks");
+    else if (sync.split[static_cast<size_t>(rank)] != g.n)
+      mine = Status::invalid_argument(
+          "split: says rank " + std::to_string(rank) + " holds " +
+          std::to_string(sync.split[static_cast<size_t>(rank)]) + " samples, x has " +
+          std::to_string(g.n));
+  }
+  std::vector<int64_t> counts(sync.split.begin(), sync.split.end());
+  const bool fused = counts.size() == static_cast<size_t>(size) || sync.mode == SyncMode::kPerRank;
+  auto read_counts = [&](const double* headers) {
+    counts.assign(static_cast<size_t>(size), 0);
+    for (int r = 0; r < size; ++r)
+      counts[static_cast<size_t>(r)] = static_cast<int64_t>(headers[r * hs + 1]);
+  };
+  auto check = [&](const double* headers) -> Status {
+    BNORM_RETURN_IF_ERROR(collective_status(mine, headers, size, hs, 0, rank));
+    return x.check_headers(headers);
+  };
+  auto fill_header = [&](double* headers) {
+    double* h = headers + static_cast<size_t>(rank) * hs;
+    h[0] = encode(mine);
+    if (mine.ok()) {
+      h[1] = static_cast<double>(g.n);
+      x.fill_header(h);
+    }
+  };
+  auto table_values = [&](const Split& s) { return static_cast<size_t>(s.units * g.c * 2); };
+  if (fused) {
+    // The units' layout before the exchange: from the given counts, or one unit per rank (whose
+    // counts arrive in the headers).
+    std::vector<int64_t> provisional = counts;
+    if (provisional.empty()) provisional.assign(static_cast<size_t>(size), 0);
+    Split pre = make_split(provisional, rank, g.s, sync.mode);
+    BNORM_RETURN_IF_ERROR(run_kernels([&] {
+      buffer->assign(header_values + table_values(pre), 0.0);
+      fill_header(buffer->data());
+      if (mine.ok()) x.fill_slots(pre, buffer->data() + header_values + pre.first_unit * g.c * 2);
+    }));
+    BNORM_RETURN_IF_ERROR(comm.allreduce_sum(*buffer));
+    BNORM_RETURN_IF_ERROR(check(buffer->data()));
+    read_counts(buffer->data());
+  } else {
+    std::vector<double> headers(header_values, 0.0);
+    fill_header(headers.data());
+    BNORM_RETURN_IF_ERROR(comm.allreduce_sum(headers));
+    BNORM_RETURN_IF_ERROR(check(headers.data()));
+    read_counts(headers.data());
+  }
+  *split = make_split(counts, rank, g.s, sync.mode);
+  if (split->global_n * g.s <= 1)
+    return Status::invalid_argument(
+        "x: Expected more than 1 value per channel when training, got a global batch of " +
+        std::to_string(split->global_n) + " samples x " + std::to_string(g.s) +
+        " values per channel over " + std::to_string(size) + " ranks");
+  if (!fused) {
+    BNORM_RETURN_IF_ERROR(run_kernels([&] {
+      buffer->assign(table_values(*split), 0.0);
+      x.fill_slots(*split, buffer->data() + split->first_unit * g.c * 2);
+    }));
+    BNORM_RETURN_IF_ERROR(comm.allreduce_sum(*buffer));
+  }
+  *table = buffer->data() + (fused ? header_values : 0);
+  if (sync.split_out != nullptr) *sync.split_out = counts;
+  return Status();
+}
+
+}  // namespace
+
+Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const CallOptions& options,
+                          const SyncOptions& sync) {
+  const int size = comm.size();
+  // Local validation; its result travels in the header.
+  Geometry g;
+  double factor = 0;
+  int64_t batches = 0;
+  const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+  auto validate = [&]() -> Status {
+    BNORM_RETURN_IF_ERROR(check_local_tensor("x", a.x, &g));
+    BNORM_RETURN_IF_ERROR(check_local_same_shape("y", a.y, "x", a.x));
+    if (g.n > 0)
+      BNORM_RETURN_IF_ERROR(
+          detail::check_no_partial_overlap("y", a.y.data(), "x", a.x.data(), g.numel()));
+    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("bias", a.bias.size(), g.c, false, a.x));
+    if (tracking) {
+      BNORM_RETURN_IF_ERROR(
+          detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
+      BNORM_RETURN_IF_ERROR(
+          detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
+    }
+    BNORM_RETURN_IF_ERROR(
+        detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
+    BNORM_RETURN_IF_ERROR(detail::check_momentum(a.momentum));
+    if (sync.mode != SyncMode::kReproducible && sync.mode != SyncMode::kPerRank)
+      return Status::invalid_argument("sync mode: unknown value " +
+                                      std::to_string(static_cast<int>(sync.mode)));
+    if (tracking) {
+      if (a.num_batches_tracked != nullptr) batches = *a.num_batches_tracked;
+      if (!a.momentum && a.num_batches_tracked == nullptr)
+        return Status::invalid_argument(
+            "num_batches_tracked: required when momentum is none (cumulative average) and "
+            "running statistics are tracked, got null");
+      if (batches < 0 || batches == std::numeric_limits<int64_t>::max())
+        return Status::invalid_argument("num_batches_tracked: cannot be incremented, got " +
+                                        std::to_string(batches));
+      factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + 1);
+    }
+    if (options.check_finite && g.n > 0)
+      BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+    return Status();
+  };
+  const Status mine = validate();
+
+  uint64_t state_hash = 0;
+  if (mine.ok() && tracking) {
+    state_hash = 1469598103934665603ULL;
+    state_hash = fnv1a(state_hash, a.running_mean.data(), a.running_mean.size_bytes());
+    state_hash = fnv1a(state_hash, a.running_var.data(), a.running_var.size_bytes());
+    state_hash = fnv1a(state_hash, &batches, sizeof batches);
+  }
+  const bool reference = use_reference(options.backend);
+  ExchangeArgs ex;
+  ex.header_size = kHeaderSize;
+  ex.fill_header = [&](double* h) {
+    h[kChannels] = static_cast<double>(g.c);
+    h[kSpatial] = static_cast<double>(g.s);
+    h[kLayout] = static_cast<double>(static_cast<int>(g.layout));
+    h[kFlags] = (a.weight.empty() ? 0 : 1) + (a.bias.empty() ? 0 : 2) + (tracking ? 4 : 0);
+    h[kEps] = a.eps;
+    h[kMomentum] = a.momentum ? *a.momentum : -1.0;
+    h[kMode] = static_cast<double>(static_cast<int>(sync.mode));
+    h[kStateHash] = static_cast<double>(state_hash >> 16);  // 48 bits: exact in a double
+  };
+  ex.check_headers = [&](const double* headers) {
+    return check_agreement(
+        headers, size, kHeaderSize,
+        {{kChannels, "C (channels)"}, {kSpatial, "the product of the spatial dims"},
+         {kLayout, "layout"}, {kFlags, "which of weight, bias and running statistics are given"},
+         {kEps, "eps"}, {kMomentum, "momentum (-1: none)"}, {kMode, "sync mode"},
+         {kStateHash, "a hash of the running statistics and num_batches_tracked"}});
+  };
+  ex.fill_slots = [&](const Split&, double* slots) {
+    local_stats(g, a.x.data(), reference, sync.mode, slots);
+  };
+  std::vector<double> buffer;
+  const double* table = nullptr;
+  Split split;
+  BNORM_RETURN_IF_ERROR(exchange(comm, mine, g, sync, ex, &buffer, &table, &split));
+
+  const int64_t channels = g.c;
+  Geometry global = g;
+  global.n = split.global_n;
+  std::vector<double> mean(channels), var(channels), invstd(channels);
+  // From here on every rank computes the same values from the same table.
+  for (int64_t c = 0; c < channels; ++c) {
+    const Moments m = merge_moments(split.unit_counts, table, channels, c, 0, split.units);
+    mean[c] = m.mean;
+    var[c] = m.m2 / m.n;
+  }
+  float* running_mean = tracking ? a.running_mean.data() : nullptr;
+  float* running_var = tracking ? a.running_var.data() : nullptr;
+  std::vector<double> weight, bias;
+  if (!a.weight.empty()) weight.assign(a.weight.begin(), a.weight.end());
+  if (!a.bias.empty()) bias.assign(a.bias.begin(), a.bias.end());
+  BNORM_RETURN_IF_ERROR(run_kernels([&] {
+    if (reference) {
+      ref::finalize(global, mean.data(), var.data(), a.eps, factor, invstd.data(), running_mean,
+                    running_var);
+    } else {
+      cpu::finalize(global, mean.data(), var.data(), a.eps, factor, invstd.data(), running_mean,
+                    running_var);
+    }
+    if (g.n > 0) {
+      const double* w = weight.empty() ? nullptr : weight.data();
+      const double* b = bias.empty() ? nullptr : bias.data();
+      if (reference) {
+        ref::apply(g, a.x.data(), mean.data(), invstd.data(), w, b, a.y.data());
+      } else {
+        cpu::apply(g, a.x.data(), mean.data(), invstd.data(), w, b, a.y.data());
+      }
+    }
+  }));
+  for (int64_t c = 0; c < channels; ++c) {
+    if (!a.save_mean.empty()) a.save_mean[c] = static_cast<float>(mean[c]);
+    if (!a.save_invstd.empty()) a.save_invstd[c] = static_cast<float>(invstd[c]);
+  }
+  if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
+  return Status();
+}
+
+Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
+                     const SyncOptions& sync) {
+  const int size = comm.size();
+  Geometry g;
+  auto validate = [&]() -> Status {
+    if (!a.training)
+      return Status::invalid_argument(
+          "training: sync_backward is the training-mode backward (eval mode does not "
+          "communicate: call backward), got false");
+    BNORM_RETURN_IF_ERROR(check_local_tensor("x", a.x, &g));
+    BNORM_RETURN_IF_ERROR(check_local_same_shape("dy", a.dy, "x", a.x));
+    BNORM_RETURN_IF_ERROR(check_local_same_shape("dx", a.dx, "x", a.x));
+    if (g.n > 0) {
+      BNORM_RETURN_IF_ERROR(
+          detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
+      BNORM_RETURN_IF_ERROR(
+          detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
+    }
+    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dweight", a.dweight.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dbias", a.dbias.size(), g.c, false, a.x));
+    if (sync.mode != SyncMode::kReproducible && sync.mode != SyncMode::kPerRank)
+      return Status::invalid_argument("sync mode: unknown value " +
+                                      std::to_string(static_cast<int>(sync.mode)));
+    if (options.check_finite && g.n > 0) {
+      BNORM_RETURN_IF_ERROR(detail::check_finite("dy", a.dy, g));
+      BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+    }
+    return Status();
+  };
+  const Status mine = validate();
+
+  const bool reference = use_reference(options.backend);
+  const int64_t channels = g.c;
+  std::vector<double> mean(a.save_mean.begin(), a.save_mean.end());
+  std::vector<double> invstd(a.save_invstd.begin(), a.save_invstd.end());
+  std::vector<double> sum_dy(channels), sum_dy_xhat(channels), weight;
+  if (!a.weight.empty()) weight.assign(a.weight.begin(), a.weight.end());
+  ExchangeArgs ex;
+  ex.header_size = kBHeaderSize;
+  ex.fill_header = [&](double* h) {
+    h[kBChannels] = static_cast<double>(g.c);
+    h[kBSpatial] = static_cast<double>(g.s);
+    h[kBLayout] = static_cast<double>(static_cast<int>(g.layout));
+  };
+  ex.check_headers = [&](const double* headers) {
+    return check_agreement(headers, size, kBHeaderSize,
+                           {{kBChannels, "C (channels)"},
+                            {kBSpatial, "the product of the spatial dims"},
+                            {kBLayout, "layout"}});
+  };
+  ex.fill_slots = [&](const Split&, double* slots) {
+    local_backward_sums(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), reference,
+                        sync.mode, slots);
+  };
+  std::vector<double> buffer;
+  const double* table = nullptr;
+  Split split;
+  BNORM_RETURN_IF_ERROR(exchange(comm, mine, g, sync, ex, &buffer, &table, &split));
+  for (int64_t c = 0; c < channels; ++c)
+    merge_sums(table, channels, c, 0, split.units, &sum_dy[c], &sum_dy_xhat[c]);
+
+  if (g.n > 0) {
+    const double* w = weight.empty() ? nullptr : weight.data();
+    const int64_t global_count = split.global_n * g.s;
+    BNORM_RETURN_IF_ERROR(run_kernels([&] {
+      if (reference) {
+        ref::backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
+                            sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
+      } else {
+        cpu::backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
+                            sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
+      }
+    }));
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    if (!a.dweight.empty()) a.dweight[c] = static_cast<float>(sum_dy_xhat[c]);
+    if (!a.dbias.empty()) a.dbias[c] = static_cast<float>(sum_dy[c]);
+  }
+  return Status();
+}
+
+}  // namespace bnorm
