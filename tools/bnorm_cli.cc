@@ -1,15 +1,37 @@
 // bnorm: the command-line tool.
 //   bnorm train [--preset paper-mlp|cnn] [options]   train with and without batch norm, compare
 //   bnorm eval --checkpoint FILE [--data DIR]          reload a checkpoint, evaluate on the test set
-// Errors are one line on stderr and a non-zero exit code.
+//   mpirun -np K bnorm train --sync-bn ...             data-parallel training over K processes
+// Errors are one line on stderr and a non-zero exit code; under mpirun an error on any rank
+// ends every rank (MPI_Abort).
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "bnorm/batch_norm.h"
+#include "bnorm/comm.h"
 #include "training.h"
 
 int main(int argc, char** argv) {
+  // Under mpirun every process is a rank of MPI_COMM_WORLD. Collectives give up after
+  // BNORM_COMM_TIMEOUT seconds (default 45) and abort every rank: a dead or hung rank ends the
+  // job instead of hanging it.
+  bnorm::Communicator* comm = nullptr;
+  if (bnorm::launched_by_mpi()) {
+    double timeout = 45.0;
+    if (const char* env = std::getenv("BNORM_COMM_TIMEOUT")) timeout = std::atof(env);
+    if (!(timeout > 0)) {
+      std::fprintf(stderr, "bnorm: BNORM_COMM_TIMEOUT: must be a number of seconds > 0\n");
+      return 2;
+    }
+    const bnorm::Status s = bnorm::mpi_world(&argc, &argv, &comm, timeout);
+    if (!s.ok()) {
+      std::fprintf(stderr, "bnorm: started by mpirun, but %s\n", s.message().c_str());
+      return 1;
+    }
+  }
+
   CLI::App app{"bnorm: batch normalization (Ioffe & Szegedy, 2015) on Fashion-MNIST"};
   app.require_subcommand(1);
   app.set_version_flag("--version", bnorm::version());
@@ -41,6 +63,12 @@ int main(int argc, char** argv) {
   t->add_option("--augment", train.augment, "none, flip (random horizontal flips), crop (random shifts of up to 2 pixels) or flip+crop (paper-mlp: none, cnn: flip+crop)");
   bool no_plots = false;
   t->add_flag("--no-plots", no_plots, "Write report.json only, no PNGs or report.md");
+  t->add_flag("--sync-bn", train.sync_bn,
+              "Under mpirun: batch norm over the global batch of every rank (synchronized)");
+  t->add_option("--sync-mode", train.sync_mode,
+                "reproducible (bitwise the same for any number of ranks) or per-rank (smaller "
+                "exchange)")
+      ->capture_default_str();
 
   bnorm::tools::EvalConfig eval;
   CLI::App* e = app.add_subcommand("eval", "Evaluate a checkpoint on the Fashion-MNIST test set");
@@ -67,7 +95,7 @@ int main(int argc, char** argv) {
     for (const CLI::Option* opt : t->get_options())
       if (opt->count() > 0 && !opt->get_lnames().empty()) train.given.insert(opt->get_lnames()[0]);
     status = bnorm::tools::apply_preset_defaults(&train);
-    if (status.ok()) status = bnorm::tools::run_training(train);
+    if (status.ok()) status = bnorm::tools::run_training(train, comm);
   } else if (e->parsed()) {
     if (!bn_flag.empty()) eval.batch_norm = bn_flag == "on" ? 1 : 0;
     if (eval.batch_size < 1) {
@@ -78,6 +106,7 @@ int main(int argc, char** argv) {
     }
   }
   if (!status.ok()) {
+    if (comm != nullptr && comm->size() > 1) comm->abort(status.message(), 1);  // no return
     std::fprintf(stderr, "bnorm: %s\n", status.message().c_str());
     return 1;
   }

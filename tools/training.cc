@@ -176,6 +176,9 @@ struct RunResult {
   double final_train_loss = NAN;
   double final_train_accuracy = NAN;
   std::string checkpoint;
+  bool sync_bn = false;
+  int64_t replica_checks = 0;  // times every rank's parameters were found identical
+  CommCounters comm;
 };
 
 struct RunSpec {
@@ -223,14 +226,15 @@ void shift_some(const io::Dataset& data, int64_t batch, io::SplitMix64* rng, flo
   }
 }
 
-Status evaluate_with(nn::Sequential& model, const std::string& preset, const io::Dataset& data,
-                     int64_t batch_size, EvalResult* out,
-                     const std::function<void(int64_t rows)>& on_batch) {
+// Examples [begin, end) of data: the sum of their losses and the number classified correctly.
+Status evaluate_range(nn::Sequential& model, const std::string& preset, const io::Dataset& data,
+                      int64_t begin, int64_t end, int64_t batch_size, double* loss_total,
+                      int64_t* correct_total, const std::function<void(int64_t rows)>& on_batch) {
   nn::Tensor x, logits;
   double loss_sum = 0;
   int64_t correct = 0;
-  for (int64_t start = 0; start < data.count; start += batch_size) {
-    const int64_t rows = std::min(batch_size, data.count - start);
+  for (int64_t start = begin; start < end; start += batch_size) {
+    const int64_t rows = std::min(batch_size, end - start);
     const std::vector<int64_t> shape = input_shape(preset, rows);
     x.resize(shape);
     std::copy_n(data.images.data() + start * data.image_size(), rows * data.image_size(),
@@ -244,20 +248,146 @@ Status evaluate_with(nn::Sequential& model, const std::string& preset, const io:
     correct += r.correct;
     if (on_batch) on_batch(rows);
   }
+  *loss_total = loss_sum;
+  *correct_total = correct;
+  return Status();
+}
+
+Status evaluate_with(nn::Sequential& model, const std::string& preset, const io::Dataset& data,
+                     int64_t batch_size, EvalResult* out,
+                     const std::function<void(int64_t rows)>& on_batch) {
+  double loss_sum = 0;
+  int64_t correct = 0;
+  BNORM_RETURN_IF_ERROR(
+      evaluate_range(model, preset, data, 0, data.count, batch_size, &loss_sum, &correct, on_batch));
   out->loss = loss_sum / static_cast<double>(data.count);
   out->accuracy = static_cast<double>(correct) / static_cast<double>(data.count);
   return Status();
 }
 
+// ----- Data parallelism -----
+
+// Fault injection for the fault tests: BNORM_FAULT_INJECT=KIND:RANK:STEP makes rank RANK, at
+// step STEP of a run, fail with an error (KIND error), exit at once without any clean-up as a
+// crash would (exit), or stop responding (hang).
+Status fault_point(int rank, int64_t step) {
+  static const char* spec = std::getenv("BNORM_FAULT_INJECT");
+  if (spec == nullptr || spec[0] == '\0') return Status();
+  char kind[16] = {0};
+  int at_rank = -1;
+  long long at_step = -1;
+  if (std::sscanf(spec, "%15[a-z]:%d:%lld", kind, &at_rank, &at_step) != 3)
+    return Status::invalid_argument(std::string("BNORM_FAULT_INJECT: expected KIND:RANK:STEP, got '") +
+                                    spec + "'");
+  if (rank != at_rank || step != at_step) return Status();
+  const std::string k = kind;
+  if (k == "error")
+    return Status::invalid_argument("bad input (fault injection) on rank " + std::to_string(rank) +
+                                    " at step " + std::to_string(step));
+  std::fprintf(stderr, "bnorm: fault injection: rank %d %s at step %lld\n", rank,
+               k == "exit" ? "exits" : "hangs", at_step);
+  if (k == "exit") std::_Exit(3);
+  if (k == "hang")
+    for (;;) pause();
+  return Status::invalid_argument("BNORM_FAULT_INJECT: unknown kind '" + k +
+                                  "' (expected error, exit or hang)");
+}
+
+// Rank r's part of n items split as evenly as possible: the first n % k ranks get one more.
+int64_t shard_begin(int64_t n, int k, int r) {
+  return n / k * r + std::min<int64_t>(r, n % k);
+}
+
+// Every rank's status: OK when all are, else this rank's error or one naming the failed rank.
+// Lets a rank that fails before a collective (a bad file, an unwritable directory) end every
+// rank with an error instead of leaving them waiting.
+Status agree(Communicator* comm, const Status& mine, const std::string& what) {
+  if (comm == nullptr) return mine;
+  std::vector<double> flags(static_cast<size_t>(comm->size()), 0.0);
+  flags[static_cast<size_t>(comm->rank())] = mine.ok() ? 0.0 : 1.0;
+  BNORM_RETURN_IF_ERROR(comm->allreduce_sum(flags));
+  if (!mine.ok()) return mine;
+  for (int r = 0; r < comm->size(); ++r)
+    if (flags[static_cast<size_t>(r)] != 0)
+      return Status::invalid_argument(what + ": rank " + std::to_string(r) +
+                                      " failed (see its message); every rank stops");
+  return Status();
+}
+
+// A 48-bit hash of every parameter and buffer (exact in a double).
+double state_hash(nn::Sequential& model) {
+  uint64_t h = 1469598103934665603ULL;
+  for (const nn::StateEntry& e : model.state_dict()) {
+    const auto* p = static_cast<const unsigned char*>(e.data);
+    const size_t bytes = static_cast<size_t>(e.numel()) * (e.dtype == nn::DType::kI64 ? 8 : 4);
+    for (size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  }
+  return static_cast<double>(h >> 16);
+}
+
+// Fails unless every rank's parameters and buffers are bit for bit rank 0's.
+Status check_replicas(Communicator* comm, nn::Sequential& model, int64_t step) {
+  if (comm == nullptr || comm->size() == 1) return Status();
+  std::vector<double> hashes(static_cast<size_t>(comm->size()), 0.0);
+  hashes[static_cast<size_t>(comm->rank())] = state_hash(model);
+  BNORM_RETURN_IF_ERROR(comm->allreduce_sum(hashes));
+  for (int r = 1; r < comm->size(); ++r)
+    if (hashes[static_cast<size_t>(r)] != hashes[0])
+      return Status::internal("after step " + std::to_string(step) + ": rank " +
+                              std::to_string(r) +
+                              "'s parameters or buffers differ from rank 0's (replicas diverged)");
+  return Status();
+}
+
+// The test set evaluated in eval mode, each rank on its shard, the sums all-reduced.
+Status evaluate_distributed(nn::Sequential& model, const std::string& preset,
+                            const io::Dataset& data, int64_t batch_size, Communicator* comm,
+                            EvalResult* out) {
+  const int k = comm->size(), r = comm->rank();
+  double loss_sum = 0;
+  int64_t correct = 0;
+  BNORM_RETURN_IF_ERROR(evaluate_range(model, preset, data, shard_begin(data.count, k, r),
+                                       shard_begin(data.count, k, r + 1), batch_size, &loss_sum,
+                                       &correct, nullptr));
+  std::vector<double> sums = {loss_sum, static_cast<double>(correct)};
+  BNORM_RETURN_IF_ERROR(comm->allreduce_sum(sums));
+  out->loss = sums[0] / static_cast<double>(data.count);
+  out->accuracy = sums[1] / static_cast<double>(data.count);
+  return Status();
+}
+
 Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset& train,
-               const io::Dataset& test, RunResult* result) {
+               const io::Dataset& test, Communicator* comm, RunResult* result) {
   const auto wall_start = Clock::now();
   result->name = spec.name;
   result->batch_norm = spec.batch_norm;
   result->lr = spec.lr;
+  const int ranks = comm != nullptr ? comm->size() : 1;
+  const int rank = comm != nullptr ? comm->rank() : 0;
+  const bool distributed = ranks > 1;
+  const bool lead = rank == 0;  // prints, writes the files
+  if (comm != nullptr) comm->reset_counters();
 
   nn::Sequential model;
   BNORM_RETURN_IF_ERROR(build_model(config.preset, spec.batch_norm, config.seed, &model));
+  // The global batch split across the ranks, the same split at every step.
+  const int64_t batch = config.batch_size;
+  std::vector<int64_t> split(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r)
+    split[static_cast<size_t>(r)] = shard_begin(batch, ranks, r + 1) - shard_begin(batch, ranks, r);
+  const int64_t local_begin = shard_begin(batch, ranks, rank);
+  const int64_t local = split[static_cast<size_t>(rank)];
+  const bool sync_bn = comm != nullptr && config.sync_bn && spec.batch_norm;
+  if (sync_bn) {
+    model.set_sync(comm, config.sync_mode == "per-rank" ? SyncMode::kPerRank
+                                                        : SyncMode::kReproducible);
+    model.set_sync_split(split);
+  }
+  result->sync_bn = sync_bn;
+  // Every rank starts from the same parameters (the same seed); checked, as after every
+  // evaluation.
+  BNORM_RETURN_IF_ERROR(check_replicas(comm, model, 0));
+  if (distributed) ++result->replica_checks;
   nn::Sgd sgd;
   BNORM_RETURN_IF_ERROR(nn::Sgd::create(
       model.parameters(),
@@ -276,14 +406,19 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
                             .warmup_steps = std::min(config.warmup_steps, spec.steps - 1)},
       &schedule));
 
-  const int sigmoid_input = spec.trace_sigmoid ? last_sigmoid_input(model) : -1;
+  // The sigmoid's quantiles need every test example's value: one process only.
+  const int sigmoid_input = spec.trace_sigmoid && !distributed ? last_sigmoid_input(model) : -1;
   std::vector<float> sigmoid_values;
   auto test_eval = [&](int64_t step, double epoch, double train_loss, double train_acc,
                        double lr) -> Status {
     model.train(false);
     sigmoid_values.clear();
     EvalResult r;
-    BNORM_RETURN_IF_ERROR(evaluate_with(model, config.preset, test, kEvalBatch, &r,
+    if (distributed) {
+      BNORM_RETURN_IF_ERROR(check_replicas(comm, model, step));
+      ++result->replica_checks;
+      BNORM_RETURN_IF_ERROR(evaluate_distributed(model, config.preset, test, kEvalBatch, comm, &r));
+    } else BNORM_RETURN_IF_ERROR(evaluate_with(model, config.preset, test, kEvalBatch, &r,
                                         [&](int64_t rows) {
                                           if (sigmoid_input < 0) return;
                                           const nn::Tensor& h =
@@ -313,10 +448,26 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
     return Status();
   };
 
-  const int64_t batch = config.batch_size;
   io::BatchSampler sampler(train.count, batch, config.seed, /*drop_last=*/true);
-  nn::Tensor x(input_shape(config.preset, batch)), logits, dlogits;
-  std::vector<int32_t> labels(static_cast<size_t>(batch));
+  // Every rank draws and augments the whole global batch (cheap, and the same random streams
+  // as one process), then trains on its part.
+  nn::Tensor x_global(input_shape(config.preset, batch)), x(input_shape(config.preset, local));
+  nn::Tensor logits, dlogits;
+  std::vector<int32_t> labels_global(static_cast<size_t>(batch));
+  std::span<const int32_t> labels(labels_global.data() + local_begin, static_cast<size_t>(local));
+  // One all-reduce per step: the gradients the ranks must sum (not batch norm's under sync BN:
+  // those are the global batch's already), then without sync BN rank 0's batch-norm buffers
+  // (PyTorch DDP's broadcast_buffers), then the loss and the number correct.
+  std::vector<nn::StateEntry> reduced_grads, broadcast_buffers;
+  for (const nn::StateEntry& e : model.state_dict()) {
+    if (e.is_parameter && !e.grad_is_global) reduced_grads.push_back(e);
+    if (!e.is_parameter && e.dtype == nn::DType::kF32 && !sync_bn) broadcast_buffers.push_back(e);
+  }
+  size_t fused_size = 2;
+  for (const nn::StateEntry& e : reduced_grads) fused_size += static_cast<size_t>(e.numel());
+  for (const nn::StateEntry& e : broadcast_buffers) fused_size += static_cast<size_t>(e.numel());
+  std::vector<float> fused(distributed ? fused_size : 0);
+  const float grad_scale = static_cast<float>(static_cast<double>(local) / static_cast<double>(batch));
   const bool record_curve = spec.eval_every > 0;
   if (record_curve) BNORM_RETURN_IF_ERROR(test_eval(0, 0.0, NAN, NAN, schedule.lr_at(0)));
 
@@ -331,23 +482,66 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
   for (; step < spec.steps; ++step) {
     int64_t epoch = 0;
     const std::vector<int64_t>& idx = sampler.next(&epoch);
-    io::gather_batch(train, idx.data(), batch, x.data(), labels.data());
+    io::gather_batch(train, idx.data(), batch, x_global.data(), labels_global.data());
     if (config.augment == "flip" || config.augment == "flip+crop")
-      flip_some(train, batch, &flips, x.data());
+      flip_some(train, batch, &flips, x_global.data());
     if (config.augment == "crop" || config.augment == "flip+crop")
-      shift_some(train, batch, &flips, x.data(), &shift_scratch);
+      shift_some(train, batch, &flips, x_global.data(), &shift_scratch);
+    const float* mine = x_global.data() + local_begin * train.image_size();
+    if (distributed) {
+      std::copy(mine, mine + local * train.image_size(), x.data());
+    } else {
+      std::swap(x, x_global);
+    }
+    BNORM_RETURN_IF_ERROR(fault_point(rank, step));
     const double lr = schedule.lr_at(step);
     sgd.set_lr(lr);
     model.zero_grad();
     BNORM_RETURN_IF_ERROR(model.forward(x, &logits));
     nn::CrossEntropyResult r;
-    BNORM_RETURN_IF_ERROR(nn::softmax_cross_entropy(logits, std::span<const int32_t>(labels), &r,
-                                                    &dlogits));
-    if (!std::isfinite(r.loss)) {
+    BNORM_RETURN_IF_ERROR(nn::softmax_cross_entropy(logits, labels, &r, &dlogits));
+    if (distributed) {
+      // The gradient of the global batch's mean loss: this rank's mean times its share.
+      for (int64_t i = 0; i < dlogits.numel(); ++i) dlogits.data()[i] *= grad_scale;
+    }
+    if (!distributed && !std::isfinite(r.loss)) {
       result->diverged = true;
       break;
     }
     BNORM_RETURN_IF_ERROR(model.backward(dlogits, nullptr));
+    if (distributed) {
+      size_t at = 0;
+      for (const nn::StateEntry& e : reduced_grads) {
+        std::copy(e.grad, e.grad + e.numel(), fused.data() + at);
+        at += static_cast<size_t>(e.numel());
+      }
+      for (const nn::StateEntry& e : broadcast_buffers) {
+        const float* v = static_cast<const float*>(e.data);
+        if (lead) std::copy(v, v + e.numel(), fused.data() + at);
+        else std::fill(fused.data() + at, fused.data() + at + e.numel(), 0.0f);
+        at += static_cast<size_t>(e.numel());
+      }
+      fused[at] = static_cast<float>(r.loss * static_cast<double>(local));
+      fused[at + 1] = static_cast<float>(r.correct);
+      BNORM_RETURN_IF_ERROR(comm->allreduce_sum(fused));
+      at = 0;
+      for (const nn::StateEntry& e : reduced_grads) {
+        std::copy(fused.data() + at, fused.data() + at + e.numel(), e.grad);
+        at += static_cast<size_t>(e.numel());
+      }
+      for (const nn::StateEntry& e : broadcast_buffers) {
+        std::copy(fused.data() + at, fused.data() + at + e.numel(), static_cast<float*>(e.data));
+        at += static_cast<size_t>(e.numel());
+      }
+      r.loss = static_cast<double>(fused[at]) / static_cast<double>(batch);
+      r.correct = static_cast<int64_t>(fused[at + 1]);
+      if (!std::isfinite(r.loss)) {  // every rank sees the same global loss: all stop together
+        result->diverged = true;
+        break;
+      }
+    } else {
+      std::swap(x, x_global);
+    }
     sgd.step();
     interval_loss += r.loss;
     interval_correct += static_cast<double>(r.correct);
@@ -367,9 +561,9 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
       }
       interval_loss = interval_correct = interval_seen = 0;
       interval_steps = 0;
-      progress.update(step + 1, mean_loss, result->final_test.accuracy);
+      if (lead) progress.update(step + 1, mean_loss, result->final_test.accuracy);
       train_start = Clock::now();
-    } else if ((step & 15) == 0) {
+    } else if ((step & 15) == 0 && lead) {
       progress.update(step + 1, r.loss,
                       result->curve.test_accuracy.empty() ? NAN : result->curve.test_accuracy.back());
     }
@@ -384,13 +578,19 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
     std::fprintf(stderr, "%s: diverged at step %lld (loss is not finite)\n", spec.name.c_str(),
                  static_cast<long long>(step + 1));
   }
-  progress.finish(result->final_train_loss, result->final_test.accuracy);
+  if (lead) progress.finish(result->final_train_loss, result->final_test.accuracy);
+  if (comm != nullptr) result->comm = comm->counters();
 
-  if (spec.train_mode_gap && !result->diverged)
+  // With batch statistics over the test set in batches of the global batch: one process only.
+  if (spec.train_mode_gap && !result->diverged && !distributed)
     BNORM_RETURN_IF_ERROR(
         evaluate_train_mode(model, config.preset, test, batch, &result->final_test_train_mode));
 
-  if (!spec.checkpoint.empty() && !result->diverged) {
+  if (distributed && !result->diverged) {
+    BNORM_RETURN_IF_ERROR(check_replicas(comm, model, result->steps_done));
+    ++result->replica_checks;
+  }
+  if (!spec.checkpoint.empty() && !result->diverged && lead) {
     std::map<std::string, std::string> meta = {
         {"format", "bnorm-checkpoint-1"},
         {"architecture", model.architecture()},
@@ -454,6 +654,16 @@ Json to_json(const RunResult& r, const TrainConfig& config) {
   fin["train_loss"] = num(r.final_train_loss);
   run["final"] = fin;
   if (!r.checkpoint.empty()) run["checkpoint"] = r.checkpoint;
+  if (r.comm.allreduce_calls > 0) {
+    Json c;
+    c["sync_bn"] = r.sync_bn;
+    c["replica_checks_passed"] = r.replica_checks;
+    c["allreduce_calls"] = r.comm.allreduce_calls;
+    c["allreduce_bytes"] = r.comm.allreduce_bytes;
+    c["allreduce_seconds"] = r.comm.allreduce_seconds;
+    c["step_time_ms"] = r.steps_done > 0 ? 1e3 * r.train_time_s / static_cast<double>(r.steps_done) : 0.0;
+    run["distributed"] = c;
+  }
   (void)config;
   return run;
 }
@@ -550,6 +760,8 @@ Status apply_preset_defaults(TrainConfig* c) {
       c->augment != "flip+crop")
     return bad_option("augment", "'" + c->augment + "' (expected none, flip, crop or flip+crop)");
   if (c->out_dir.empty()) c->out_dir = "runs/" + c->preset;
+  if (c->sync_mode != "reproducible" && c->sync_mode != "per-rank")
+    return bad_option("sync-mode", "'" + c->sync_mode + "' (expected reproducible or per-rank)");
   if (c->threads < 0) return bad_option("threads", std::to_string(c->threads) + " is not >= 0");
   return Status();
 }
@@ -581,24 +793,43 @@ Status evaluate_train_mode(nn::Sequential& model, const std::string& preset,
   return s;
 }
 
-Status run_training(const TrainConfig& config) {
+Status run_training(const TrainConfig& config, Communicator* comm) {
   const auto start = Clock::now();
   const fs::path out_dir(config.out_dir);
+  const int ranks = comm != nullptr ? comm->size() : 1;
+  const bool lead = comm == nullptr || comm->rank() == 0;
   if (config.threads > 0) nn::set_num_threads(config.threads);
   io::Dataset train, test;
   io::DataOptions data_options;
   data_options.normalize = config.normalize;
-  BNORM_RETURN_IF_ERROR(io::load_fashion_mnist(config.data_dir, data_options, &train, &test));
+  // Every rank sets up; a rank that fails ends every rank (agree) before the first step.
+  Status setup = io::load_fashion_mnist(config.data_dir, data_options, &train, &test);
+  if (setup.ok() && config.batch_size < ranks)
+    setup = bad_option("batch-size", std::to_string(config.batch_size) + " is smaller than the " +
+                                         std::to_string(ranks) + " ranks: each needs a sample");
+  if (setup.ok() && !config.sync_bn && config.batch_size < 2 * ranks && config.which != "plain")
+    setup = bad_option("batch-size", std::to_string(config.batch_size) + " gives some of the " +
+                                         std::to_string(ranks) +
+                                         " ranks a single sample: batch norm without --sync-bn "
+                                         "needs 2 per rank");
   // Before any training time is spent: the report must be writable.
-  BNORM_RETURN_IF_ERROR(prepare_output_dir(out_dir));
-  std::fprintf(stderr,
-               "bnorm train: preset %s, %lld steps of %lld (%.1f epochs), lr %g, momentum %g, "
-               "weight decay %g, %s schedule, seed %llu, %d threads -> %s\n",
-               config.preset.c_str(), static_cast<long long>(config.steps),
-               static_cast<long long>(config.batch_size), config.epochs, config.lr,
-               config.momentum, config.weight_decay, config.schedule.c_str(),
-               static_cast<unsigned long long>(config.seed), bnorm::num_threads(),
-               config.out_dir.c_str());
+  if (setup.ok() && lead) setup = prepare_output_dir(out_dir);
+  BNORM_RETURN_IF_ERROR(agree(comm, setup, "setup"));
+  if (lead)
+    std::fprintf(stderr,
+                 "bnorm train: preset %s, %lld steps of %lld (%.1f epochs), lr %g, momentum %g, "
+                 "weight decay %g, %s schedule, seed %llu, %d threads -> %s\n",
+                 config.preset.c_str(), static_cast<long long>(config.steps),
+                 static_cast<long long>(config.batch_size), config.epochs, config.lr,
+                 config.momentum, config.weight_decay, config.schedule.c_str(),
+                 static_cast<unsigned long long>(config.seed), bnorm::num_threads(),
+                 config.out_dir.c_str());
+  if (lead && comm != nullptr)
+    std::fprintf(stderr,
+                 "bnorm train: data parallel over %d %s rank(s), global batch %lld, batch norm %s\n",
+                 ranks, comm->kind().c_str(), static_cast<long long>(config.batch_size),
+                 config.sync_bn ? ("synchronized (" + config.sync_mode + ")").c_str()
+                                : "local to each rank (rank 0's running statistics kept)");
 
   std::vector<RunResult> runs;
   for (bool bn : {true, false}) {
@@ -612,7 +843,7 @@ Status run_training(const TrainConfig& config) {
                  .train_mode_gap = bn,
                  .checkpoint = bn ? "bn.safetensors" : "plain.safetensors"};
     RunResult r;
-    BNORM_RETURN_IF_ERROR(run_one(config, spec, train, test, &r));
+    BNORM_RETURN_IF_ERROR(run_one(config, spec, train, test, comm, &r));
     runs.push_back(std::move(r));
   }
 
@@ -625,7 +856,7 @@ Status run_training(const TrainConfig& config) {
                    .eval_every = 0, .trace_sigmoid = false, .train_mode_gap = false,
                    .checkpoint = ""};
       RunResult r;
-      BNORM_RETURN_IF_ERROR(run_one(config, spec, train, test, &r));
+      BNORM_RETURN_IF_ERROR(run_one(config, spec, train, test, comm, &r));
       // Diverged: the loss became non-finite, or the network ends no better than chance.
       const bool failed = r.diverged || !(r.final_test.accuracy > 0.2);
       Json e;
@@ -640,12 +871,24 @@ Status run_training(const TrainConfig& config) {
     }
   }
 
+  if (!lead) return Status();  // rank 0 writes the report and the plots
+
   Json report;
   report["tool"] = "bnorm train";
   report["bnorm_version"] = bnorm::version();
   report["preset"] = config.preset;
   report["seed"] = config.seed;
   report["threads"] = bnorm::num_threads();
+  if (comm != nullptr) {
+    Json d;
+    d["ranks"] = ranks;
+    d["communicator"] = comm->kind();
+    d["threads_per_rank"] = bnorm::num_threads();
+    d["global_batch"] = config.batch_size;
+    d["sync_bn"] = config.sync_bn;
+    d["sync_mode"] = config.sync_bn ? Json(config.sync_mode) : Json(nullptr);
+    report["distributed"] = d;
+  }
   std::time_t now = std::time(nullptr);
   char started[32];
   std::strftime(started, sizeof started, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));

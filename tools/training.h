@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "bnorm/comm.h"
 #include "bnorm/nn/layers.h"
 #include "bnorm/status.h"
 #include "io/idx.h"
@@ -38,6 +39,10 @@ struct TrainConfig {
   std::vector<double> lr_sweep;  // learning rates; empty: no sweep
   int64_t sweep_steps = -1;
   bool plots = true;
+  // Data-parallel training (under mpirun): each global batch of batch_size is split across the
+  // ranks, gradients are all-reduced once per step. sync_bn: batch norm over the global batch.
+  bool sync_bn = false;
+  std::string sync_mode = "reproducible";  // "reproducible" or "per-rank"
   std::set<std::string> given;  // option names the user gave (without "--")
 };
 
@@ -68,8 +73,11 @@ Status evaluate_train_mode(nn::Sequential& model, const std::string& preset,
                            const io::Dataset& data, int64_t batch_size, EvalResult* out);
 
 // Runs `bnorm train` with a complete config (after apply_preset_defaults). Writes the report,
-// checkpoints and plots into config.out_dir.
-Status run_training(const TrainConfig& config);
+// checkpoints and plots into config.out_dir. comm: the ranks of a data-parallel run (null: one
+// process); every rank calls this with the same config, only rank 0 prints and writes files.
+// An error on one rank is returned on every rank where it can be (setup errors, batch-norm
+// input errors); the caller should abort the group on any error.
+Status run_training(const TrainConfig& config, Communicator* comm = nullptr);
 
 struct EvalConfig {
   std::string checkpoint;

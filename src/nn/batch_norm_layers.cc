@@ -99,6 +99,7 @@ void BatchNormNd::append_state(const std::string& prefix, std::vector<StateEntry
     e.data = data;
     e.is_parameter = grad != nullptr;
     e.grad = grad;
+    e.grad_is_global = grad != nullptr && bn_.sync_communicator() != nullptr;
     out->push_back(std::move(e));
   };
   if (bn_.options().affine) {

@@ -79,6 +79,14 @@ void Sequential::train(bool on) {
   for (auto& m : modules_) m->train(on);
 }
 
+void Sequential::set_sync(Communicator* comm, SyncMode mode) {
+  for (auto& m : modules_) m->set_sync(comm, mode);
+}
+
+void Sequential::set_sync_split(const std::vector<int64_t>& split) {
+  for (auto& m : modules_) m->set_sync_split(split);
+}
+
 void Sequential::zero_grad() {
   for (auto& m : modules_) m->zero_grad();
 }

@@ -183,6 +183,8 @@ class BatchNormNd : public Module {
   void append_state(const std::string& prefix, std::vector<StateEntry>* out) override;
   void zero_grad() override;
   void train(bool on = true) override;
+  void set_sync(Communicator* comm, SyncMode mode) override { bn_.set_sync(comm, mode); }
+  void set_sync_split(const std::vector<int64_t>& split) override { bn_.set_sync_split(split); }
 
   int64_t num_features() const { return bn_.num_features(); }
   // The wrapped layer (parameters, running statistics, gradients).
@@ -242,6 +244,8 @@ class Sequential final : public Module {
   // Backward through every child, last to first; dx == nullptr skips the first child's dx.
   Status backward(const Tensor& dy, Tensor* dx) override;
   void train(bool on = true) override;
+  void set_sync(Communicator* comm, SyncMode mode) override;
+  void set_sync_split(const std::vector<int64_t>& split) override;
   std::string repr() const override;
   std::string architecture() const override;
   void append_state(const std::string& prefix, std::vector<StateEntry>* out) override;

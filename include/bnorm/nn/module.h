@@ -29,6 +29,11 @@
 #include "bnorm/nn/tensor.h"
 #include "bnorm/status.h"
 
+namespace bnorm {
+class Communicator;         // bnorm/comm.h
+enum class SyncMode : int;  // bnorm/comm.h
+}  // namespace bnorm
+
 namespace bnorm::nn {
 
 class Module {
@@ -58,6 +63,15 @@ class Module {
   std::vector<StateEntry> parameters();
   // Sets every parameter gradient to zero (allocates nothing in the built-in modules).
   virtual void zero_grad();
+
+  // Synchronized batch norm for every batch-norm layer in this module (PyTorch's
+  // SyncBatchNorm.convert_sync_batchnorm): in training mode they normalize over the global batch
+  // of comm's ranks, and their weight/bias gradients become the global batch's (state entries
+  // marked grad_is_global). nullptr turns it off. Containers recurse; other modules ignore it.
+  virtual void set_sync(Communicator* comm, SyncMode mode) { (void)comm, (void)mode; }
+  // The per-rank sample counts of the coming forwards when every rank knows them (one exchange
+  // per batch-norm forward instead of two); empty: exchanged. Containers recurse.
+  virtual void set_sync_split(const std::vector<int64_t>& split) { (void)split; }
 
   // PyTorch-like text, e.g. "Linear(in_features=784, out_features=100, bias=True)"; Sequential
   // prints its children indented with their indices, as PyTorch does.

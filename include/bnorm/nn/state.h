@@ -22,6 +22,9 @@ struct StateEntry {
   void* data = nullptr;        // float* for kF32, int64_t* for kI64; contiguous, row-major
   bool is_parameter = false;   // learnable (weight, bias); buffers (running stats) are not
   float* grad = nullptr;       // the gradient of a parameter (same shape), else null
+  bool grad_is_global = false; // the gradient is already the global batch's, identical on every
+                               // rank (synchronized batch norm): data-parallel training does
+                               // not all-reduce it
 
   int64_t numel() const {
     int64_t n = 1;
