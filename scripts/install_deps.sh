@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what bnorm needs on Debian 12 with apt-get (as root, or through sudo).
 #   install_deps.sh build   compiler, CMake and the libraries bnorm builds on: Highway (SIMD),
-#                           OpenBLAS, zlib, nlohmann-json, CLI11; Fashion-MNIST and matplotlib
-#                           for `bnorm train` and its report
+#                           OpenBLAS, zlib, nlohmann-json, CLI11, OpenMPI (bnorm_mpi and mpirun
+#                           for the MPI tests); Fashion-MNIST and matplotlib for `bnorm train`
+#                           and its report
 #   install_deps.sh test    + GoogleTest, and python3-torch + numpy for the conformance suite
 #   install_deps.sh bench   + Google Benchmark, oneDNN and python3-torch: the benchmark peers
 # Packages already installed are not installed again.
@@ -10,7 +11,7 @@ set -euo pipefail
 
 what=${1:-test}
 packages=(cmake gcc g++ make pkg-config libhwy-dev libopenblas-dev zlib1g-dev nlohmann-json3-dev
-  libcli11-dev dataset-fashion-mnist python3 python3-matplotlib)
+  libcli11-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist python3 python3-matplotlib)
 case "$what" in
   build) ;;
   test) packages+=(libgtest-dev python3-numpy python3-torch) ;;

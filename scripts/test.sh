@@ -3,7 +3,9 @@
 #   1. Release build: every test (GoogleTest unit and kernel tests, nn, io, the CLI end to end,
 #      the PyTorch conformance suite and checkpoint round trip with python3-torch).
 #   2. ASan + UBSan build: every test that does not load the library into Python.
-#   3. ThreadSanitizer build: the fast kernels and their thread pool (ctest label cpu).
+#   3. ThreadSanitizer build: the fast kernels and their thread pool (ctest label cpu), and the
+#      in-process communicator's simulated ranks (label comm).
+# The MPI tests (label mpi, under mpirun) run in suites 1 and 2.
 # Exits non-zero if anything fails. With BNORM_REQUIRE_ALL_TESTS=1 (set by .ci/run) a test that
 # reports itself skipped (e.g. "skipped: python3-torch not installed") is a failure too.
 set -euo pipefail
@@ -36,6 +38,6 @@ run_suite release -DCMAKE_BUILD_TYPE=Release
 sed -n '/random configurations/,/passed, .* failed/p' build/test-release/Testing/Temporary/LastTest.log
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   run_suite sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE=ON -DBNORM_BUILD_EXAMPLES=OFF
-TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS="-L cpu" \
+TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS='-L cpu|comm' \
   run_suite tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_TSAN=ON -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF
 echo "test.sh: all suites passed"
