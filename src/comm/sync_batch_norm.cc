@@ -84,33 +84,59 @@ Moments chan(const Moments& a, const Moments& b) {
   return r;
 }
 
-// Units [lo, hi) of channel c merged by the fixed tree that halves the range.
-Moments merge_moments(const std::vector<double>& counts, const double* table, int64_t channels,
-                      int64_t c, int64_t lo, int64_t hi) {
+// Units [lo, hi) of every channel merged by the fixed tree that halves the range, into out (C
+// values). A node works on all channels at once, on contiguous rows (scratch: two rows per
+// depth; the halving tree over u units is ceil(log2 u) deep), so the table is read row by row;
+// per channel it is the same tree of the same operations, hence the same bits.
+template <class Row, class Leaf, class Combine>
+void merge_tree(int64_t channels, int64_t lo, int64_t hi, size_t depth, std::vector<Row>* scratch,
+                Row* out, const Leaf& leaf, const Combine& combine) {
   if (hi - lo == 1) {
-    const double* u = table + (lo * channels + c) * 2;
-    return Moments{counts[static_cast<size_t>(lo)], u[0], u[1]};
-  }
-  const int64_t mid = lo + (hi - lo) / 2;
-  return chan(merge_moments(counts, table, channels, c, lo, mid),
-              merge_moments(counts, table, channels, c, mid, hi));
-}
-
-// The same tree for plain sums (the backward's): returns both sums of channel c.
-void merge_sums(const double* table, int64_t channels, int64_t c, int64_t lo, int64_t hi,
-                double* s0, double* s1) {
-  if (hi - lo == 1) {
-    const double* u = table + (lo * channels + c) * 2;
-    *s0 = u[0];
-    *s1 = u[1];
+    for (int64_t c = 0; c < channels; ++c) out[c] = leaf(lo, c);
     return;
   }
+  Row* left = scratch->data() + (2 * depth) * static_cast<size_t>(channels);
+  Row* right = left + channels;
   const int64_t mid = lo + (hi - lo) / 2;
-  double a0, a1, b0, b1;
-  merge_sums(table, channels, c, lo, mid, &a0, &a1);
-  merge_sums(table, channels, c, mid, hi, &b0, &b1);
-  *s0 = a0 + b0;
-  *s1 = a1 + b1;
+  merge_tree(channels, lo, mid, depth + 1, scratch, left, leaf, combine);
+  merge_tree(channels, mid, hi, depth + 1, scratch, right, leaf, combine);
+  for (int64_t c = 0; c < channels; ++c) out[c] = combine(left[c], right[c]);
+}
+
+// Rows of scratch merge_tree needs for `units` units: two per level of the tree.
+template <class Row>
+std::vector<Row> tree_scratch(int64_t channels, int64_t units) {
+  size_t depth = 0;
+  for (int64_t span = 1; span < units; span *= 2) ++depth;
+  return std::vector<Row>(2 * (depth + 1) * static_cast<size_t>(channels));
+}
+
+// The forward's table (units x C x {mean, M2}) merged: the global batch's moments per channel.
+void merge_moments(const std::vector<double>& counts, const double* table, int64_t channels,
+                   int64_t units, Moments* out) {
+  std::vector<Moments> scratch = tree_scratch<Moments>(channels, units);
+  merge_tree(
+      channels, 0, units, 0, &scratch, out,
+      [&](int64_t u, int64_t c) {
+        const double* v = table + (u * channels + c) * 2;
+        return Moments{counts[static_cast<size_t>(u)], v[0], v[1]};
+      },
+      [](const Moments& a, const Moments& b) { return chan(a, b); });
+}
+
+// The backward's table (units x C x {sum dy, sum dy * xhat}) summed by the same tree.
+struct Sums {
+  double dy = 0, dy_xhat = 0;
+};
+void merge_sums(const double* table, int64_t channels, int64_t units, Sums* out) {
+  std::vector<Sums> scratch = tree_scratch<Sums>(channels, units);
+  merge_tree(
+      channels, 0, units, 0, &scratch, out,
+      [&](int64_t u, int64_t c) {
+        const double* v = table + (u * channels + c) * 2;
+        return Sums{v[0], v[1]};
+      },
+      [](const Sums& a, const Sums& b) { return Sums{a.dy + b.dy, a.dy_xhat + b.dy_xhat}; });
 }
 
 // A tensor that may hold N = 0 samples: checked as check_tensor does with N = 1.
@@ -486,10 +512,11 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
   global.n = split.global_n;
   std::vector<double> mean(channels), var(channels), invstd(channels);
   // From here on every rank computes the same values from the same table.
+  std::vector<Moments> moments(static_cast<size_t>(channels));
+  merge_moments(split.unit_counts, table, channels, split.units, moments.data());
   for (int64_t c = 0; c < channels; ++c) {
-    const Moments m = merge_moments(split.unit_counts, table, channels, c, 0, split.units);
-    mean[c] = m.mean;
-    var[c] = m.m2 / m.n;
+    mean[c] = moments[static_cast<size_t>(c)].mean;
+    var[c] = moments[static_cast<size_t>(c)].m2 / moments[static_cast<size_t>(c)].n;
   }
   float* running_mean = tracking ? a.running_mean.data() : nullptr;
   float* running_var = tracking ? a.running_var.data() : nullptr;
@@ -585,8 +612,12 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
   const double* table = nullptr;
   Split split;
   BNORM_RETURN_IF_ERROR(exchange(comm, mine, g, sync, ex, &buffer, &table, &split));
-  for (int64_t c = 0; c < channels; ++c)
-    merge_sums(table, channels, c, 0, split.units, &sum_dy[c], &sum_dy_xhat[c]);
+  std::vector<Sums> sums(static_cast<size_t>(channels));
+  merge_sums(table, channels, split.units, sums.data());
+  for (int64_t c = 0; c < channels; ++c) {
+    sum_dy[c] = sums[static_cast<size_t>(c)].dy;
+    sum_dy_xhat[c] = sums[static_cast<size_t>(c)].dy_xhat;
+  }
 
   if (g.n > 0) {
     const double* w = weight.empty() ? nullptr : weight.data();
