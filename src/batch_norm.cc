@@ -63,39 +63,10 @@ Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
   Geometry g;
   BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
-  if (tracking) {
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
-  }
-  BNORM_RETURN_IF_ERROR(
-      detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(
-      detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
-  BNORM_RETURN_IF_ERROR(detail::check_momentum(a.momentum));
-  BNORM_RETURN_IF_ERROR(detail::check_more_than_one_value_per_channel(a.x, g));
-
-  // The running-stat factor: momentum, or 1 / num_batches_tracked (after the increment).
   double factor = 0;
   int64_t batches = 0;
-  if (tracking) {
-    if (a.num_batches_tracked != nullptr) batches = *a.num_batches_tracked;
-    if (!a.momentum) {
-      if (a.num_batches_tracked == nullptr)
-        return Status::invalid_argument(
-            "num_batches_tracked: required when momentum is none (cumulative average) and "
-            "running statistics are tracked, got null");
-      if (batches < 0)
-        return Status::invalid_argument("num_batches_tracked: must be >= 0, got " +
-                                        std::to_string(batches));
-    }
-    if (a.num_batches_tracked != nullptr && batches == std::numeric_limits<int64_t>::max())
-      return Status::invalid_argument("num_batches_tracked: cannot be incremented, got " +
-                                      std::to_string(batches) + " (the int64 maximum)");
-    factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + 1);
-  }
+  BNORM_RETURN_IF_ERROR(detail::check_train_args(a, g, &factor, &batches));
+  BNORM_RETURN_IF_ERROR(detail::check_more_than_one_value_per_channel(a.x, g));
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
 
   detail::TrainCall call;
@@ -148,21 +119,7 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
       detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
   BNORM_RETURN_IF_ERROR(
       detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
-  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
-  if (a.training) {
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
-  } else {
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
-  }
-  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dweight", a.dweight.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dbias", a.dbias.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
+  BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
   if (options.check_finite) {
     BNORM_RETURN_IF_ERROR(detail::check_finite("dy", a.dy, g));
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));

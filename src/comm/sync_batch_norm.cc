@@ -439,32 +439,10 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
           detail::check_no_partial_overlap("y", a.y.data(), "x", a.x.data(), g.numel()));
     BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
     BNORM_RETURN_IF_ERROR(detail::check_channel_vector("bias", a.bias.size(), g.c, false, a.x));
-    if (tracking) {
-      BNORM_RETURN_IF_ERROR(
-          detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
-      BNORM_RETURN_IF_ERROR(
-          detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
-    }
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
-    BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
-    BNORM_RETURN_IF_ERROR(detail::check_momentum(a.momentum));
+    BNORM_RETURN_IF_ERROR(detail::check_train_args(a, g, &factor, &batches));
     if (sync.mode != SyncMode::kReproducible && sync.mode != SyncMode::kPerRank)
       return Status::invalid_argument("sync mode: unknown value " +
                                       std::to_string(static_cast<int>(sync.mode)));
-    if (tracking) {
-      if (a.num_batches_tracked != nullptr) batches = *a.num_batches_tracked;
-      if (!a.momentum && a.num_batches_tracked == nullptr)
-        return Status::invalid_argument(
-            "num_batches_tracked: required when momentum is none (cumulative average) and "
-            "running statistics are tracked, got null");
-      if (batches < 0 || batches == std::numeric_limits<int64_t>::max())
-        return Status::invalid_argument("num_batches_tracked: cannot be incremented, got " +
-                                        std::to_string(batches));
-      factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + 1);
-    }
     if (options.check_finite && g.n > 0)
       BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
     return Status();
@@ -567,13 +545,7 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
       BNORM_RETURN_IF_ERROR(
           detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
     }
-    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("save_mean", a.save_mean.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(
-        detail::check_channel_vector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
-    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dweight", a.dweight.size(), g.c, false, a.x));
-    BNORM_RETURN_IF_ERROR(detail::check_channel_vector("dbias", a.dbias.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
     if (sync.mode != SyncMode::kReproducible && sync.mode != SyncMode::kPerRank)
       return Status::invalid_argument("sync mode: unknown value " +
                                       std::to_string(static_cast<int>(sync.mode)));

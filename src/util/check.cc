@@ -134,4 +134,49 @@ Status check_finite(const char* name, ConstTensorView t, const Geometry& g) {
   return Status();
 }
 
+Status check_train_args(const ForwardTrainArgs& a, const Geometry& g, double* factor,
+                        int64_t* batches) {
+  const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+  if (tracking) {
+    BNORM_RETURN_IF_ERROR(check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
+  }
+  BNORM_RETURN_IF_ERROR(check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(check_eps(a.eps));
+  BNORM_RETURN_IF_ERROR(check_momentum(a.momentum));
+  *factor = 0;
+  *batches = 0;
+  if (!tracking) return Status();
+  if (a.num_batches_tracked != nullptr) *batches = *a.num_batches_tracked;
+  if (!a.momentum) {
+    if (a.num_batches_tracked == nullptr)
+      return Status::invalid_argument(
+          "num_batches_tracked: required when momentum is none (cumulative average) and "
+          "running statistics are tracked, got null");
+    if (*batches < 0)
+      return Status::invalid_argument("num_batches_tracked: must be >= 0, got " +
+                                      std::to_string(*batches));
+  }
+  if (a.num_batches_tracked != nullptr && *batches == std::numeric_limits<int64_t>::max())
+    return Status::invalid_argument("num_batches_tracked: cannot be incremented, got " +
+                                    std::to_string(*batches) + " (the int64 maximum)");
+  *factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(*batches + 1);
+  return Status();
+}
+
+Status check_backward_args(const BackwardArgs& a, const Geometry& g) {
+  BNORM_RETURN_IF_ERROR(check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
+  if (a.training) {
+    BNORM_RETURN_IF_ERROR(check_channel_vector("save_mean", a.save_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(check_channel_vector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
+  } else {
+    BNORM_RETURN_IF_ERROR(check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
+  }
+  BNORM_RETURN_IF_ERROR(check_channel_vector("dweight", a.dweight.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(check_channel_vector("dbias", a.dbias.size(), g.c, false, a.x));
+  return check_eps(a.eps);
+}
+
 }  // namespace bnorm::detail

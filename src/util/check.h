@@ -44,6 +44,15 @@ Status check_more_than_one_value_per_channel(ConstTensorView x, const Geometry& 
 // NaN/Inf in t, naming the first bad element (memory order) by its logical index and channel.
 Status check_finite(const char* name, ConstTensorView t, const Geometry& g);
 
+// What a training forward checks beyond x, y, weight and bias (g: x's geometry): the running and
+// saved statistics' sizes, eps, momentum and num_batches_tracked. Sets *factor, the running-stat
+// factor (momentum, or 1 / the incremented counter), and *batches, the counter's value.
+Status check_train_args(const ForwardTrainArgs& a, const Geometry& g, double* factor,
+                        int64_t* batches);
+
+// What a backward checks beyond its three tensors: the per-channel vectors and eps.
+Status check_backward_args(const BackwardArgs& a, const Geometry& g);
+
 }  // namespace bnorm::detail
 
 #endif  // BNORM_SRC_UTIL_CHECK_H_
