@@ -824,6 +824,9 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
                  config.momentum, config.weight_decay, config.schedule.c_str(),
                  static_cast<unsigned long long>(config.seed), bnorm::num_threads(),
                  config.out_dir.c_str());
+  if (comm == nullptr && config.sync_bn)
+    std::fprintf(stderr, "bnorm train: --sync-bn: one process (not started by mpirun), so batch "
+                         "norm already sees the whole batch\n");
   if (lead && comm != nullptr)
     std::fprintf(stderr,
                  "bnorm train: data parallel over %d %s rank(s), global batch %lld, batch norm %s\n",

@@ -102,10 +102,13 @@ class InProcessGroup {
 bool mpi_compiled();
 // True when the process was started by mpirun/mpiexec (OpenMPI's or PMI's environment).
 bool launched_by_mpi();
-// MPI_COMM_WORLD, initializing MPI (thread level FUNNELED) on the first call; argc/argv may be
-// null. MPI is finalized at exit. Collectives wait at most timeout_seconds for the other ranks,
-// then print an error naming the rank and the collective and abort every process: a killed or
-// hung rank ends the job instead of hanging it. Fails when built without MPI.
+// The ranks of MPI_COMM_WORLD (on a duplicate of it, so that bnorm's collectives never mix with
+// the program's own messages), initializing MPI at thread level FUNNELED on the first call (only
+// the thread that made that call may use the communicator); argc/argv may be null. MPI is
+// finalized at exit. Every collective waits at most timeout_seconds for the other ranks (later
+// calls reset it), then prints an error naming the rank and the collective and ends the process
+// with exit code 70, which makes mpirun terminate the others: a killed or hung rank ends the job
+// instead of hanging it. Fails when built without MPI.
 Status mpi_world(int* argc, char*** argv, Communicator** out, double timeout_seconds = 45.0);
 
 // How synchronized batch norm makes its exchange.
