@@ -28,7 +28,10 @@ thread_local bool t_in_task = false;
 class Pool {
  public:
   explicit Pool(int threads) : threads_(std::max(1, threads)) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { loop(); });
+    // Each worker starts from generation 0, the one the pool has now, not from the one it finds
+    // when its thread first runs: under load a thread may start after the pool has moved on or
+    // even been told to stop, and would then wait for a generation that never comes.
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { loop(0); });
   }
   ~Pool() {
     {
@@ -86,9 +89,8 @@ class Pool {
     }
   }
 
-  void loop() {
+  void loop(uint32_t seen) {
     t_in_task = true;
-    uint32_t seen = gen_.load(std::memory_order_acquire);
     for (;;) {
       // Spin briefly (the next parallel region usually follows within microseconds), then sleep.
       uint32_t g = gen_.load(std::memory_order_acquire);
