@@ -31,19 +31,6 @@ std::string layout_name(Layout layout) {
 
 namespace {
 
-// Runs a kernel pass; the kernels cannot fail but may run out of memory (reference workspace),
-// which happens before their first write.
-template <class Fn>
-Status run(Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::bad_alloc&) {
-    return Status::internal("out of memory");
-  } catch (const std::exception& e) {
-    return Status::internal(e.what());
-  }
-  return Status();
-}
 
 // What both forwards check first: x, y (same shape, y == x or disjoint), weight and bias.
 template <class Args>
@@ -82,7 +69,7 @@ Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
   call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
   call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
   const detail::Implementation& impl = detail::select_implementation(options.backend);
-  BNORM_RETURN_IF_ERROR(run([&] { impl.forward_train(call); }));
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] { impl.forward_train(call); }));
   if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
   return Status();
 }
@@ -107,7 +94,7 @@ Status forward_eval(const ForwardEvalArgs& a, const CallOptions& options) {
   call.eps = a.eps;
   call.y = a.y.data();
   const detail::Implementation& impl = detail::select_implementation(options.backend);
-  return run([&] { impl.forward_eval(call); });
+  return detail::run_kernels([&] { impl.forward_eval(call); });
 }
 
 Status backward(const BackwardArgs& a, const CallOptions& options) {
@@ -143,7 +130,7 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
   call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
   call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
   const detail::Implementation& impl = detail::select_implementation(options.backend);
-  return run([&] { impl.backward(call); });
+  return detail::run_kernels([&] { impl.backward(call); });
 }
 
 }  // namespace bnorm

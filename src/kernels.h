@@ -11,6 +11,8 @@
 #define BNORM_SRC_KERNELS_H_
 
 #include <cstdint>
+#include <exception>
+#include <new>
 
 #include "bnorm/batch_norm.h"
 #include "bnorm/tensor.h"
@@ -79,6 +81,20 @@ struct Implementation {
   void (*forward_eval)(const EvalCall&);
   void (*backward)(const BackwardCall&);
 };
+
+// Runs a kernel pass: the kernels cannot fail, but may run out of memory (workspaces), which
+// happens before their first write; that becomes a kInternal status.
+template <class Fn>
+Status run_kernels(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::bad_alloc&) {
+    return Status::internal("out of memory");
+  } catch (const std::exception& e) {
+    return Status::internal(e.what());
+  }
+  return Status();
+}
 
 // The implementation a call runs: the reference for Backend::kReference or when the
 // environment variable BNORM_BACKEND=reference is set, else the first (fastest) in the list.

@@ -168,16 +168,6 @@ Status check_local_same_shape(const char* name, ConstTensorView t, const char* l
   return Status();
 }
 
-Status run_kernels(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::bad_alloc&) {
-    return Status::internal("out of memory");
-  } catch (const std::exception& e) {
-    return Status::internal(e.what());
-  }
-  return Status();
-}
 
 double encode(const Status& s) {
   return s.ok() ? 0.0 : 1.0 + static_cast<double>(static_cast<int>(s.code()));
@@ -236,87 +226,71 @@ Split make_split(const std::vector<int64_t>& counts, int rank, int64_t spatial, 
   return s;
 }
 
-// This rank's stats partials into its slots of the table (units x C x {mean, M2}).
-void local_stats(const Geometry& g, const float* x, bool reference, SyncMode mode, double* slots) {
+// Runs partials(part, offset, out) over this rank's units: its whole part of the batch as one
+// (per-rank mode) or each sample as a (1, C, S) part; offset is the part's first value in the
+// tensors, out its slots (C x 2).
+template <class Partials>
+void for_each_unit(const Geometry& g, SyncMode mode, double* slots, const Partials& partials) {
   if (g.n == 0) return;
+  if (mode == SyncMode::kPerRank) {
+    partials(g, int64_t{0}, slots);
+    return;
+  }
+  Geometry one = g;
+  one.n = 1;
+  for (int64_t i = 0; i < g.n; ++i) partials(one, i * g.c * g.s, slots + i * g.c * 2);
+}
+
+// This rank's stats partials (mean, M2) into its slots of the table (units x C x 2).
+void local_stats(const Geometry& g, const float* x, bool reference, SyncMode mode, double* slots) {
   std::vector<double> mean(g.c), var(g.c);
-  auto stats = [&](const Geometry& part, const float* data) {
+  for_each_unit(g, mode, slots, [&](const Geometry& part, int64_t offset, double* out) {
+    const float* data = x + offset;
+    if (mode == SyncMode::kReproducible && g.s == 1) {  // one value: it is the mean, M2 is 0
+      for (int64_t c = 0; c < g.c; ++c) {
+        out[2 * c] = canonical(static_cast<double>(data[c]));
+        out[2 * c + 1] = 0.0;
+      }
+      return;
+    }
     if (reference) {
       ref::stats(part, data, mean.data(), var.data());
     } else {
       cpu::stats(part, data, mean.data(), var.data());
     }
-  };
-  if (mode == SyncMode::kPerRank) {
-    stats(g, x);
-    const double n = static_cast<double>(g.count());
-    for (int64_t c = 0; c < g.c; ++c) {
-      slots[2 * c] = canonical(mean[c]);
-      slots[2 * c + 1] = canonical(var[c] * n);
-    }
-    return;
-  }
-  Geometry one = g;
-  one.n = 1;
-  const int64_t sample = g.c * g.s;
-  for (int64_t i = 0; i < g.n; ++i) {
-    double* out = slots + i * g.c * 2;
-    if (g.s == 1) {  // one value per channel: it is the mean, M2 is 0
-      for (int64_t c = 0; c < g.c; ++c) {
-        out[2 * c] = canonical(static_cast<double>(x[i * sample + c]));
-        out[2 * c + 1] = 0.0;
-      }
-      continue;
-    }
-    stats(one, x + i * sample);
-    const double n = static_cast<double>(g.s);
+    const double n = static_cast<double>(part.count());
     for (int64_t c = 0; c < g.c; ++c) {
       out[2 * c] = canonical(mean[c]);
       out[2 * c + 1] = canonical(var[c] * n);
     }
-  }
+  });
 }
 
 // This rank's backward partials (sum dy, sum dy * xhat) into its slots.
 void local_backward_sums(const Geometry& g, const float* dy, const float* x, const double* mean,
                          const double* invstd, bool reference, SyncMode mode, double* slots) {
-  if (g.n == 0) return;
   std::vector<double> s0(g.c), s1(g.c);
-  auto reduce = [&](const Geometry& part, const float* d, const float* data) {
+  for_each_unit(g, mode, slots, [&](const Geometry& part, int64_t offset, double* out) {
+    const float* d = dy + offset;
+    const float* data = x + offset;
+    if (mode == SyncMode::kReproducible && g.s == 1) {  // one value: the sums are its terms
+      for (int64_t c = 0; c < g.c; ++c) {
+        const double v = static_cast<double>(d[c]);
+        out[2 * c] = canonical(v);
+        out[2 * c + 1] = canonical(v * ((static_cast<double>(data[c]) - mean[c]) * invstd[c]));
+      }
+      return;
+    }
     if (reference) {
       ref::backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
     } else {
       cpu::backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
     }
-  };
-  if (mode == SyncMode::kPerRank) {
-    reduce(g, dy, x);
-    for (int64_t c = 0; c < g.c; ++c) {
-      slots[2 * c] = canonical(s0[c]);
-      slots[2 * c + 1] = canonical(s1[c]);
-    }
-    return;
-  }
-  Geometry one = g;
-  one.n = 1;
-  const int64_t sample = g.c * g.s;
-  for (int64_t i = 0; i < g.n; ++i) {
-    double* out = slots + i * g.c * 2;
-    if (g.s == 1) {
-      for (int64_t c = 0; c < g.c; ++c) {
-        const double d = static_cast<double>(dy[i * sample + c]);
-        out[2 * c] = canonical(d);
-        out[2 * c + 1] =
-            canonical(d * ((static_cast<double>(x[i * sample + c]) - mean[c]) * invstd[c]));
-      }
-      continue;
-    }
-    reduce(one, dy + i * sample, x + i * sample);
     for (int64_t c = 0; c < g.c; ++c) {
       out[2 * c] = canonical(s0[c]);
       out[2 * c + 1] = canonical(s1[c]);
     }
-  }
+  });
 }
 
 // What every rank must agree on, checked after the header exchange.
@@ -388,7 +362,7 @@ Status exchange(Communicator& comm, Status mine, const Geometry& g, const SyncOp
     std::vector<int64_t> provisional = counts;
     if (provisional.empty()) provisional.assign(static_cast<size_t>(size), 0);
     Split pre = make_split(provisional, rank, g.s, sync.mode);
-    BNORM_RETURN_IF_ERROR(run_kernels([&] {
+    BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
       buffer->assign(header_values + table_values(pre), 0.0);
       fill_header(buffer->data());
       if (mine.ok()) x.fill_slots(pre, buffer->data() + header_values + pre.first_unit * g.c * 2);
@@ -410,7 +384,7 @@ Status exchange(Communicator& comm, Status mine, const Geometry& g, const SyncOp
         std::to_string(split->global_n) + " samples x " + std::to_string(g.s) +
         " values per channel over " + std::to_string(size) + " ranks");
   if (!fused) {
-    BNORM_RETURN_IF_ERROR(run_kernels([&] {
+    BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
       buffer->assign(table_values(*split), 0.0);
       x.fill_slots(*split, buffer->data() + split->first_unit * g.c * 2);
     }));
@@ -501,7 +475,7 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
   std::vector<double> weight, bias;
   if (!a.weight.empty()) weight.assign(a.weight.begin(), a.weight.end());
   if (!a.bias.empty()) bias.assign(a.bias.begin(), a.bias.end());
-  BNORM_RETURN_IF_ERROR(run_kernels([&] {
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
     if (reference) {
       ref::finalize(global, mean.data(), var.data(), a.eps, factor, invstd.data(), running_mean,
                     running_var);
@@ -594,7 +568,7 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
   if (g.n > 0) {
     const double* w = weight.empty() ? nullptr : weight.data();
     const int64_t global_count = split.global_n * g.s;
-    BNORM_RETURN_IF_ERROR(run_kernels([&] {
+    BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
       if (reference) {
         ref::backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
                             sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
