@@ -451,21 +451,27 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
   io::BatchSampler sampler(train.count, batch, config.seed, /*drop_last=*/true);
   // Every rank draws and augments the whole global batch (cheap, and the same random streams
   // as one process), then trains on its part.
-  nn::Tensor x_global(input_shape(config.preset, batch)), x(input_shape(config.preset, local));
-  nn::Tensor logits, dlogits;
+  nn::Tensor x_global(input_shape(config.preset, batch)), x_local, logits, dlogits;
+  if (distributed) x_local.resize(input_shape(config.preset, local));
+  const nn::Tensor& x = distributed ? x_local : x_global;
   std::vector<int32_t> labels_global(static_cast<size_t>(batch));
   std::span<const int32_t> labels(labels_global.data() + local_begin, static_cast<size_t>(local));
   // One all-reduce per step: the gradients the ranks must sum (not batch norm's under sync BN:
   // those are the global batch's already), then without sync BN rank 0's batch-norm buffers
   // (PyTorch DDP's broadcast_buffers), then the loss and the number correct.
-  std::vector<nn::StateEntry> reduced_grads, broadcast_buffers;
+  struct Segment {
+    float* data;
+    int64_t n;
+    bool from_lead;  // rank 0's values (the others send zeros), not a sum
+  };
+  std::vector<Segment> segments;
   for (const nn::StateEntry& e : model.state_dict()) {
-    if (e.is_parameter && !e.grad_is_global) reduced_grads.push_back(e);
-    if (!e.is_parameter && e.dtype == nn::DType::kF32 && !sync_bn) broadcast_buffers.push_back(e);
+    if (e.is_parameter && !e.grad_is_global) segments.push_back({e.grad, e.numel(), false});
+    if (!e.is_parameter && e.dtype == nn::DType::kF32 && !sync_bn)
+      segments.push_back({static_cast<float*>(e.data), e.numel(), true});
   }
   size_t fused_size = 2;
-  for (const nn::StateEntry& e : reduced_grads) fused_size += static_cast<size_t>(e.numel());
-  for (const nn::StateEntry& e : broadcast_buffers) fused_size += static_cast<size_t>(e.numel());
+  for (const Segment& seg : segments) fused_size += static_cast<size_t>(seg.n);
   std::vector<float> fused(distributed ? fused_size : 0);
   const float grad_scale = static_cast<float>(static_cast<double>(local) / static_cast<double>(batch));
   const bool record_curve = spec.eval_every > 0;
@@ -487,11 +493,9 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
       flip_some(train, batch, &flips, x_global.data());
     if (config.augment == "crop" || config.augment == "flip+crop")
       shift_some(train, batch, &flips, x_global.data(), &shift_scratch);
-    const float* mine = x_global.data() + local_begin * train.image_size();
     if (distributed) {
-      std::copy(mine, mine + local * train.image_size(), x.data());
-    } else {
-      std::swap(x, x_global);
+      const float* mine = x_global.data() + local_begin * train.image_size();
+      std::copy(mine, mine + local * train.image_size(), x_local.data());
     }
     BNORM_RETURN_IF_ERROR(fault_point(rank, step));
     const double lr = schedule.lr_at(step);
@@ -510,37 +514,26 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
     }
     BNORM_RETURN_IF_ERROR(model.backward(dlogits, nullptr));
     if (distributed) {
-      size_t at = 0;
-      for (const nn::StateEntry& e : reduced_grads) {
-        std::copy(e.grad, e.grad + e.numel(), fused.data() + at);
-        at += static_cast<size_t>(e.numel());
+      float* at = fused.data();
+      for (const Segment& seg : segments) {
+        if (seg.from_lead && !lead) std::fill(at, at + seg.n, 0.0f);
+        else std::copy(seg.data, seg.data + seg.n, at);
+        at += seg.n;
       }
-      for (const nn::StateEntry& e : broadcast_buffers) {
-        const float* v = static_cast<const float*>(e.data);
-        if (lead) std::copy(v, v + e.numel(), fused.data() + at);
-        else std::fill(fused.data() + at, fused.data() + at + e.numel(), 0.0f);
-        at += static_cast<size_t>(e.numel());
-      }
-      fused[at] = static_cast<float>(r.loss * static_cast<double>(local));
-      fused[at + 1] = static_cast<float>(r.correct);
+      at[0] = static_cast<float>(r.loss * static_cast<double>(local));
+      at[1] = static_cast<float>(r.correct);
       BNORM_RETURN_IF_ERROR(comm->allreduce_sum(fused));
-      at = 0;
-      for (const nn::StateEntry& e : reduced_grads) {
-        std::copy(fused.data() + at, fused.data() + at + e.numel(), e.grad);
-        at += static_cast<size_t>(e.numel());
+      at = fused.data();
+      for (const Segment& seg : segments) {
+        std::copy(at, at + seg.n, seg.data);
+        at += seg.n;
       }
-      for (const nn::StateEntry& e : broadcast_buffers) {
-        std::copy(fused.data() + at, fused.data() + at + e.numel(), static_cast<float*>(e.data));
-        at += static_cast<size_t>(e.numel());
-      }
-      r.loss = static_cast<double>(fused[at]) / static_cast<double>(batch);
-      r.correct = static_cast<int64_t>(fused[at + 1]);
+      r.loss = static_cast<double>(at[0]) / static_cast<double>(batch);
+      r.correct = static_cast<int64_t>(at[1]);
       if (!std::isfinite(r.loss)) {  // every rank sees the same global loss: all stop together
         result->diverged = true;
         break;
       }
-    } else {
-      std::swap(x, x_global);
     }
     sgd.step();
     interval_loss += r.loss;
