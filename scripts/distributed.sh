@@ -18,6 +18,7 @@ while [ $# -gt 0 ]; do
 done
 bash scripts/install_deps.sh build
 rm -rf build/release
+mkdir -p build
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DBNORM_BUILD_TESTS=OFF >build/release.configure.log 2>&1 \
   || { cat build/release.configure.log; exit 1; }
 cmake --build build/release -j "$(nproc 2>/dev/null || echo 2)" >build/release.build.log 2>&1 \
