@@ -1,0 +1,13 @@
+"""bnorm: batch normalization with PyTorch's semantics, over the C library libbnorm.so (ctypes).
+
+Submodules (imported on demand, so ``import bnorm`` needs neither numpy nor torch):
+  bnorm.numpy  forward_train / forward_eval / backward on float32 numpy arrays
+  bnorm.torch  BatchNorm1d/2d/3d modules with autograd, and convert(model)
+
+The library is found as bnorm._lib documents (BNORM_LIBRARY, beside the installed package, the
+repository's build trees, then the system).
+"""
+
+from ._lib import BnormError, BnormLibraryNotFound, library_path, version
+
+__all__ = ["BnormError", "BnormLibraryNotFound", "library_path", "version"]
