@@ -4,8 +4,9 @@
 #                           OpenBLAS, zlib, nlohmann-json, CLI11, OpenMPI (bnorm_mpi and mpirun
 #                           for the MPI tests); Fashion-MNIST and matplotlib for `bnorm train`
 #                           and its report
-#   install_deps.sh test    + GoogleTest, and python3-torch + numpy for the conformance suite
-#   install_deps.sh bench   + Google Benchmark, oneDNN and python3-torch: the benchmark peers
+#   install_deps.sh test    + GoogleTest, and python3-torch, torchvision + numpy for the
+#                           conformance suite and the bnorm.torch tests
+#   install_deps.sh bench   + oneDNN, python3-torch and torchvision: the benchmark peers
 # Packages already installed are not installed again.
 set -euo pipefail
 
@@ -14,8 +15,8 @@ packages=(cmake gcc g++ make pkg-config libhwy-dev libopenblas-dev zlib1g-dev nl
   libcli11-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist python3 python3-matplotlib)
 case "$what" in
   build) ;;
-  test) packages+=(libgtest-dev python3-numpy python3-torch) ;;
-  bench) packages+=(libbenchmark-dev libdnnl-dev python3-numpy python3-torch) ;;
+  test) packages+=(libgtest-dev python3-numpy python3-torch python3-torchvision) ;;
+  bench) packages+=(libdnnl-dev python3-numpy python3-torch python3-torchvision) ;;
   *) echo "install_deps.sh: unknown set '$what' (expected build, test or bench)" >&2; exit 2 ;;
 esac
 

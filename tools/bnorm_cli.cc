@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
       ->delimiter(',');
   t->add_option("--sweep-steps", train.sweep_steps, "Steps of each sweep run (paper-mlp: 5000, cnn: 1000)");
   t->add_flag("--normalize", train.normalize, "Standardize the pixels (cnn always does)");
-  t->add_option("--augment", train.augment, "none, flip (random horizontal flips), crop (random shifts of up to 2 pixels) or flip+crop (paper-mlp: none, cnn: flip+crop)");
+  t->add_option("--augment", train.augment, "none, flip (random horizontal flips), crop (random shifts of up to 2 pixels) or flip+crop (paper-mlp: none, cnn: flip)");
   bool no_plots = false;
   t->add_flag("--no-plots", no_plots, "Write report.json only, no PNGs or report.md");
   t->add_flag("--sync-bn", train.sync_bn,

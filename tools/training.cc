@@ -23,7 +23,7 @@
 #include "bnorm/nn/loss.h"
 #include "bnorm/nn/models.h"
 #include "bnorm/nn/optim.h"
-#include "io/safetensors.h"
+#include "bnorm/io/safetensors.h"
 #include "progress.h"
 
 extern char** environ;
@@ -561,12 +561,11 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
                       result->curve.test_accuracy.empty() ? NAN : result->curve.test_accuracy.back());
     }
   }
-  if (!result->diverged) train_seconds += 0;  // already added at the last step
+  // A finished run added its last interval at the last step; a diverged one adds it here.
   result->steps_done = step;
+  if (result->diverged) train_seconds += seconds_since(train_start);
   result->train_time_s = train_seconds;
   if (result->diverged) {
-    train_seconds += seconds_since(train_start);
-    result->train_time_s = train_seconds;
     result->final_test = EvalResult{NAN, NAN};
     std::fprintf(stderr, "%s: diverged at step %lld (loss is not finite)\n", spec.name.c_str(),
                  static_cast<long long>(step + 1));

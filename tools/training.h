@@ -11,7 +11,7 @@
 #include "bnorm/comm.h"
 #include "bnorm/nn/layers.h"
 #include "bnorm/status.h"
-#include "io/idx.h"
+#include "bnorm/io/idx.h"
 
 namespace bnorm::tools {
 
@@ -32,7 +32,9 @@ struct TrainConfig {
   int threads = 0;  // 0: bnorm's default (BNORM_NUM_THREADS or the cores)
   int64_t eval_every = -1;  // steps between test evaluations; 0: only at the end
   bool normalize = false;   // standardize pixels with Fashion-MNIST's mean and std
-  std::string augment;      // "none" or "flip" (random horizontal flips of training images)
+  std::string augment;      // "none", "flip" (random horizontal flips of training images), "crop"
+                            // (random shifts of up to 2 pixels) or "flip+crop"; empty: the
+                            // preset's (paper-mlp: none, cnn: flip)
   std::string data_dir;     // empty: the Debian package's directory
   std::string out_dir;      // empty: runs/<preset>
   std::string which = "both";  // "both", "bn" or "plain"

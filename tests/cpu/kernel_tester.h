@@ -4,11 +4,14 @@
 //   KernelTester().channels(3).spatial({17}).batch(5).layout(Layout::kChannelsLast).test_all();
 //
 // Tolerances are derived, not guessed (u = 2^-24, u64 = 2^-53, n = elements per channel):
-//   * fp64 sums of n terms (both sides) differ by at most ~n * u64 * sum |terms| each
-//     (recursive summation bound; blocked sums are tighter), so we allow 2 * n * u64 * sum|.|.
-//   * The variance: the kernel computes (s2 - s1^2/n)/n from sums shifted by a pivot p (an
-//     element of the channel); s2 <= n * (var + (p - mean)^2), so its error is
-//     <= 2 * n * u64 * (var + max (x - mean)^2).
+//   * The kernels' sums are fp32 runs of at most K = kFlushTerms terms, flushed into fp64
+//     (src/cpu/stats.cc, backward_reduce.cc); the reference sums in fp64. A run errs by
+//     (K + 3) u of the sum of its terms' magnitudes; the fp64 merge of n terms adds
+//     ~n * u64 * sum |terms|. We allow twice each (kernel_tester.cc: sum_rel, scales_of).
+//   * The statistics: the kernel sums d = x - p, (x - p)^2 around a pivot p (the channel's first
+//     element) and keeps the result only when |mean - p| <= R std (R = kMaxPivotDistance; else
+//     it sums again in fp64), so the mean errs by at most (K + 2) u (mean|x - mean| + R' std)
+//     and the variance by (K + 3) u var (1 + 2R' + 3R'^2), R' = R + 1, plus the fp64 terms.
 //   * y in fp32 as ((x - mhi) - mlo) * a + b: two subtractions, the rounding of a = w * invstd
 //     and of the fused multiply-add (mul + add on targets without FMA) give at most
 //     ~5u * |w * xhat| + 2u * |b|; the reference's own rounding adds 0.5 ulp(y) <= u * |y|.

@@ -29,9 +29,10 @@
 
 namespace bnorm::nn {
 
-// Threads for OpenBLAS (openblas_set_num_threads) and for bnorm's kernels
-// (bnorm::set_num_threads). n >= 1 sets both; n <= 0 restores bnorm's default and gives OpenBLAS
-// the number of cores available. Call it between steps, not during one.
+// Threads of the nn pool (which splits each large GEMM into blocks; OpenBLAS itself is pinned to
+// one thread, so the two never compete for the cores) and of bnorm's kernels
+// (bnorm::set_num_threads). n >= 1 sets both to n; n <= 0 restores bnorm's default and sizes the
+// nn pool to the cores OpenBLAS reports. Call it between steps, not during one.
 void set_num_threads(int n);
 
 // y = x W^T + b. x (N, in) -> y (N, out). weight [out, in], bias [out].

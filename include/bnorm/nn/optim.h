@@ -75,7 +75,7 @@ class LrSchedule {
   // Learning rate for step s >= 0 (cosine stays at min_lr after total_steps).
   double lr_at(int64_t step) const;
   const LrScheduleOptions& options() const { return options_; }
-  // "constant", "step", "cosine"; parse_lr_schedule_kind accepts the same names.
+  // "constant", "step", "cosine"; parse_kind accepts the same names.
   static const char* kind_name(LrScheduleKind kind);
   static Status parse_kind(const std::string& name, LrScheduleKind* out);
 
