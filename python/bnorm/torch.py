@@ -1,0 +1,413 @@
+"""bnorm.torch: drop-in batch norm modules for PyTorch, computed by libbnorm.so.
+
+    import bnorm.torch
+    model = bnorm.torch.convert(model)      # every torch.nn.BatchNorm1d/2d/3d, in place
+
+BatchNorm1d, BatchNorm2d and BatchNorm3d subclass torch's classes of the same name (so they are
+also ``torch.nn.modules.batchnorm._BatchNorm``: ``isinstance`` checks, ``_check_input_dim``,
+the constructor, ``state_dict`` keys and ``_version`` handling are torch's own) and only
+replace ``forward``.  ``BatchNorm`` takes any rank 2..5: it is what ``convert`` makes of a
+``torch.nn.SyncBatchNorm`` when no process group is initialized (with one, bnorm's
+``SyncBatchNorm``).
+
+What the library computes: fp32 CPU tensors, contiguous or channels_last/channels_last_3d
+(and, for (N, C, L), ``x.transpose(1, 2).contiguous().transpose(1, 2)``) are passed by
+pointer, with no copy; the output has the input's strides; other strides are made contiguous
+once.  Train and eval mode, momentum=None (cumulative average), affine=False,
+track_running_stats=False (batch statistics in eval too, like torch).  The running statistics
+and num_batches_tracked are updated in place on the module's buffers, also under
+torch.no_grad(), and only when the call succeeds: a failing call (e.g. a wrong channel count,
+whose message is the library's, raised as bnorm.BnormError, a RuntimeError) leaves the module
+untouched.  Training with one value per channel raises torch's ValueError.
+
+What falls back to torch's own implementation, with a one-time warning (BnormFallbackWarning)
+naming the reason: a non-CPU tensor, a dtype other than float32, an empty batch, an input that
+is not a plain torch.Tensor, and double backward (create_graph=True: the gradient is then
+computed by torch's batch norm, so that it is differentiable again).
+"""
+
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _lib
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BnormFallbackWarning",
+           "convert", "batch_norm"]
+
+_CHANNELS_FIRST, _CHANNELS_LAST = 0, 1
+
+
+class BnormFallbackWarning(UserWarning):
+    """bnorm handed a call to torch's own batch norm (the message says why); given once per
+    reason."""
+
+
+_warned = set()
+_warned_lock = threading.Lock()
+
+
+def _fallback_warning(reason):
+    with _warned_lock:
+        if reason in _warned:
+            return
+        _warned.add(reason)
+    warnings.warn("bnorm.torch: %s; using torch's own batch norm for it (this warning is "
+                  "given once)" % reason, BnormFallbackWarning, stacklevel=4)
+
+
+def _reset_fallback_warnings():
+    """Forget which fallback warnings were given (for tests)."""
+    with _warned_lock:
+        _warned.clear()
+
+
+# ----------------------------------------------------------------------------- memory layout
+
+def _dense_strides(sizes, order):
+    """Strides of a dense tensor of `sizes` whose dims lie in memory in `order` (outermost
+    first)."""
+    strides = [0] * len(sizes)
+    acc = 1
+    for d in reversed(order):
+        strides[d] = acc
+        acc *= sizes[d]
+    return strides
+
+
+def _matches(t, strides):
+    # The stride of a dim of extent 1 is irrelevant (torch's own contiguity rule).
+    return all(sz == 1 or st == want for sz, st, want in zip(t.shape, t.stride(), strides))
+
+
+def _order(ndim, layout):
+    if layout == _CHANNELS_FIRST:
+        return list(range(ndim))
+    return [0] + list(range(2, ndim)) + [1]
+
+
+def _layout_of(t):
+    """_CHANNELS_FIRST or _CHANNELS_LAST when t's memory is one of them (first wins when both
+    describe the same memory), else None."""
+    for layout in (_CHANNELS_FIRST, _CHANNELS_LAST):
+        if _matches(t, _dense_strides(t.shape, _order(t.dim(), layout))):
+            return layout
+    return None
+
+
+def _to_layout(t, layout):
+    """t itself if its memory is in `layout`, else one dense copy in it."""
+    if _matches(t, _dense_strides(t.shape, _order(t.dim(), layout))):
+        return t
+    out = _empty(t.shape, layout)
+    out.copy_(t)
+    return out
+
+
+def _empty(shape, layout):
+    return torch.empty_strided(tuple(shape), _dense_strides(shape, _order(len(shape), layout)),
+                               dtype=torch.float32)
+
+
+def _vec(t):
+    """A per-channel read-only vector: contiguous float32 (detached; a copy only if strided)."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _nsc(x):
+    n, c = int(x.shape[0]), int(x.shape[1])
+    s = 1
+    for d in x.shape[2:]:
+        s *= int(d)
+    return n, c, s
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _Function(torch.autograd.Function):
+    """y = batch_norm(x, weight, bias) computed by libbnorm; the running statistics (training
+    with tracking) are updated in place by the forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                use_batch_stats, momentum, eps):
+        layout = _layout_of(x)
+        x_mem = x if layout is not None else x.contiguous()
+        if layout is None:
+            layout = _CHANNELS_FIRST
+        n, c, s = _nsc(x_mem)
+        w, b = _vec(weight), _vec(bias)
+        y = _empty(x_mem.shape, layout)
+        lib = _lib.lib()
+        if use_batch_stats:
+            save_mean = torch.empty(c, dtype=torch.float32)
+            save_invstd = torch.empty(c, dtype=torch.float32)
+            rm, rv = running_mean, running_var
+            # The buffers are written in place; a strided or non-float32 buffer (never a
+            # module's own) goes through a contiguous copy written back after success.
+            rm_mem = None if rm is None else (rm if rm.is_contiguous() else rm.contiguous())
+            rv_mem = None if rv is None else (rv if rv.is_contiguous() else rv.contiguous())
+            nbt = num_batches_tracked
+            _lib.check(lib.bnorm_forward_train(
+                layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
+                _ptr(nbt), momentum, eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd)))
+            if rm is not None and rm_mem is not rm:
+                rm.copy_(rm_mem)
+            if rv is not None and rv_mem is not rv:
+                rv.copy_(rv_mem)
+            ctx.save_for_backward(x, x_mem, weight, bias, save_mean, save_invstd)
+        else:
+            rm, rv = _vec(running_mean), _vec(running_var)
+            _lib.check(lib.bnorm_forward_eval(
+                layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), eps,
+                _ptr(y)))
+            ctx.save_for_backward(x, x_mem, weight, bias, running_mean, running_var)
+        ctx.layout = layout
+        ctx.use_batch_stats = use_batch_stats
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x_mem, weight, bias, stat_a, stat_b = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must itself be differentiable; torch's batch
+            # norm recomputes it (no running-statistics update: the forward did that).
+            _fallback_warning("double backward (create_graph=True) is not implemented by the "
+                              "library")
+            return _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b)
+        layout = ctx.layout
+        dy = _to_layout(dy.to(torch.float32) if dy.dtype != torch.float32 else dy, layout)
+        n, c, s = _nsc(x_mem)
+        dx = _empty(x_mem.shape, layout)
+        want_params = need_w or need_b
+        dweight = torch.empty(c, dtype=torch.float32) if want_params else None
+        dbias = torch.empty(c, dtype=torch.float32) if want_params else None
+        w = _vec(weight)
+        if ctx.use_batch_stats:
+            save_mean, save_invstd, rm, rv, training = stat_a, stat_b, None, None, 1
+        else:
+            save_mean, save_invstd, rm, rv, training = None, None, _vec(stat_a), _vec(stat_b), 0
+        _lib.check(_lib.lib().bnorm_backward(
+            layout, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(w), _ptr(save_mean), _ptr(save_invstd),
+            _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx), _ptr(dweight), _ptr(dbias)))
+        return (dx if need_x else None,
+                dweight if need_w else None,
+                dbias if need_b and bias is not None else None,
+                None, None, None, None, None, None)
+
+
+def _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b):
+    need = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        xs = x if x.requires_grad else x.detach().requires_grad_(need[0])
+        if ctx.use_batch_stats:
+            y = F.batch_norm(xs, None, None, weight, bias, True, 0.0, ctx.eps)
+        else:
+            y = F.batch_norm(xs, stat_a, stat_b, weight, bias, False, 0.0, ctx.eps)
+        inputs = [t for t, nd in zip((xs, weight, bias), need) if nd and t is not None]
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    out = [next(grads) if nd and t is not None else None
+           for t, nd in zip((xs, weight, bias), need)]
+    return tuple(out) + (None,) * 6
+
+
+def _fallback_reason(x, tensors):
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return "input of type %s (not a plain torch.Tensor)" % type(x).__name__
+    if x.layout != torch.strided:
+        return "input layout %s (only strided tensors)" % x.layout
+    for name, t in (("input", x),) + tuple(tensors):
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            return "%s on device %s (the library runs on the CPU only)" % (name, t.device)
+    for name, t in (("input", x),) + tuple(tensors):
+        if name != "num_batches_tracked" and t is not None and t.dtype != torch.float32:
+            return "%s has dtype %s (the library takes float32 only)" % (
+                name, str(t.dtype).replace("torch.", ""))
+    if x.dim() >= 2 and x.numel() == 0:
+        return "empty input of shape %s" % (tuple(x.shape),)
+    if x.dim() < 2 or x.dim() > 5:
+        return "input of rank %d (the library takes rank 2..5)" % x.dim()
+    return None
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, num_batches_tracked=None):
+    """torch.nn.functional.batch_norm computed by the library (same arguments; momentum None
+    with num_batches_tracked: the cumulative average, num_batches_tracked incremented in
+    place, as the modules do).  Falls back to torch's F.batch_norm as the module docstring
+    says."""
+    if momentum is None and num_batches_tracked is None:
+        momentum = 0.0  # what torch's module passes when it has no counter
+    track = training and running_mean is not None
+    nbt = num_batches_tracked if track else None
+    reason = _fallback_reason(input, (("weight", weight), ("bias", bias),
+                                      ("running_mean", running_mean),
+                                      ("running_var", running_var),
+                                      ("num_batches_tracked", nbt)))
+    if reason is None and nbt is not None and (nbt.dtype != torch.int64 or nbt.numel() != 1):
+        reason = "num_batches_tracked of dtype %s and shape %s (int64, one element)" % (
+            nbt.dtype, tuple(nbt.shape))
+    if reason is not None:
+        _fallback_warning(reason)
+        if nbt is not None:
+            nbt.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(nbt)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training,
+                            0.0 if momentum is None else momentum, eps)
+    if training:
+        F._verify_batch_size(input.size())  # torch's ValueError, before any state changes
+    if track and (running_var is None):
+        raise ValueError("running_mean given without running_var")
+    if not track:
+        running = (None, None) if training else (running_mean, running_var)
+    else:
+        running = (running_mean, running_var)
+    if not training and (running[0] is None or running[1] is None):
+        raise ValueError("eval-mode batch_norm needs running_mean and running_var")
+    mom = -1.0 if momentum is None else float(momentum)
+    return _Function.apply(input, weight, bias, running[0], running[1], nbt, bool(training),
+                           mom, float(eps))
+
+
+# ----------------------------------------------------------------------------- modules
+
+class _BnormForward:
+    """forward() of torch's _BatchNorm (1.13 and later), computed by the library."""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        training = self.training
+        track = training and self.track_running_stats
+        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
+        running_mean = self.running_mean if not training or self.track_running_stats else None
+        running_var = self.running_var if not training or self.track_running_stats else None
+        nbt = self.num_batches_tracked if track else None
+        momentum = self.momentum
+        if momentum is None and nbt is None:
+            momentum = 0.0  # torch: exponential_average_factor 0 without a counter
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                          use_batch_stats, momentum, self.eps, num_batches_tracked=nbt)
+
+
+class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d computed by libbnorm: (N, C) or (N, C, L) input."""
+
+
+class BatchNorm2d(_BnormForward, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d computed by libbnorm: (N, C, H, W) input."""
+
+
+class BatchNorm3d(_BnormForward, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d computed by libbnorm: (N, C, D, H, W) input."""
+
+
+class BatchNorm(_BnormForward, _BatchNorm):
+    """Batch norm of any input rank 2..5 ((N, C) to (N, C, D, H, W)), computed by libbnorm:
+    what convert() makes of a torch.nn.SyncBatchNorm when torch.distributed has no process
+    group."""
+
+    def _check_input_dim(self, input):
+        if not 2 <= input.dim() <= 5:
+            raise ValueError("expected 2D to 5D input (got {}D input)".format(input.dim()))
+
+
+_TORCH_TO_BNORM = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+               "_non_persistent_buffers_set")
+
+
+def _sync_batchnorm_class():
+    from ._torch_sync import SyncBatchNorm as cls
+    return cls
+
+
+def _replacement(m):
+    """The bnorm module for m (None: leave m), holding m's Parameter and buffer objects."""
+    cls = _TORCH_TO_BNORM.get(type(m))
+    kwargs = {}
+    if cls is None and type(m) is torch.nn.SyncBatchNorm:
+        on_cpu = all(t.device.type == "cpu" for t in list(m.parameters(recurse=False)) +
+                     list(m.buffers(recurse=False)))
+        if not on_cpu:
+            return None  # a CUDA SyncBatchNorm works as it is
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            cls = _sync_batchnorm_class()
+            kwargs["process_group"] = m.process_group
+        else:
+            cls = BatchNorm
+    if cls is None:
+        return None
+    new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **kwargs)
+    # Attributes the new module does not have (qconfig, user attributes) carry over; the
+    # Parameter and buffer objects themselves (so optimizers and references stay valid), the
+    # training flag and the hooks are m's.
+    for k, v in m.__dict__.items():
+        if k not in new.__dict__:
+            new.__dict__[k] = v
+    new._parameters = type(m._parameters)(m._parameters)
+    new._buffers = type(m._buffers)(m._buffers)
+    for k in _HOOK_DICTS:
+        if k in m.__dict__:
+            new.__dict__[k] = m.__dict__[k]
+    new.training = m.training
+    return new
+
+
+def convert(module):
+    """Replace every torch.nn.BatchNorm1d/2d/3d in `module` (and every torch.nn.SyncBatchNorm
+    on the CPU) by bnorm's module, in place; returns the module, or its replacement when
+    `module` itself is one (like torch.nn.SyncBatchNorm.convert_sync_batchnorm).
+
+    The replacement keeps the same Parameter and buffer objects (an optimizer built before
+    still trains it), the train/eval mode, requires_grad, hooks and other attributes.  Only
+    torch's exact classes are replaced: a subclass may define its own forward and is left as
+    it is, and so are bnorm's modules.  A SyncBatchNorm becomes bnorm's SyncBatchNorm (same
+    process_group) when torch.distributed is initialized, else the rank-agnostic BatchNorm.
+    A module used at several places of the model is replaced by one module everywhere.
+    """
+    memo = {}
+
+    def visit(m):
+        key = id(m)
+        if key in memo:
+            return memo[key]
+        new = _replacement(m)
+        out = m if new is None else new
+        memo[key] = out
+        for name, child in list(out._modules.items()):
+            if child is not None:
+                c2 = visit(child)
+                if c2 is not child:
+                    out._modules[name] = c2
+        return out
+
+    return visit(module)
+
+
+def __getattr__(name):
+    # bnorm.torch.SyncBatchNorm lives in bnorm/_torch_sync.py, imported on first use.
+    if name == "SyncBatchNorm":
+        return _sync_batchnorm_class()
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
