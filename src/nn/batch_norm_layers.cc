@@ -5,12 +5,26 @@
 #include "common.h"
 
 namespace bnorm::nn {
+namespace {
+
+// s with `context: ` before its message, keeping its code (a NaN stays NonFinite, a failed
+// collective Internal, so callers can tell bad data from a bad argument).
+Status with_context(const std::string& context, const Status& s) {
+  const std::string message = context + ": " + s.message();
+  switch (s.code()) {
+    case StatusCode::kOk: return s;
+    case StatusCode::kNonFinite: return Status::non_finite(message);
+    case StatusCode::kInternal: return Status::internal(message);
+    case StatusCode::kInvalidArgument: break;
+  }
+  return Status::invalid_argument(message);
+}
+
+}  // namespace
 
 Status BatchNormNd::init(const BatchNormOptions& options) {
   Status s = bnorm::BatchNorm::create(options, &bn_);
-  if (s.code() == StatusCode::kInvalidArgument)
-    return Status::invalid_argument(std::string(type_name_) + ": " + s.message());
-  if (!s.ok()) return Status::internal(std::string(type_name_) + ": " + s.message());
+  if (!s.ok()) return with_context(type_name_, s);
   num_batches_tracked_ = 0;
   return Status();
 }
@@ -49,7 +63,7 @@ Status BatchNormNd::forward(const Tensor& x, Tensor* y) {
   // (a checkpoint may have written ours).
   bn_.set_num_batches_tracked(num_batches_tracked_);
   Status s = bn_.forward(x.view(), y->view());
-  if (!s.ok()) return Status::invalid_argument(repr() + ": " + s.message());
+  if (!s.ok()) return with_context(repr(), s);
   num_batches_tracked_ = bn_.num_batches_tracked();
   x_ = &x;
   out_shape_ = x.shape();
@@ -66,7 +80,7 @@ Status BatchNormNd::backward(const Tensor& dy, Tensor* dx) {
   Tensor* target = dx != nullptr ? dx : &scratch_;
   target->resize(out_shape_);
   Status s = bn_.backward(dy.view(), x_->view(), target->view());
-  if (!s.ok()) return Status::invalid_argument(repr() + ": " + s.message());
+  if (!s.ok()) return with_context(repr(), s);
   return Status();
 }
 

@@ -387,6 +387,32 @@ TEST(BatchNorm, ReprArchitectureAndBadInput) {
   EXPECT_TRUE(fails_with(BatchNorm2d::create(bad, &m2), {"eps"}));
 }
 
+// The layer keeps the library's code: NaN in the input is NonFinite (with the user's 4-D index),
+// not InvalidArgument, so a caller can tell bad data from a bad argument.
+TEST(BatchNorm, KeepsTheLibrarysStatusCode) {
+  BatchNormOptions o = bn_options(3);
+  o.check_finite = true;
+  std::unique_ptr<BatchNorm2d> m;
+  ASSERT_TRUE(BatchNorm2d::create(o, &m).ok());
+  Tensor x({2, 3, 2, 2}), y;
+  for (int64_t k = 0; k < x.numel(); ++k) x.data()[k] = static_cast<float>(k % 5);
+  x.data()[1 * 12 + 2 * 4 + 1 * 2 + 0] = std::numeric_limits<float>::quiet_NaN();
+  Status s = m->forward(x, &y);
+  EXPECT_EQ(s.code(), StatusCode::kNonFinite) << s.to_string();
+  for (const char* part : {"BatchNorm2d(3", "x: nan at index [1, 2, 1, 0]", "(channel 2)"})
+    EXPECT_NE(s.message().find(part), std::string::npos) << part << " not in " << s.message();
+  m->train(false);
+  s = m->forward(x, &y);
+  EXPECT_EQ(s.code(), StatusCode::kNonFinite) << s.to_string();
+  Tensor x1({2, 3, 2, 2}), dy({2, 3, 2, 2});
+  for (int64_t k = 0; k < x1.numel(); ++k) x1.data()[k] = static_cast<float>(k % 7);
+  m->train(true);
+  ASSERT_TRUE(m->forward(x1, &y).ok());
+  dy.data()[5] = std::numeric_limits<float>::infinity();
+  s = m->backward(dy, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kNonFinite) << s.to_string();
+}
+
 TEST(BatchNorm, NoAffineNoTrackingState) {
   BatchNormOptions o = bn_options(3);
   o.affine = false;
