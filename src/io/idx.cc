@@ -1,4 +1,4 @@
-#include "io/idx.h"
+#include "bnorm/io/idx.h"
 
 #include <zlib.h>
 

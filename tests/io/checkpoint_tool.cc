@@ -22,8 +22,8 @@
 #include "bnorm/nn/loss.h"
 #include "bnorm/nn/models.h"
 #include "bnorm/nn/optim.h"
-#include "io/idx.h"
-#include "io/safetensors.h"
+#include "bnorm/io/idx.h"
+#include "bnorm/io/safetensors.h"
 
 namespace {
 

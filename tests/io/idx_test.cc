@@ -1,6 +1,6 @@
 // The IDX reader on small synthetic files (plain and gzip), each kind of corruption, the real
 // Fashion-MNIST when dataset-fashion-mnist is installed, and the shuffling.
-#include "io/idx.h"
+#include "bnorm/io/idx.h"
 
 #include <algorithm>
 #include <filesystem>

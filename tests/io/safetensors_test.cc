@@ -1,6 +1,6 @@
 // Checkpoints: round trip, atomic saving, and every corrupt or mismatched file leaving the
 // destination bit-for-bit unchanged.
-#include "io/safetensors.h"
+#include "bnorm/io/safetensors.h"
 
 #include <sys/stat.h>
 #include <unistd.h>
