@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""Full training steps in PyTorch with torch's batch norm, with bnorm's (bnorm.torch.convert) and
+with none (batch norm replaced by identity), in one run, on 1 and 2 threads.
+
+Models: torchvision's ResNet-18 (batch 16, 3x112x112, 10 classes, SGD with momentum 0.9) in NCHW
+and channels_last, and the paper MLP (784-100-100-100-10, sigmoid, BatchNorm1d before each
+sigmoid, batch 60, plain SGD; tools/torch_paper_mlp.py). A step is zero_grad, forward,
+cross-entropy, backward and the SGD step, timed whole with perf_counter.
+
+Each thread count runs in its own worker process (this script with --worker), with
+torch.set_num_threads(T), OMP_NUM_THREADS=T and BNORM_NUM_THREADS=T (bnorm's pool; the C API has
+no setter, the library reads the variable), so the two pools are the same size and only one of
+them computes at any moment.
+
+Before timing, every configuration is validated: from the same initial state the converted model's
+logits, loss and every parameter gradient after one backward are compared with torch's. Tolerance
+(derived below, in VALIDATION): max|bnorm - torch| <= RTOL * max|torch| per tensor. A row that
+fails is marked FAILED and its bnorm time is not used for a ratio.
+
+Timing: the three variants are interleaved, in a rotating order, repetition after repetition
+(a shared VM's speed drifts over minutes); the first repetitions are warm-up. A ResNet-18
+repetition is one step per variant; an MLP repetition is a block of steps per variant, whose mean
+is one sample. The report gives the median, min-max and the IQR of the samples, the ratio
+torch/bnorm of the medians, and the batch-norm share of the step, (t_bn - t_identity) / t_bn, for
+torch's BN and for bnorm's.
+
+Also, per batch-norm layer shape of each model (forward hooks), the BN layer alone: forward +
+backward of torch's module against the converted module on the same input and output gradient
+(where the step's time goes).
+
+  torch_step_bench.py [--threads 1,2] [--reps N] [--quick] [--out-dir DIR]
+
+Writes DIR/results.json and DIR/results.md and prints the markdown. Exit status 1 when a row
+failed validation or bnorm.torch is not importable (the table is still written).
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+# Validation: the two implementations compute batch norm in fp32 with different summation orders.
+# One BN layer's mean and variance over n values then differ by about eps32 * sqrt(n) relative
+# (eps32 = 2^-23 ~ 1.2e-7; n <= 16*56*56 = 50176 here: ~3e-5), and y by that times |x - mean| *
+# invstd. Through ResNet-18's 20 BN layers and the chain rule the per-layer differences add up
+# (and the backward's sums over n more): 20 * 3e-5 * a few ~ 1e-3 at worst for the gradients of
+# the first layers. RTOL = 2e-3 of the largest magnitude of each tensor leaves that headroom;
+# the measured maxima (in the JSON) are far below. A gradient that is zero in exact arithmetic (a
+# Linear bias feeding a BN layer: BN removes the batch mean, so d loss / d bias = sum of dx = 0)
+# is fp32 cancellation noise on both sides (1e-9 against gradients of 1e-1); its scale is floored
+# at ZERO_FLOOR x the model's largest gradient. An implementation error (a wrong sign, a missing
+# term, the wrong variance) gives differences of order 1, far above the tolerance.
+RTOL = 2e-3
+ZERO_FLOOR = 1e-3
+
+VARIANTS = ("torch", "bnorm", "identity")
+
+
+# ----------------------------------------------------------------------------- worker
+
+def _bn_classes(torch):
+    return (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def _replace_bn_by_identity(torch, module):
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            _replace_bn_by_identity(torch, child)
+    return module
+
+
+def _paper_mlp(torch):
+    layers = []
+    width = 784
+    for _ in range(3):
+        layers += [torch.nn.Linear(width, 100), torch.nn.BatchNorm1d(100), torch.nn.Sigmoid()]
+        width = 100
+    layers.append(torch.nn.Linear(width, 10))
+    net = torch.nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, 0.1)
+                m.bias.zero_()
+    return net
+
+
+class Config:
+    def __init__(self, torch, model, fmt, seed):
+        self.model_name, self.fmt = model, fmt
+        torch.manual_seed(seed)
+        if model == "resnet18":
+            import torchvision
+            base = torchvision.models.resnet18(num_classes=10)
+            self.x = torch.randn(16, 3, 112, 112)
+            self.y = torch.randint(0, 10, (16,))
+            self.lr, self.momentum = 0.01, 0.9
+        else:
+            base = _paper_mlp(torch)
+            self.x = torch.rand(60, 784)
+            self.y = torch.randint(0, 10, (60,))
+            self.lr, self.momentum = 0.1, 0.0
+        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        if fmt == "channels_last":
+            base = base.to(memory_format=mf)
+            self.x = self.x.contiguous(memory_format=mf)
+        base.train()
+        self.base = base
+
+    def build(self, torch, variant, bnorm_torch):
+        m = copy.deepcopy(self.base)
+        if variant == "bnorm":
+            m = bnorm_torch.convert(m)
+        elif variant == "identity":
+            m = _replace_bn_by_identity(torch, m)
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=self.lr, momentum=self.momentum)
+        return m, opt
+
+    @property
+    def label(self):
+        return "ResNet-18" if self.model_name == "resnet18" else "paper MLP"
+
+
+def _step(torch, model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _validate(torch, cfg, bnorm_torch):
+    """Forward logits, loss, every parameter gradient and the BN buffers of torch's model and of
+    the converted one, from the same state, on the same batch (tolerance: see RTOL)."""
+    ref = copy.deepcopy(cfg.base)
+    got = bnorm_torch.convert(copy.deepcopy(cfg.base))
+    converted = sum(1 for m in got.modules() if type(m).__module__.startswith("bnorm"))
+    expected = sum(1 for m in ref.modules() if isinstance(m, _bn_classes(torch)))
+    outs = []
+    for m in (ref, got):
+        m.train()
+        logits = m(cfg.x)
+        loss = torch.nn.functional.cross_entropy(logits, cfg.y)
+        loss.backward()
+        outs.append((logits, loss, dict(m.named_parameters()), dict(m.named_buffers())))
+    (l_r, loss_r, p_r, b_r), (l_g, loss_g, p_g, b_g) = outs
+    problems = []
+    pairs = [("logits", l_g, l_r, False), ("loss", loss_g, loss_r, False)]
+    for name, p in p_r.items():
+        if p.grad is None or p_g[name].grad is None:
+            problems.append(name + ".grad missing")
+            continue
+        pairs.append((name + ".grad", p_g[name].grad, p.grad, True))
+    for name, b in b_r.items():
+        if b.dtype.is_floating_point:
+            pairs.append((name, b_g[name], b, False))
+        elif not torch.equal(b, b_g[name]):
+            problems.append("%s: %s != %s" % (name, b_g[name].tolist(), b.tolist()))
+    largest_grad = max((t.detach().abs().max().item() for _, _, t, g in pairs if g), default=0.0)
+    rows = []
+    for name, a, b, is_grad in pairs:
+        a, b = a.detach().double(), b.detach().double()
+        err = (a - b).abs().max().item()
+        scale = b.abs().max().item()
+        if is_grad:
+            scale = max(scale, ZERO_FLOOR * largest_grad)
+        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+        rows.append({"name": name, "err": err, "scale": scale, "rel": rel})
+        if not rel <= RTOL:  # NaN fails too
+            problems.append("%s: max|diff| %.3g > %.0e x %.3g" % (name, err, RTOL, scale))
+    if converted != expected:
+        problems.append("convert replaced %d of %d BN layers" % (converted, expected))
+    worst = max(rows, key=lambda r: r["rel"] if r["rel"] == r["rel"] else float("inf"))
+    grads = [r for r in rows if r["name"].endswith(".grad")]
+    return {"ok": not problems, "problems": problems, "worst": worst, "rtol": RTOL,
+            "zero_floor": ZERO_FLOOR, "converted_layers": converted, "bn_layers": expected,
+            "tensors": len(rows), "loss_torch": loss_r.item(), "loss_bnorm": loss_g.item(),
+            "max_rel": {"logits": rows[0]["rel"], "loss": rows[1]["rel"],
+                        "gradients": max((r["rel"] for r in grads), default=0.0),
+                        "buffers": max((r["rel"] for r in rows[2:] if r not in grads),
+                                       default=0.0)},
+            "tensors_compared": rows}
+
+
+def _summary(samples):
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 2 else [s[0]] * 3
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "q1": q[0], "q3": q[2],
+            "n": len(s), "samples": samples}
+
+
+def _time_config(torch, cfg, bnorm_torch, reps, warmup, block, max_seconds):
+    """Interleaved repetitions; stops early (after at least 3 timed ones) past max_seconds."""
+    deadline = time.perf_counter() + max_seconds
+    variants = [v for v in VARIANTS if v != "bnorm" or bnorm_torch is not None]
+    built = {v: cfg.build(torch, v, bnorm_torch) for v in variants}
+    samples = {v: [] for v in variants}
+    last_loss = {}
+    for r in range(warmup + reps):
+        k = r % len(variants)
+        order = variants[k:] + variants[:k]  # rotate: each variant goes first in turn
+        for v in order:
+            model, opt = built[v]
+            start = time.perf_counter()
+            for _ in range(block):
+                loss = _step(torch, model, opt, cfg.x, cfg.y)
+            seconds = (time.perf_counter() - start) / block
+            if r >= warmup:
+                samples[v].append(seconds)
+            last_loss[v] = loss.item()
+        if r >= warmup + 2 and time.perf_counter() > deadline:
+            break
+    out = {v: _summary(samples[v]) for v in variants}
+    for v in variants:
+        out[v]["final_loss"] = last_loss[v]
+    return out
+
+
+def _layer_shapes(torch, cfg):
+    """(shape, count) of the BN layers' inputs in one forward of cfg's model."""
+    shapes = {}
+    m = copy.deepcopy(cfg.base)
+
+    def hook(mod, inp, out):
+        key = tuple(inp[0].shape)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [mod.register_forward_hook(hook) for mod in m.modules()
+               if isinstance(mod, _bn_classes(torch))]
+    with torch.no_grad():
+        m(cfg.x)
+    for h in handles:
+        h.remove()
+    return sorted(shapes.items(), key=lambda kv: -kv[0][0] * _prod(kv[0][1:]))
+
+
+def _prod(t):
+    p = 1
+    for v in t:
+        p *= v
+    return p
+
+
+def _time_layers(torch, cfg, bnorm_torch, min_seconds):
+    """BN layer alone, forward + backward (training), torch's module vs the converted one."""
+    rows = []
+    mf = torch.channels_last if cfg.fmt == "channels_last" else torch.contiguous_format
+    for shape, count in _layer_shapes(torch, cfg):
+        c = shape[1]
+        cls = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
+        x = torch.randn(*shape)
+        if len(shape) == 4:
+            x = x.contiguous(memory_format=mf)
+        x.requires_grad_(True)
+        dy = torch.randn(*shape)
+        if len(shape) == 4:
+            dy = dy.contiguous(memory_format=mf)
+        mods = {"torch": cls(c)}
+        if bnorm_torch is not None:
+            mods["bnorm"] = bnorm_torch.convert(copy.deepcopy(mods["torch"]))
+        row = {"shape": list(shape), "count": count}
+        timings = {k: {"fwd": [], "bwd": []} for k in mods}
+        names = list(mods)
+        deadline = None
+        r = 0
+        while True:
+            for k in (names if r % 2 == 0 else names[::-1]):
+                mod = mods[k]
+                x.grad = None
+                t0 = time.perf_counter()
+                y = mod(x)
+                t1 = time.perf_counter()
+                y.backward(dy)
+                t2 = time.perf_counter()
+                if r >= 3:
+                    timings[k]["fwd"].append(t1 - t0)
+                    timings[k]["bwd"].append(t2 - t1)
+            r += 1
+            if r == 3:
+                deadline = time.perf_counter() + min_seconds
+            if r >= 13 and time.perf_counter() >= deadline:
+                break
+        for k in mods:
+            row[k] = {p: statistics.median(timings[k][p]) for p in ("fwd", "bwd")}
+        rows.append(row)
+    return rows
+
+
+def worker(args):
+    import torch
+    threads = args.threads_one
+    torch.set_num_threads(threads)
+    sys.path.insert(0, os.path.join(REPO, "python"))
+    bnorm_torch, bnorm_error, bnorm_version, bnorm_library = None, None, None, None
+    try:
+        import bnorm
+        import bnorm.torch as bnorm_torch
+        bnorm_version = bnorm.version()
+        bnorm_library = bnorm.library_path()
+    except Exception as e:  # reported in the table, the other variants still run
+        bnorm_torch, bnorm_error = None, "%s: %s" % (type(e).__name__, e)
+    import torchvision
+    result = {
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "BNORM_NUM_THREADS",
+                                               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "bnorm": bnorm_version, "bnorm_library": bnorm_library, "bnorm_error": bnorm_error,
+        "configs": [],
+    }
+    for spec in args.configs.split(","):
+        model, _, fmt = spec.partition(":")
+        cfg = Config(torch, model, fmt or "nchw", args.seed)
+        resnet = model == "resnet18"
+        block = 1 if resnet else args.mlp_block
+        reps = args.reps if resnet else args.mlp_reps
+        warmup = args.warmup if resnet else 2
+        t0 = time.perf_counter()
+        entry = {"model": model, "format": cfg.fmt, "label": cfg.label, "block": block,
+                 "reps": reps, "warmup": warmup}
+        if bnorm_torch is not None:
+            entry["validation"] = _validate(torch, cfg, bnorm_torch)
+        entry["times"] = _time_config(torch, cfg, bnorm_torch, reps, warmup, block,
+                                      args.max_seconds)
+        if args.layers:
+            entry["layers"] = _time_layers(torch, cfg, bnorm_torch, 0.3 if resnet else 0.1)
+        entry["seconds"] = time.perf_counter() - t0
+        print("  %d thread(s), %s %s: %.0f s" % (threads, cfg.label, cfg.fmt, entry["seconds"]),
+              file=sys.stderr, flush=True)
+        result["configs"].append(entry)
+    json.dump(result, sys.stdout)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _ms(t):
+    return "%.1f" % (t * 1e3) if t >= 0.01 else "%.3f" % (t * 1e3)
+
+
+def _cell(s):
+    return "%s [%s-%s]" % (_ms(s["median"]), _ms(s["min"]), _ms(s["max"]))
+
+
+def _share(t_bn, t_id):
+    return (t_bn - t_id) / t_bn
+
+
+TARGETS = {("resnet18", "nchw"): 1.12, ("resnet18", "channels_last"): 1.3}
+
+
+def report(meta, runs):
+    lines = []
+    w = lines.append
+    w("## PyTorch training step: torch's batch norm vs `bnorm.torch.convert`")
+    w("")
+    w("%s, `%s`, %s" % (meta["date"], meta["command"], meta["cpu"]))
+    w("")
+    r0 = runs[0] if runs else {}
+    w("PyTorch %s, torchvision %s, bnorm %s (%s), Python %s; load average %s at the start, %s at "
+      "the end; %.0f s in all." % (r0.get("torch"), r0.get("torchvision"), r0.get("bnorm"),
+                                   meta.get("bnorm_build", "?"), meta["python"],
+                                   meta["load_start"], meta["load_end"], meta["seconds"]))
+    for r in runs:
+        if r.get("bnorm_error"):
+            w("")
+            w("**bnorm.torch not importable (%d thread(s)): %s**" % (r["threads"], r["bnorm_error"]))
+    w("")
+    w("Step = zero_grad + forward + cross-entropy + backward + SGD step; ms per step, median "
+      "[min-max] over the timed repetitions (variants interleaved). ratio = torch BN / bnorm "
+      "(> 1: the converted model is faster). BN share = (t - t_identity) / t.")
+    w("")
+    w("| model | format | threads | torch BN ms | bnorm ms | no BN (identity) ms | ratio torch/bnorm "
+      "| BN share, torch | BN share, bnorm | validation |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    summary = []
+    failures = []
+    for r in runs:
+        for c in r["configs"]:
+            t = c["times"]
+            tt, ti = t["torch"]["median"], t["identity"]["median"]
+            v = c.get("validation")
+            if "bnorm" in t:
+                tb = t["bnorm"]["median"]
+                valid = v is not None and v["ok"]
+                ratio = tt / tb
+                ratio_s = "%.2fx" % ratio if valid else "(%.2fx)" % ratio
+                bn_cell, share_b = _cell(t["bnorm"]), "%.0f %%" % (100 * _share(tb, ti))
+            else:
+                valid, ratio, ratio_s, bn_cell, share_b = False, None, "-", "not run", "-"
+            if v is None:
+                vs = "not run"
+            else:
+                vs = ("ok" if v["ok"] else "**FAILED**") + " (logits %.0e, grads %.0e)" % (
+                    v["max_rel"]["logits"], v["max_rel"]["gradients"])
+                if not v["ok"]:
+                    failures.append("%s %s, %d thread(s): %s" % (
+                        c["label"], c["format"], r["threads"], "; ".join(v["problems"][:5])))
+            fmt = c["format"] if c["model"] == "resnet18" else "-"
+            w("| %s | %s | %d | %s | %s | %s | %s | %.0f %% | %s | %s |" % (
+                c["label"], fmt, r["threads"], _cell(t["torch"]), bn_cell, _cell(t["identity"]),
+                ratio_s, 100 * _share(tt, ti), share_b, vs))
+            target = TARGETS.get((c["model"], c["format"]))
+            if target is not None and r["threads"] == 2:
+                summary.append((c["label"], c["format"], target, ratio, valid))
+    for f in failures:
+        w("")
+        w("**FAILED validation**: " + f)
+    w("")
+    w("Targets (issue 11, 2 threads):")
+    w("")
+    for label, fmt, target, ratio, valid in summary:
+        if ratio is None:
+            state = "not measured"
+        elif not valid:
+            state = "FAILED validation"
+        else:
+            state = "**met**" if ratio >= target else "**missed**"
+        w("- %s %s: converted step >= %.2fx faster: %s (%s)" % (
+            label, fmt, target, "-" if ratio is None else "%.2fx" % ratio, state))
+    w("")
+    w("Validation before timing: from the same state, the converted model's logits, loss, every "
+      "parameter gradient after one backward, and the BN buffers after the forward, against "
+      "torch's; a tensor passes when max|bnorm - torch| <= %.0e x max|torch| (for a gradient, "
+      "max|torch| floored at %.0e x the model's largest gradient: a bias feeding BN has a zero "
+      "gradient in exact arithmetic); the column gives the largest max|diff| / scale of the "
+      "logits and over the gradients (bench/torch_step_bench.py derives the tolerance)."
+      % (RTOL, ZERO_FLOOR))
+    if any("layers" in c for r in runs for c in r["configs"]):
+        w("")
+        w("BN layers alone (training forward + backward of the module, median ms per call; "
+          "x count = layers of that input shape in the model):")
+        w("")
+        w("| model | format | threads | input shape | x count | torch fwd | torch bwd | bnorm fwd "
+          "| bnorm bwd | ratio fwd+bwd |")
+        w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            for c in r["configs"]:
+                fmt = c["format"] if c["model"] == "resnet18" else "-"
+                tot_t = tot_b = 0.0
+                for row in c.get("layers", []):
+                    t = row["torch"]
+                    tot_t += row["count"] * (t["fwd"] + t["bwd"])
+                    b = row.get("bnorm")
+                    if b:
+                        tot_b += row["count"] * (b["fwd"] + b["bwd"])
+                    w("| %s | %s | %d | %s | %d | %s | %s | %s | %s | %s |" % (
+                        c["label"], fmt, r["threads"], "x".join(map(str, row["shape"])),
+                        row["count"], _ms(t["fwd"]), _ms(t["bwd"]),
+                        _ms(b["fwd"]) if b else "-", _ms(b["bwd"]) if b else "-",
+                        "%.2fx" % ((t["fwd"] + t["bwd"]) / (b["fwd"] + b["bwd"])) if b else "-"))
+                if c.get("layers"):
+                    w("| %s | %s | %d | **all BN layers of a step** | | %s | | %s | | %s |" % (
+                        c["label"], fmt, r["threads"], _ms(tot_t),
+                        _ms(tot_b) if tot_b else "-", "%.2fx" % (tot_t / tot_b) if tot_b else "-"))
+    w("")
+    return "\n".join(lines)
+
+
+def _cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        info = {}
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
+        return "%s, %s CPUs" % (info.get("Model name", "?"), info.get("CPU(s)", "?"))
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "?"
+
+
+def _load():
+    try:
+        return " ".join("%.2f" % v for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def driver(args):
+    start = time.perf_counter()
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": args.command or "bench/torch_step_bench.py",
+        "cpu": _cpu_model(), "python": platform.python_version(), "load_start": _load(),
+        "bnorm_build": args.bnorm_build or "?", "rtol": RTOL,
+        "argv": sys.argv[1:],
+    }
+    runs = []
+    status = 0
+    for t in (int(v) for v in args.threads.split(",")):
+        env = dict(os.environ, OMP_NUM_THREADS=str(t), BNORM_NUM_THREADS=str(t))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(t),
+               "--reps", str(args.reps), "--warmup", str(args.warmup),
+               "--mlp-reps", str(args.mlp_reps), "--mlp-block", str(args.mlp_block),
+               "--configs", args.configs, "--seed", str(args.seed),
+               "--max-seconds", str(args.max_seconds)]
+        if not args.layers:
+            cmd.append("--no-layers")
+        print("== %d thread(s)" % t, file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            print("torch_step_bench: the %d-thread worker failed (exit %d)" % (t, p.returncode),
+                  file=sys.stderr)
+            status = 1
+            continue
+        run = json.loads(p.stdout)
+        runs.append(run)
+        if run.get("bnorm_error"):
+            status = 1
+        for c in run["configs"]:
+            if c.get("validation") is not None and not c["validation"]["ok"]:
+                status = 1
+    meta["load_end"] = _load()
+    meta["seconds"] = time.perf_counter() - start
+    md = report(meta, runs)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump({"meta": meta, "runs": runs}, f, indent=1)
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    print("Results: %s/results.md, results.json" % args.out_dir, file=sys.stderr)
+    return status
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2", help="thread counts, one worker each (1,2)")
+    ap.add_argument("--reps", type=int, default=7, help="timed ResNet-18 steps per variant (7)")
+    ap.add_argument("--warmup", type=int, default=1, help="ResNet-18 warm-up steps per variant (1)")
+    ap.add_argument("--mlp-reps", type=int, default=15, help="timed MLP blocks per variant (15)")
+    ap.add_argument("--mlp-block", type=int, default=100, help="MLP steps per block (100)")
+    ap.add_argument("--configs", default="resnet18:nchw,resnet18:channels_last,mlp",
+                    help="model:format list (resnet18:nchw,resnet18:channels_last,mlp)")
+    ap.add_argument("--no-layers", dest="layers", action="store_false",
+                    help="skip the per-layer BN timings")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 timed ResNet-18 steps, 5 MLP blocks: to try the script")
+    ap.add_argument("--max-seconds", type=float, default=150,
+                    help="time cap per configuration and thread count; past it the repetitions "
+                    "stop (at least 3 timed) (150)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out-dir", default=os.path.join(REPO, "build", "torch-bench"))
+    ap.add_argument("--command", help="the command line to print in the report")
+    ap.add_argument("--bnorm-build", help="how the library was built (for the report)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.reps, args.mlp_reps = 2, 5
+    if args.worker:
+        args.threads_one = int(args.threads)
+        worker(args)
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
