@@ -308,6 +308,16 @@ Status load_fashion_mnist(const std::string& dir_in, const DataOptions& options,
   return Status();
 }
 
+Status load_fashion_mnist_test(const std::string& dir_in, const DataOptions& options,
+                               Dataset* test) {
+  if (test == nullptr) return Status::invalid_argument("load_fashion_mnist_test: test is null");
+  const std::string dir = dir_in.empty() ? std::string(kDefaultFashionMnistDir) : dir_in;
+  std::string images, labels;
+  BNORM_RETURN_IF_ERROR(find_idx_file(dir, "t10k-images-idx3-ubyte", &images));
+  BNORM_RETURN_IF_ERROR(find_idx_file(dir, "t10k-labels-idx1-ubyte", &labels));
+  return load_idx_dataset(images, labels, options, test);
+}
+
 void gather_batch(const Dataset& data, const int64_t* indices, int64_t count, float* images,
                   int32_t* labels) {
   const int64_t size = data.image_size();

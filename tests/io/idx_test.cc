@@ -225,6 +225,25 @@ TEST(Idx, LoadsFashionMnistFromADirectory) {
   expect_error(load_fashion_mnist(dir.path(), DataOptions(), &train, &test), {"28x28", "14x14"});
 }
 
+TEST(Idx, LoadsTheTestSetAlone) {
+  TempDir dir;
+  write_bytes(dir.file("t10k-images-idx3-ubyte"), images_file(3, 28, 28));
+  write_gzip(dir.file("t10k-labels-idx1-ubyte.gz"), labels_file({7, 8, 9}));
+  Dataset test;
+  ASSERT_TRUE(load_fashion_mnist_test(dir.path(), DataOptions(), &test).ok());
+  EXPECT_EQ(test.count, 3);
+  EXPECT_EQ(test.labels, (std::vector<int32_t>{7, 8, 9}));
+  // The training files are not needed, and load_fashion_mnist still asks for them.
+  Dataset train, both;
+  expect_error(load_fashion_mnist(dir.path(), DataOptions(), &train, &both),
+               {"train-images-idx3-ubyte"});
+  // Without the test labels: the error names them, and *test is unchanged.
+  std::filesystem::remove(dir.file("t10k-labels-idx1-ubyte.gz"));
+  expect_error(load_fashion_mnist_test(dir.path(), DataOptions(), &test),
+               {"t10k-labels-idx1-ubyte", "--data"});
+  EXPECT_EQ(test.count, 3);
+}
+
 TEST(Idx, RealFashionMnist) {
   std::error_code ec;
   if (!std::filesystem::exists(std::string(kDefaultFashionMnistDir) + "/t10k-labels-idx1-ubyte.gz", ec)) {

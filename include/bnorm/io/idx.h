@@ -84,6 +84,11 @@ Status find_idx_file(const std::string& dir, const std::string& base, std::strin
 Status load_fashion_mnist(const std::string& dir, const DataOptions& options, Dataset* train,
                           Dataset* test);
 
+// Loads only the test set of dir (t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each
+// optionally .gz): what evaluation needs, so a directory without the training files will do.
+// dir empty means kDefaultFashionMnistDir. *test is written only if both load.
+Status load_fashion_mnist_test(const std::string& dir, const DataOptions& options, Dataset* test);
+
 // Copies the images and labels of the examples indices[0..count) into caller buffers of
 // count * data.image_size() floats and count labels. Indices must be in [0, data.count): the
 // caller's contract (checked only by assert).
