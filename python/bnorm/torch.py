@@ -17,8 +17,9 @@ once.  Train and eval mode, momentum=None (cumulative average), affine=False,
 track_running_stats=False (batch statistics in eval too, like torch).  The running statistics
 and num_batches_tracked are updated in place on the module's buffers, also under
 torch.no_grad(), and only when the call succeeds: a failing call (e.g. a wrong channel count,
-whose message is the library's, raised as bnorm.BnormError, a RuntimeError) leaves the module
-untouched.  Training with one value per channel raises torch's ValueError.
+whose message is the library's, raised as bnorm.BnormError, a RuntimeError; a per-channel
+vector of the wrong length is found before the call and reported in the library's words)
+leaves the module untouched.  Training with one value per channel raises torch's ValueError.
 
 What falls back to torch's own implementation, with a one-time warning (BnormFallbackWarning)
 naming the reason: a non-CPU tensor, a dtype other than float32, an empty batch, an input that
@@ -279,6 +280,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         running = (running_mean, running_var)
     if not training and (running[0] is None or running[1] is None):
         raise ValueError("eval-mode batch_norm needs running_mean and running_var")
+    c = int(input.shape[1])
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running[0]),
+                    ("running_var", running[1])):
+        if t is not None and t.numel() != c:
+            # The C API takes C from the caller and cannot see a vector's length: checked
+            # here, in the library's words.
+            raise _lib.BnormError(1, "%s: must hold one value per channel, C = %d (x size %s), "
+                                  "got %d" % (name, c, list(input.shape), t.numel()))
     mom = -1.0 if momentum is None else float(momentum)
     return _Function.apply(input, weight, bias, running[0], running[1], nbt, bool(training),
                            mom, float(eps))
