@@ -1,6 +1,7 @@
 // bnorm: the command-line tool.
 //   bnorm train [--preset paper-mlp|cnn] [options]   train with and without batch norm, compare
 //   bnorm eval --checkpoint FILE [--data DIR]          reload a checkpoint, evaluate on the test set
+//   bnorm explain --checkpoint FILE --out DIR          batch norm's five steps on one BN layer
 //   mpirun -np K bnorm train --sync-bn ...             data-parallel training over K processes
 // Errors are one line on stderr and a non-zero exit code; under mpirun an error on any rank
 // ends every rank (MPI_Abort).
@@ -11,6 +12,7 @@
 
 #include "bnorm/batch_norm.h"
 #include "bnorm/comm.h"
+#include "explain.h"
 #include "training.h"
 
 int main(int argc, char** argv) {
@@ -83,6 +85,25 @@ int main(int argc, char** argv) {
   e->add_option("--threads", eval.threads, "Threads (0: default)");
   e->add_flag("--normalize", eval.normalize, "Standardize the pixels (for a checkpoint without metadata)");
 
+  bnorm::tools::ExplainConfig explain;
+  CLI::App* x = app.add_subcommand(
+      "explain", "Batch norm's five steps on one BatchNorm layer of a trained network: a real "
+                 "mini-batch's activations, their mean and variance, the normalized values, "
+                 "gamma and beta, the running statistics against the training set's");
+  x->add_option("--checkpoint", explain.checkpoint, "A .safetensors file written by bnorm train")
+      ->required();
+  x->add_option("--layer", explain.layer, "Which BatchNorm layer, 1 = the first")->capture_default_str();
+  x->add_option("--data", explain.data_dir, "Fashion-MNIST directory (default: Debian's dataset-fashion-mnist)");
+  x->add_option("--batch-size", explain.batch_size,
+                "Mini-batch size (default: the checkpoint's training batch)");
+  x->add_option("--seed", explain.seed,
+                "The mini-batch is the first one `bnorm train --seed S` draws")->capture_default_str();
+  x->add_option("--out", explain.out_dir, "Output directory (explain.png, explain.md, explain.json)")
+      ->required();
+  x->add_option("--threads", explain.threads, "Threads (0: default)");
+  bool explain_no_plots = false;
+  x->add_flag("--no-plots", explain_no_plots, "Write explain.json and batch.safetensors only");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& err) {
@@ -96,6 +117,9 @@ int main(int argc, char** argv) {
       if (opt->count() > 0 && !opt->get_lnames().empty()) train.given.insert(opt->get_lnames()[0]);
     status = bnorm::tools::apply_preset_defaults(&train);
     if (status.ok()) status = bnorm::tools::run_training(train, comm);
+  } else if (x->parsed()) {
+    explain.plots = !explain_no_plots;
+    status = bnorm::tools::run_explain(explain);
   } else if (e->parsed()) {
     if (!bn_flag.empty()) eval.batch_norm = bn_flag == "on" ? 1 : 0;
     if (eval.batch_size < 1) {

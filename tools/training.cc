@@ -24,6 +24,7 @@
 #include "bnorm/nn/models.h"
 #include "bnorm/nn/optim.h"
 #include "bnorm/io/safetensors.h"
+#include "explain.h"
 #include "progress.h"
 
 extern char** environ;
@@ -140,13 +141,13 @@ std::string find_plot_python() {
   return "";
 }
 
-// plot_report.py: next to the executable (build tree), or in ../share/bnorm (installed).
-std::string find_plot_script() {
+// A script (plot_report.py): next to the executable (build tree), or in ../share/bnorm (installed).
+std::string find_plot_script(const std::string& name = "plot_report.py") {
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   if (ec) return "";
-  for (const fs::path& p : {exe.parent_path() / "plot_report.py",
-                            exe.parent_path() / ".." / "share" / "bnorm" / "plot_report.py"})
+  for (const fs::path& p : {exe.parent_path() / name,
+                            exe.parent_path() / ".." / "share" / "bnorm" / name})
     if (fs::exists(p)) return p.string();
   return "";
 }
@@ -591,6 +592,7 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
         {"normalize", config.normalize ? "true" : "false"},
         {"seed", std::to_string(config.seed)},
         {"steps", std::to_string(result->steps_done)},
+        {"batch_size", std::to_string(config.batch_size)},
         {"bnorm_version", bnorm::version()},
     };
     model.train(false);
@@ -868,6 +870,20 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
 
   if (!lead) return Status();  // rank 0 writes the report and the plots
 
+  // The seed's five steps of batch norm on the BN network's first BatchNorm layer (explain/).
+  std::string explained;
+  for (const RunResult& r : runs) {
+    if (!r.batch_norm || r.checkpoint.empty()) continue;
+    ExplainConfig ex;
+    ex.checkpoint = (out_dir / r.checkpoint).string();
+    ex.out_dir = (out_dir / "explain").string();
+    ex.batch_size = config.batch_size;
+    ex.seed = config.seed;
+    ex.plots = config.plots;
+    BNORM_RETURN_IF_ERROR(run_explain(ex, &train));
+    explained = "explain/explain.json";
+  }
+
   Json report;
   report["tool"] = "bnorm train";
   report["bnorm_version"] = bnorm::version();
@@ -910,6 +926,7 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
   for (const RunResult& r : runs) jruns.push_back(to_json(r, config));
   report["runs"] = jruns;
   if (!sweep.empty()) report["lr_sweep"] = sweep;
+  if (!explained.empty()) report["explain"] = explained;
   BNORM_RETURN_IF_ERROR(write_file_atomically(out_dir / "report.json", report.dump(1) + "\n"));
 
   std::fprintf(stderr, "\n");
@@ -941,7 +958,14 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
   return Status();
 }
 
-Status run_eval(const EvalConfig& config) {
+std::string plot_python() { return find_plot_python(); }
+std::string tool_script(const std::string& name) { return find_plot_script(name); }
+int run_program(const std::vector<std::string>& argv, bool quiet) { return run_command(argv, quiet); }
+Status write_text_file(const std::string& path, const std::string& text) {
+  return write_file_atomically(path, text);
+}
+
+Status load_checkpoint(const EvalConfig& config, nn::Sequential* out, CheckpointInfo* info) {
   std::map<std::string, std::string> meta;
   BNORM_RETURN_IF_ERROR(io::read_safetensors_metadata(config.checkpoint, &meta));
   std::string preset = config.preset;
@@ -971,6 +995,18 @@ Status run_eval(const EvalConfig& config) {
         config.checkpoint + ": a checkpoint of another architecture than " + preset +
         (bn ? " with" : " without") + " batch norm (its architecture: " + it->second + ")");
   BNORM_RETURN_IF_ERROR(io::load_safetensors(config.checkpoint, model.state_dict()));
+  *out = std::move(model);
+  *info = CheckpointInfo{preset, bn == 1, normalize, std::move(meta)};
+  return Status();
+}
+
+Status run_eval(const EvalConfig& config) {
+  nn::Sequential model;
+  CheckpointInfo info;
+  BNORM_RETURN_IF_ERROR(load_checkpoint(config, &model, &info));
+  const std::string& preset = info.preset;
+  const bool bn = info.batch_norm;
+  const bool normalize = info.normalize;
   if (config.threads > 0) nn::set_num_threads(config.threads);
 
   io::Dataset train, test;

@@ -4,6 +4,7 @@
 #define BNORM_TOOLS_TRAINING_H_
 
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -94,6 +95,31 @@ struct EvalConfig {
 // Runs `bnorm eval`: rebuilds the network the checkpoint describes, loads it and prints the test
 // loss and accuracy in eval mode.
 Status run_eval(const EvalConfig& config);
+
+// What a checkpoint describes: its preset, with or without batch norm, the pixel
+// standardization it was trained with, and its metadata.
+struct CheckpointInfo {
+  std::string preset;
+  bool batch_norm = false;
+  bool normalize = false;
+  std::map<std::string, std::string> metadata;
+};
+
+// Rebuilds the network of config.checkpoint (from its metadata, or config.preset /
+// config.batch_norm / config.normalize for a checkpoint without) and loads its tensors into
+// *model. Fails on a missing or corrupt file, an unknown preset, another architecture.
+Status load_checkpoint(const EvalConfig& config, nn::Sequential* model, CheckpointInfo* info);
+
+// Helpers shared by the tools that write reports (bnorm train, bnorm explain).
+// A Python with matplotlib ($BNORM_PYTHON, /usr/bin/python3, python3), or "" if none.
+std::string plot_python();
+// A script installed with the tool (plot_report.py, plot_explain.py): next to the executable
+// (build tree) or in ../share/bnorm (installed); "" if absent.
+std::string tool_script(const std::string& name);
+// Runs argv (no shell) and returns its exit code, -1 if it could not start.
+int run_program(const std::vector<std::string>& argv, bool quiet);
+// Writes text to path atomically (temporary file + rename).
+Status write_text_file(const std::string& path, const std::string& text);
 
 }  // namespace bnorm::tools
 
