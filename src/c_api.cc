@@ -2,13 +2,19 @@
 // message per thread. Never lets a C++ exception cross into C.
 #include "bnorm/c_api.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "bnorm/batch_norm.h"
+#include "bnorm/comm.h"
+#include "comm/sync_detail.h"
 #include "util/check.h"
 
 namespace {
@@ -75,6 +81,83 @@ int guard(Fn&& fn) {
   } catch (...) {
     return report(bnorm::Status::internal("unknown exception"));
   }
+}
+
+// The caller's bnorm_comm as a bnorm::Communicator. Only the double all-reduce is used by the
+// synchronized passes; the rest of the interface is there to be complete.
+class CallbackCommunicator final : public bnorm::Communicator {
+ public:
+  explicit CallbackCommunicator(const bnorm_comm& comm) : comm_(comm) {}
+  int rank() const override { return comm_.rank; }
+  int size() const override { return comm_.size; }
+  std::string kind() const override { return "callback"; }
+
+  bnorm::Status allreduce_sum(std::span<double> data) override {
+    if (comm_.allreduce_sum_f64 == nullptr || data.empty()) return bnorm::Status();  // size 1
+    const auto start = std::chrono::steady_clock::now();
+    const int rc = comm_.allreduce_sum_f64(comm_.ctx, data.data(), static_cast<int64_t>(data.size()));
+    counters_.allreduce_calls += 1;
+    counters_.allreduce_bytes += static_cast<int64_t>(data.size_bytes());
+    counters_.allreduce_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (rc != 0)
+      return bnorm::Status::internal(
+          "comm: the allreduce_sum_f64 callback failed (returned " + std::to_string(rc) +
+          ") on an all-reduce of " + std::to_string(data.size()) + " doubles, rank " +
+          std::to_string(comm_.rank) + " of " + std::to_string(comm_.size) +
+          "; nothing was written");
+    return bnorm::Status();
+  }
+  bnorm::Status allreduce_sum(std::span<float> data) override {
+    if (comm_.size == 1 || data.empty()) return bnorm::Status();
+    return bnorm::Status::internal("comm: a bnorm_comm has no float all-reduce");
+  }
+  bnorm::Status barrier() override {
+    double zero = 0;
+    return allreduce_sum(std::span<double>(&zero, 1));
+  }
+  // A bnorm_comm cannot end the caller's group: the message goes to stderr, the caller's engine
+  // ends the group (the synchronized passes never call this).
+  void abort(const std::string& message, int code) override {
+    std::fprintf(stderr, "bnorm: rank %d: %s (code %d)\n", comm_.rank, message.c_str(), code);
+  }
+
+ private:
+  bnorm_comm comm_;
+};
+
+// What is wrong with comm, or OK. These errors are local: without a valid comm nothing can be
+// exchanged.
+bnorm::Status check_comm(const bnorm_comm* comm) {
+  if (comm == nullptr) return bnorm::Status::invalid_argument("comm: is NULL");
+  if (comm->size < 1)
+    return bnorm::Status::invalid_argument("comm: size must be >= 1, got " +
+                                           std::to_string(comm->size));
+  if (comm->rank < 0 || comm->rank >= comm->size)
+    return bnorm::Status::invalid_argument("comm: rank must be in [0, " +
+                                           std::to_string(comm->size) + "), got " +
+                                           std::to_string(comm->rank));
+  if (comm->size > 1 && comm->allreduce_sum_f64 == nullptr)
+    return bnorm::Status::invalid_argument("comm: allreduce_sum_f64 is NULL with size " +
+                                           std::to_string(comm->size) + " (> 1)");
+  return bnorm::Status();
+}
+
+// n (>= 0 here: a rank may hold no samples), c, s and the layout of a synchronized pass.
+bnorm::Status check_sync_dims(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s) {
+  if (n < 0) return bnorm::Status::invalid_argument("n: must be >= 0, got " + std::to_string(n));
+  return check_dims(layout, n == 0 ? 1 : n, c, s);
+}
+
+bnorm::SyncOptions sync_options(const bnorm_sync_options* o, const bnorm_comm& comm,
+                                std::vector<int64_t>* split_out) {
+  bnorm::SyncOptions sync;
+  if (o == nullptr) return sync;
+  sync.mode = static_cast<bnorm::SyncMode>(o->mode);
+  if (o->split != nullptr) sync.split = std::span<const int64_t>(o->split, static_cast<size_t>(comm.size));
+  sync.local_weight_grads = o->local_weight_grads != 0;
+  if (o->split_out != nullptr) sync.split_out = split_out;
+  return sync;
 }
 
 }  // namespace
@@ -170,6 +253,86 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
     a.dweight = vec(dweight, c);
     a.dbias = vec(dbias, c);
     return bnorm::backward(a, options_from_environment());
+  });
+}
+
+int bnorm_sync_forward_train(const bnorm_comm* comm, const bnorm_sync_options* options,
+                             bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
+                             const float* weight, const float* bias, float* running_mean,
+                             float* running_var, int64_t* num_batches_tracked, double momentum,
+                             double eps, float* y, float* save_mean, float* save_invstd) {
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_comm(comm));
+    CallbackCommunicator communicator(*comm);
+    std::vector<int64_t> used;
+    const bnorm::SyncOptions sync = sync_options(options, *comm, &used);
+    // Errors from here on travel in the exchange.
+    bnorm::Status prior = check_sync_dims(layout, n, c, s);
+    if (prior.ok() && (running_mean == nullptr) != (running_var == nullptr))
+      prior = bnorm::Status::invalid_argument(
+          std::string("running_mean and running_var: give both (tracking) or neither, got ") +
+          (running_mean ? "running_var NULL" : "running_mean NULL"));
+    if (prior.ok() && std::isnan(momentum))
+      prior = bnorm::Status::invalid_argument(
+          "momentum: must be in [0, 1], or < 0 for none, got nan");
+    bnorm::ForwardTrainArgs a;
+    if (!prior.ok()) {  // only C, for the size of a fused exchange
+      a.x = bnorm::ConstTensorView(nullptr, {0, c > 0 ? c : 0});
+      return bnorm::detail::sync_forward_train(communicator, a, options_from_environment(), sync,
+                                               prior);
+    }
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.bias = vec(bias, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
+    a.num_batches_tracked = num_batches_tracked;
+    if (momentum < 0)
+      a.momentum = std::nullopt;
+    else
+      a.momentum = momentum;
+    a.eps = eps;
+    a.y = view(y, layout, n, c, s);
+    a.save_mean = vec(save_mean, c);
+    a.save_invstd = vec(save_invstd, c);
+    BNORM_RETURN_IF_ERROR(
+        bnorm::detail::sync_forward_train(communicator, a, options_from_environment(), sync, prior));
+    if (options != nullptr && options->split_out != nullptr)
+      std::copy(used.begin(), used.end(), options->split_out);
+    return bnorm::Status();
+  });
+}
+
+int bnorm_sync_backward(const bnorm_comm* comm, const bnorm_sync_options* options,
+                        bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* dy,
+                        const float* x, const float* weight, const float* save_mean,
+                        const float* save_invstd, float* dx, float* dweight, float* dbias) {
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_comm(comm));
+    CallbackCommunicator communicator(*comm);
+    bnorm::SyncOptions sync = sync_options(options, *comm, nullptr);
+    sync.split_out = nullptr;
+    bnorm::Status prior = check_sync_dims(layout, n, c, s);
+    if (prior.ok() && (save_mean == nullptr || save_invstd == nullptr))
+      prior = bnorm::Status::invalid_argument(
+          std::string(save_mean == nullptr ? "save_mean" : "save_invstd") +
+          ": is NULL; the training backward needs the forward's saved statistics");
+    bnorm::BackwardArgs a;
+    if (!prior.ok()) {
+      a.x = bnorm::ConstTensorView(nullptr, {0, c > 0 ? c : 0});
+      return bnorm::detail::sync_backward(communicator, a, options_from_environment(), sync,
+                                          prior);
+    }
+    a.dy = view(dy, layout, n, c, s);
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.training = true;
+    a.save_mean = vec(save_mean, c);
+    a.save_invstd = vec(save_invstd, c);
+    a.dx = view(dx, layout, n, c, s);
+    a.dweight = vec(dweight, c);
+    a.dbias = vec(dbias, c);
+    return bnorm::detail::sync_backward(communicator, a, options_from_environment(), sync, prior);
   });
 }
 

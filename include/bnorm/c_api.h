@@ -73,6 +73,95 @@ BNORM_C_EXPORT int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int
                                   const float* running_mean, const float* running_var, double eps,
                                   int training, float* dx, float* dweight, float* dbias);
 
+/* ---- Synchronized batch norm over the caller's communicator ----
+ *
+ * Batch norm over the global batch of a group of ranks (processes, or threads), each holding a
+ * part of it: the library computes each rank's partial statistics and merges them, the caller's
+ * engine (torch.distributed, MPI, NCCL, ...) does the all-reduce, through one callback. Every
+ * rank of the group calls the same bnorm_sync_* functions in the same order; a call returns
+ * when every rank has made it. The results are those of batch norm on the concatenation of the
+ * ranks' parts in rank order; comm.h and docs/distributed.md describe the algorithm.
+ *
+ * Errors are collective: a rank whose arguments are bad still takes part in the exchange, and
+ * every rank's call fails (the bad rank's message names the argument, the others' name the
+ * rank); nothing is written on any rank. Two kinds of error are local, because no exchange can
+ * happen: an invalid bnorm_comm (NULL, size < 1, rank outside [0, size), no callback with
+ * size > 1) and a failed callback. A callback that returns nonzero makes the call return
+ * BNORM_ERROR_INTERNAL at once with nothing written, its message naming the return value; the
+ * engine is expected to fail the collective on the other ranks too (gloo, NCCL and MPI do, at a
+ * dead peer or a timeout). */
+
+/* The caller's communicator: this rank, the group's size and the all-reduce. */
+typedef struct bnorm_comm {
+  void* ctx; /* passed back to the callback as is */
+  int rank;  /* this rank, in [0, size) */
+  int size;  /* ranks in the group, >= 1 */
+  /* Element-wise sum over all ranks, in place, of count doubles at data (count > 0, the same
+     on every rank for the same call). Called on the thread that called the bnorm function, one
+     or two times per pass, never concurrently for one bnorm call. Return 0 on success, nonzero
+     on failure. The library puts each value in a slot to which one rank contributes and every
+     other adds +0.0, so any summation order gives the exact, same result on every rank. May be
+     NULL when size == 1 (then nothing is exchanged). */
+  int (*allreduce_sum_f64)(void* ctx, double* data, int64_t count);
+} bnorm_comm;
+
+/* How the partials are exchanged (the C++ bnorm::SyncMode). */
+typedef enum {
+  /* Per-sample partials, merged in a fixed order over the global batch: every output is
+     bitwise the same for any number of ranks and any split of the same global batch. Payload:
+     (global batch) x c x 2 doubles per pass. The default. */
+  BNORM_SYNC_REPRODUCIBLE = 0,
+  /* Per-rank partials (count, mean, M2), merged in rank order: deterministic for a given
+     split, within rounding of the reproducible mode otherwise. Payload: size x c x 2 doubles. */
+  BNORM_SYNC_PER_RANK = 1
+} bnorm_sync_mode;
+
+/* Options of a synchronized pass; NULL for all defaults (a zeroed struct is the defaults). */
+typedef struct bnorm_sync_options {
+  int mode; /* a bnorm_sync_mode */
+  /* NULL, or comm->size per-rank sample counts of this call's global batch (the same on every
+     rank): the pass then makes one exchange instead of two (reproducible mode). Give the
+     forward's split_out to its backward. A rank whose own count is not its n fails every rank. */
+  const int64_t* split;
+  /* NULL, or room for comm->size counts: receives the per-rank counts (forward only; written on
+     success only). */
+  int64_t* split_out;
+  /* Backward only. 0: dweight/dbias are the global batch's sums, identical on every rank.
+     Nonzero: this rank's part (the sums over its own samples), as torch.nn.SyncBatchNorm gives
+     them, for a data-parallel step (PyTorch DDP) that then sums them over the ranks. dx is the
+     same either way. */
+  int local_weight_grads;
+} bnorm_sync_options;
+
+/* Training forward over the global batch: as bnorm_forward_train, with this rank's part in
+   x/y (n >= 0 samples; n = 0 is allowed, x and y may then be NULL, as long as the global batch
+   has more than one value per channel). Every rank must pass the same layout, c, s, eps,
+   momentum, the same presence of weight, bias and running statistics, and running statistics
+   identical bit for bit (checked: a difference fails every rank, naming it). running_* and
+   *num_batches_tracked are updated identically on every rank, with the global count's
+   Bessel factor; save_mean/save_invstd receive the global batch's statistics, identical on
+   every rank. The caller keeps ownership of every buffer and of comm. */
+BNORM_C_EXPORT int bnorm_sync_forward_train(const bnorm_comm* comm,
+                                            const bnorm_sync_options* options,
+                                            bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                            const float* x, const float* weight,
+                                            const float* bias, float* running_mean,
+                                            float* running_var, int64_t* num_batches_tracked,
+                                            double momentum, double eps, float* y,
+                                            float* save_mean, float* save_invstd);
+
+/* Training backward over the global batch (eval mode does not communicate: call
+   bnorm_backward with training = 0). save_mean/save_invstd are the forward's (the global
+   statistics); dx (required unless n = 0) receives this rank's part, which is bitwise the same
+   for any split in the reproducible mode. dweight/dbias (each may be NULL) are overwritten with
+   the global sums, or this rank's part when options->local_weight_grads. weight NULL means 1.
+   dx may alias dy or x exactly. */
+BNORM_C_EXPORT int bnorm_sync_backward(const bnorm_comm* comm, const bnorm_sync_options* options,
+                                       bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                       const float* dy, const float* x, const float* weight,
+                                       const float* save_mean, const float* save_invstd,
+                                       float* dx, float* dweight, float* dbias);
+
 /* Message of this thread's last failed call ("" if none failed yet). Valid until the next
    failing call on the same thread. */
 BNORM_C_EXPORT const char* bnorm_last_error(void);

@@ -130,6 +130,12 @@ struct SyncOptions {
   std::span<const int64_t> split;
   // When not null, receives the per-rank counts the call used (give them to the backward).
   std::vector<int64_t>* split_out = nullptr;
+  // sync_backward's dweight and dbias: false (the default), the global batch's sums, identical
+  // on every rank; true, this rank's part only (the sums over its own samples, merged by the
+  // same tree), as torch.nn.SyncBatchNorm gives them, for a data-parallel step that sums them
+  // over the ranks with the other gradients (PyTorch DDP). dx is the same either way. With one
+  // rank the parts are the global sums; a rank with no samples gets zeros.
+  bool local_weight_grads = false;
 };
 
 // Training forward over the global batch. args is this rank's part: x may hold N = 0 samples
@@ -142,7 +148,8 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& args,
 
 // Training backward over the global batch (args.training must be true; eval-mode backward does
 // not communicate: call backward()). dx is this rank's part; dweight and dbias, when asked, are
-// the GLOBAL batch's sums, identical on every rank (do not all-reduce them again).
+// the GLOBAL batch's sums, identical on every rank (do not all-reduce them again), unless
+// sync.local_weight_grads asks for this rank's part.
 Status sync_backward(Communicator& comm, const BackwardArgs& args, const CallOptions& options = {},
                      const SyncOptions& sync = {});
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "bnorm/comm.h"
+#include "comm/sync_detail.h"
 #include "cpu/cpu.h"
 #include "kernels.h"
 #include "reference/reference.h"
@@ -128,10 +129,15 @@ void merge_moments(const std::vector<double>& counts, const double* table, int64
 struct Sums {
   double dy = 0, dy_xhat = 0;
 };
-void merge_sums(const double* table, int64_t channels, int64_t units, Sums* out) {
-  std::vector<Sums> scratch = tree_scratch<Sums>(channels, units);
+// Units [lo, hi) of the table; zeros when the range is empty.
+void merge_sums(const double* table, int64_t channels, int64_t lo, int64_t hi, Sums* out) {
+  if (hi <= lo) {
+    std::fill(out, out + channels, Sums{});
+    return;
+  }
+  std::vector<Sums> scratch = tree_scratch<Sums>(channels, hi - lo);
   merge_tree(
-      channels, 0, units, 0, &scratch, out,
+      channels, lo, hi, 0, &scratch, out,
       [&](int64_t u, int64_t c) {
         const double* v = table + (u * channels + c) * 2;
         return Sums{v[0], v[1]};
@@ -399,9 +405,23 @@ Status exchange(Communicator& comm, Status mine, const Geometry& g, const SyncOp
 
 Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const CallOptions& options,
                           const SyncOptions& sync) {
+  return detail::sync_forward_train(comm, a, options, sync, Status());
+}
+
+Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
+                     const SyncOptions& sync) {
+  return detail::sync_backward(comm, a, options, sync, Status());
+}
+
+namespace detail {
+
+Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const CallOptions& options,
+                          const SyncOptions& sync, const Status& prior) {
   const int size = comm.size();
-  // Local validation; its result travels in the header.
+  // Local validation; its result travels in the header. C as given, even when x is bad: the
+  // size of a fused exchange depends on it.
   Geometry g;
+  g.c = std::max<int64_t>(a.x.channels(), 0);
   double factor = 0;
   int64_t batches = 0;
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
@@ -421,7 +441,7 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
       BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
     return Status();
   };
-  const Status mine = validate();
+  const Status mine = prior.ok() ? validate() : prior;
 
   uint64_t state_hash = 0;
   if (mine.ok() && tracking) {
@@ -502,9 +522,10 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
 }
 
 Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
-                     const SyncOptions& sync) {
+                     const SyncOptions& sync, const Status& prior) {
   const int size = comm.size();
   Geometry g;
+  g.c = std::max<int64_t>(a.x.channels(), 0);
   auto validate = [&]() -> Status {
     if (!a.training)
       return Status::invalid_argument(
@@ -529,7 +550,7 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
     }
     return Status();
   };
-  const Status mine = validate();
+  const Status mine = prior.ok() ? validate() : prior;
 
   const bool reference = use_reference(options.backend);
   const int64_t channels = g.c;
@@ -559,10 +580,16 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
   Split split;
   BNORM_RETURN_IF_ERROR(exchange(comm, mine, g, sync, ex, &buffer, &table, &split));
   std::vector<Sums> sums(static_cast<size_t>(channels));
-  merge_sums(table, channels, split.units, sums.data());
+  merge_sums(table, channels, 0, split.units, sums.data());
   for (int64_t c = 0; c < channels; ++c) {
     sum_dy[c] = sums[static_cast<size_t>(c)].dy;
     sum_dy_xhat[c] = sums[static_cast<size_t>(c)].dy_xhat;
+  }
+  // dweight and dbias of this rank's part only: its own units (its samples, or its one unit in
+  // the per-rank mode), merged by the same tree. With one rank they are the global sums.
+  if (sync.local_weight_grads && (!a.dweight.empty() || !a.dbias.empty())) {
+    const int64_t own = sync.mode == SyncMode::kPerRank ? (g.n > 0 ? 1 : 0) : g.n;
+    merge_sums(table, channels, split.first_unit, split.first_unit + own, sums.data());
   }
 
   if (g.n > 0) {
@@ -579,10 +606,11 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
     }));
   }
   for (int64_t c = 0; c < channels; ++c) {
-    if (!a.dweight.empty()) a.dweight[c] = static_cast<float>(sum_dy_xhat[c]);
-    if (!a.dbias.empty()) a.dbias[c] = static_cast<float>(sum_dy[c]);
+    if (!a.dweight.empty()) a.dweight[c] = static_cast<float>(sums[static_cast<size_t>(c)].dy_xhat);
+    if (!a.dbias.empty()) a.dbias[c] = static_cast<float>(sums[static_cast<size_t>(c)].dy);
   }
   return Status();
 }
 
+}  // namespace detail
 }  // namespace bnorm
