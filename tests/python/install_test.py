@@ -42,7 +42,8 @@ print("ok", bnorm.version())
 
 
 def run(cmd, **kw):
-    print("+", " ".join(cmd), flush=True)
+    shown = ["<child script>" if a == CHILD else a for a in cmd]
+    print("+", " ".join(shown), flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
     if p.returncode != 0:
         print(p.stdout)
