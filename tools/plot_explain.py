@@ -126,7 +126,7 @@ def draw(plt, ex, batch, path):
             ax.vlines(i, lo[i], hi[i], color=colors[r], linewidth=1.2, zorder=4)
             ax.vlines(i, q1[i], q3[i], color=colors[r], linewidth=3.2, zorder=4)
         ax.set_xlim(-1, C)
-        ax.set_xlabel(f"all {C} features, sorted by batch mean (coloured: the features above)")
+        ax.set_xlabel(f"the {C} features, sorted by batch mean")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=11)
         ax.grid(True, axis="y", alpha=0.3)
@@ -143,7 +143,7 @@ def draw(plt, ex, batch, path):
     strips(axes[0][0], s_in, STEPS[0] + "\nthe layer's input, one activation vector per feature",
            "activation (input of the batch norm)")
     boxes(axes[1][0], "input", "activation",
-          "every feature: its own location and spread\n(5-95 %, 25-75 %, median)")
+          "every feature (coloured: the ones above): its own location\nand spread (5-95 %, 25-75 %, median)")
 
     # Step 2: mean and variance of each vector.
     def mean_var(ax, r, row):
@@ -178,6 +178,8 @@ def draw(plt, ex, batch, path):
                 bbox=dict(facecolor="white", alpha=0.7, linewidth=0))
     strips(axes[0][2], s_xhat, STEPS[2] + "\nx̂ = (x − μ) / √(σ² + ε): measured",
            "normalized value x̂", marks=measured)
+    lo, hi = axes[0][2].get_xlim()
+    axes[0][2].set_xlim(lo, hi + 0.35 * (hi - lo))  # room for the measured numbers
     axes[0][2].axvline(0, color="black", linewidth=0.8)
     for x in (-1, 1):
         axes[0][2].axvline(x, color="black", linewidth=0.6, linestyle=":")
@@ -208,7 +210,7 @@ def draw(plt, ex, batch, path):
     ax.axhline(1, color="tab:purple", linewidth=0.6, linestyle=":")
     ax.axhline(0, color="tab:green", linewidth=0.6, linestyle=":")
     ax.set_xlim(-1, C)
-    ax.set_xlabel(f"all {C} features, sorted by batch mean (coloured: the features above)")
+    ax.set_xlabel(f"the {C} features, sorted by batch mean")
     ax.set_ylabel("learned value")
     ax.set_title("every feature: its learned γ and β (at initialization: γ = 1, β = 0)",
                  fontsize=11)
@@ -248,11 +250,12 @@ def draw(plt, ex, batch, path):
         ratio = arr("ema_var_ratio")
         ax.scatter(xs, gap, s=10, color="tab:blue",
                    label="(running mean − population mean) / population σ")
-        ax.scatter(xs, ratio - 1, s=10, color="tab:red",
+        ax.scatter(xs, ratio - 1, s=10, marker="s", color="tab:red",
                    label="running var / population var − 1")
         for r, f in enumerate(sel):
             i = pos[f]
-            ax.scatter([i, i], [gap[i], ratio[i] - 1], s=55, color=colors[r], edgecolors="black",
+            ax.scatter([i], [gap[i]], s=55, marker="o", color=colors[r], edgecolors="black", zorder=4)
+            ax.scatter([i], [ratio[i] - 1], s=55, marker="s", color=colors[r], edgecolors="black",
                        zorder=4)
         ax.axhline(0, color="black", linewidth=0.8)
         # Symmetric, with room for the legend above and the summary below the points.
@@ -264,7 +267,7 @@ def draw(plt, ex, batch, path):
             ax.axhspan(-nm, nm, color="tab:blue", alpha=0.08,
                        label=f"± EMA sampling noise of the mean ({nm:.3f})")
         ax.set_xlim(-1, C)
-        ax.set_xlabel(f"all {C} features, sorted by batch mean (coloured: the features above)")
+        ax.set_xlabel(f"the {C} features, sorted by batch mean")
         ax.set_ylabel("relative gap")
         ax.set_title("every feature: how far the EMA is from the population", fontsize=11)
         ax.grid(True, alpha=0.3)

@@ -11,7 +11,8 @@ Writes into OUTDIR:
   loss.png                 train and test loss vs step, log y
   lr_sweep.png             final test accuracy vs learning rate, both networks, diverged runs
                            marked; only when report.json has a non-empty "lr_sweep"
-  report.md                title, configuration, a table of results, the images with captions
+  report.md                title, configuration, a table of results, the images with captions,
+                           and a link to explain/ (bnorm explain's figure) when report.json names it
 
 Accuracies in report.json are fractions in [0, 1]. Missing parts (no sigmoid_input, no sweep,
 a run without curve points) are skipped, not errors. Exit status: 0 on success, 1 if
@@ -356,6 +357,16 @@ def write_markdown(report, images, path):
     lines += ["", "## Plots", ""]
     for file, caption in images:
         lines += [f"![{file[:-4]}]({file})", "", f"*{caption}*", ""]
+    # bnorm explain's figure for the BN network (report.json's "explain": explain/explain.json).
+    explain = report.get("explain")
+    if isinstance(explain, str):
+        folder = os.path.dirname(explain)
+        png, md = os.path.join(folder, "explain.png"), os.path.join(folder, "explain.md")
+        if os.path.isfile(os.path.join(os.path.dirname(path), png)):
+            lines += ["## Batch norm explained", "",
+                      "The five steps of batch norm on the BN network's first BatchNorm layer, on "
+                      f"one training mini-batch (numbers: [{md}]({md})):", "",
+                      f"![batch norm explained]({png})", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines).rstrip() + "\n")
 
