@@ -491,6 +491,44 @@ def convert_checks():
         check(torch.allclose(sync(x), nn.functional.batch_norm(x, None, None, training=True),
                              atol=1e-5), "SyncBatchNorm -> BatchNorm: rank %d differs" % len(shape))
     check(int(sync.num_batches_tracked) == 4, "SyncBatchNorm -> BatchNorm: counter")
+    convert_sync_with_group()
+
+
+def convert_sync_with_group():
+    """With a process group (gloo, one process, a file store), a CPU SyncBatchNorm becomes
+    bnorm's SyncBatchNorm on the same group (when the package has it: bnorm/_torch_sync.py)."""
+    import tempfile
+    import torch.distributed as dist
+    if not os.path.exists(os.path.join(os.path.dirname(bt.__file__), "_torch_sync.py")):
+        print("note: no bnorm/_torch_sync.py in this tree: SyncBatchNorm with a process group "
+              "not checked")
+        return
+    if not dist.is_available():
+        check(False, "torch.distributed is not available")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "store"),
+                                rank=0, world_size=1)
+        try:
+            group = dist.new_group([0])
+            model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, process_group=group),
+                                  nn.SyncBatchNorm(4))
+            model[2].eval()
+            w = model[1].weight
+            out = bt.convert(model)
+            check(type(out[1]) is bt.SyncBatchNorm and type(out[2]) is bt.SyncBatchNorm,
+                  "convert with a process group: got %s, %s" % (type(out[1]), type(out[2])))
+            check(out[1].process_group is group and out[2].process_group is None,
+                  "convert with a process group: process_group not kept")
+            check(out[1].weight is w and out[1].training and not out[2].training,
+                  "convert with a process group: parameters or modes not kept")
+            x = torch.randn(4, 3, 5, 5)
+            y = out(x)
+            check(torch.allclose(out[1](out[0](x)), nn.functional.batch_norm(
+                out[0](x), None, None, training=True), atol=1e-5) and y.shape == (4, 4, 5, 5),
+                "convert with a process group: one-process SyncBatchNorm differs")
+        finally:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- 5. fallbacks
