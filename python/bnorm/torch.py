@@ -6,7 +6,7 @@
 BatchNorm1d, BatchNorm2d and BatchNorm3d subclass torch's classes of the same name (so they are
 also ``torch.nn.modules.batchnorm._BatchNorm``: ``isinstance`` checks, ``_check_input_dim``,
 the constructor, ``state_dict`` keys and ``_version`` handling are torch's own) and only
-replace ``forward``.  ``BatchNorm`` takes any rank 2..5: it is what ``convert`` makes of a
+replace ``forward``.  ``BatchNorm`` takes any rank >= 2: it is what ``convert`` makes of a
 ``torch.nn.SyncBatchNorm`` when no process group is initialized (with one, bnorm's
 ``SyncBatchNorm``).
 
@@ -238,11 +238,21 @@ def _fallback_reason(x, tensors):
         if name != "num_batches_tracked" and t is not None and t.dtype != torch.float32:
             return "%s has dtype %s (the library takes float32 only)" % (
                 name, str(t.dtype).replace("torch.", ""))
-    if x.dim() >= 2 and x.numel() == 0:
+    if x.dim() < 2:
+        return "input of rank %d (batch norm needs (N, C, ...))" % x.dim()
+    if x.numel() == 0:
         return "empty input of shape %s" % (tuple(x.shape),)
-    if x.dim() < 2 or x.dim() > 5:
-        return "input of rank %d (the library takes rank 2..5)" % x.dim()
     return None
+
+
+def _verify_batch_size(size):
+    """torch's check (torch.nn.functional._verify_batch_size), with its message."""
+    prod = size[0]
+    for d in size[2:]:
+        prod *= d
+    if prod == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         "{}".format(size))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -271,7 +281,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return F.batch_norm(input, running_mean, running_var, weight, bias, training,
                             0.0 if momentum is None else momentum, eps)
     if training:
-        F._verify_batch_size(input.size())  # torch's ValueError, before any state changes
+        _verify_batch_size(input.size())  # torch's ValueError, before any state changes
     if track and (running_var is None):
         raise ValueError("running_mean given without running_var")
     if not track:
@@ -326,13 +336,13 @@ class BatchNorm3d(_BnormForward, torch.nn.BatchNorm3d):
 
 
 class BatchNorm(_BnormForward, _BatchNorm):
-    """Batch norm of any input rank 2..5 ((N, C) to (N, C, D, H, W)), computed by libbnorm:
-    what convert() makes of a torch.nn.SyncBatchNorm when torch.distributed has no process
-    group."""
+    """Batch norm of any input rank >= 2 ((N, C), (N, C, L), (N, C, H, W), ...), computed by
+    libbnorm: what convert() makes of a torch.nn.SyncBatchNorm when torch.distributed has no
+    process group.  (Ranks above 5 have no channels-last format: they are made contiguous.)"""
 
     def _check_input_dim(self, input):
-        if not 2 <= input.dim() <= 5:
-            raise ValueError("expected 2D to 5D input (got {}D input)".format(input.dim()))
+        if input.dim() < 2:
+            raise ValueError("expected at least 2D input (got {}D input)".format(input.dim()))
 
 
 _TORCH_TO_BNORM = {
@@ -340,10 +350,6 @@ _TORCH_TO_BNORM = {
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-               "_non_persistent_buffers_set")
 
 
 def _sync_batchnorm_class():
@@ -369,18 +375,14 @@ def _replacement(m):
     if cls is None:
         return None
     new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **kwargs)
-    # Attributes the new module does not have (qconfig, user attributes) carry over; the
-    # Parameter and buffer objects themselves (so optimizers and references stay valid), the
-    # training flag and the hooks are m's.
+    # Everything of m's carries over: the Parameter and buffer objects themselves (optimizers
+    # and references stay valid), the training flag, the hooks (whatever hook tables this torch
+    # version has), qconfig and user attributes; only what the new class adds (none for the
+    # BatchNorm classes here) is the new module's own.
     for k, v in m.__dict__.items():
-        if k not in new.__dict__:
-            new.__dict__[k] = v
-    new._parameters = type(m._parameters)(m._parameters)
-    new._buffers = type(m._buffers)(m._buffers)
-    for k in _HOOK_DICTS:
-        if k in m.__dict__:
-            new.__dict__[k] = m.__dict__[k]
-    new.training = m.training
+        if k in ("_parameters", "_buffers", "_modules"):
+            v = type(v)(v)
+        new.__dict__[k] = v
     return new
 
 

@@ -31,7 +31,8 @@
    checkpoint without num_batches_tracked loads into both with the counter 0.
 4. convert() on a nested model: every torch BatchNorm1d/2d/3d replaced (also the root, and a
    module used twice by one module), a subclass left alone, a CPU SyncBatchNorm made the
-   rank-agnostic BatchNorm (no process group), Parameter and buffer objects identical,
+   rank-agnostic BatchNorm without a process group (ranks 2..6 checked), bnorm's SyncBatchNorm
+   on the same group with one (gloo, one process), Parameter and buffer objects identical,
    train/eval flags and requires_grad kept, hooks kept, outputs as before.
 5. Fallbacks (BnormFallbackWarning, once per reason, result = torch's): float64, the meta
    device (standing in for a non-CPU one), an empty batch, double backward (create_graph=True,
@@ -486,11 +487,11 @@ def convert_checks():
     check(type(r2) is bt.BatchNorm2d and r2.weight is root.weight, "convert: root BN")
     check(bt.convert(r2) is r2, "convert of a converted module made a new one")
     sync = bt.convert(nn.SyncBatchNorm(3, momentum=None))
-    for shape in ((6, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 3, 4)):
+    for shape in ((6, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 3, 4), (2, 3, 2, 2, 2, 3)):
         x = torch.randn(shape)
         check(torch.allclose(sync(x), nn.functional.batch_norm(x, None, None, training=True),
                              atol=1e-5), "SyncBatchNorm -> BatchNorm: rank %d differs" % len(shape))
-    check(int(sync.num_batches_tracked) == 4, "SyncBatchNorm -> BatchNorm: counter")
+    check(int(sync.num_batches_tracked) == 5, "SyncBatchNorm -> BatchNorm: counter")
     convert_sync_with_group()
 
 
