@@ -1,0 +1,256 @@
+"""bnorm.torch.SyncBatchNorm over 1, 2 and 3 gloo processes against the single-process run.
+
+The parent runs a scenario (several configurations, several training steps each, then eval)
+in this process without torch.distributed, on the global batch; then it starts K = 1, 2, 3
+worker processes (this script with --worker) in a gloo group (a file store in a temporary
+folder, loopback, a timeout on the group), each running the same scenario on its part of every
+global batch, uneven splits and a rank without samples included.  It checks, bit for bit, the
+output y and the input gradient dx (the ranks' parts concatenated), the running statistics,
+num_batches_tracked and the saved global statistics on every rank, and the eval output after
+training; and that the ranks' local dweight/dbias sum to the single-process ones within the
+rounding bound derived in check_equality (they are the local parts, as torch's SyncBatchNorm
+gives them). The faults are sync_batchnorm_fault_test.py's.
+
+Exit 0 on success, 1 on a failure, 77 when torch or gloo is missing.
+"""
+
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import torch
+    import torch.distributed as dist
+except ImportError:
+    print("skipped: python3-torch not installed")
+    sys.exit(77)
+
+import bnorm.torch as bt  # noqa: E402
+
+GROUP_TIMEOUT_S = 60    # the gloo group's timeout (a slow start must not fail the runs)
+WORKER_LIMIT_S = 90     # a worker still running after this is killed and the test fails
+N = 7                   # the global batch
+
+# (name, sample shape (C, ...), memory format, momentum, affine, splits for K = 1, 2, 3)
+CONFIGS = [
+    ("2d", (5,), "contiguous", 0.1, True, {1: [7], 2: [3, 4], 3: [2, 2, 3]}),
+    ("4d-nchw", (4, 3, 5), "contiguous", None, True, {1: [7], 2: [1, 6], 3: [0, 1, 6]}),
+    ("4d-channels_last", (4, 3, 5), "channels_last", 0.1, True,
+     {1: [7], 2: [3, 4], 3: [2, 2, 3]}),
+    ("4d-channels_last-uneven", (6, 2, 3), "channels_last", 0.1, True,
+     {1: [7], 2: [6, 1], 3: [3, 0, 4]}),
+    ("3d-no-affine", (3, 6), "contiguous", 0.3, False, {1: [7], 2: [2, 5], 3: [5, 1, 1]}),
+]
+STEPS = 3
+
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+    print("FAILED: " + msg, flush=True)
+
+
+def _fmt(t, fmt):
+    return t.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else t
+
+
+def scenario(k, rank):
+    """Every configuration's steps on this rank's part (k = 0: the whole batch, no group).
+    Returns {config: {...tensors...}}."""
+    out = {}
+    for ci, (name, sample, fmt, momentum, affine, splits) in enumerate(CONFIGS):
+        split = splits[k] if k else [N]
+        lo = sum(split[:rank])
+        hi = lo + split[rank]
+        gen = torch.Generator().manual_seed(1000 + ci)
+        c = sample[0]
+        m = bt.SyncBatchNorm(c, momentum=momentum, affine=affine)
+        if affine:
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=gen))
+                m.bias.copy_(torch.randn(c, generator=gen))
+        rec = {"y": [], "dx": [], "dweight": [], "dbias": [], "running_mean": [],
+               "running_var": [], "nbt": [], "save_mean": [], "save_invstd": [], "fmt_ok": []}
+        for step in range(STEPS):
+            x = 3 * torch.randn((N,) + sample, generator=gen) - 2 + step
+            dy = torch.randn((N,) + sample, generator=gen)
+            xl = _fmt(x[lo:hi].clone(), fmt).requires_grad_(True)
+            y = m(xl)
+            rec["fmt_ok"].append(fmt != "channels_last" or xl.dim() != 4 or
+                                 hi == lo or y.is_contiguous(memory_format=torch.channels_last))
+            saved = y.grad_fn.saved_tensors
+            y.backward(_fmt(dy[lo:hi].clone(), fmt))
+            rec["y"].append(y.detach().contiguous())
+            rec["dx"].append(xl.grad.contiguous())
+            rec["save_mean"].append(saved[2].clone())
+            rec["save_invstd"].append(saved[3].clone())
+            if affine:
+                rec["dweight"].append(m.weight.grad.clone())
+                rec["dbias"].append(m.bias.grad.clone())
+                m.weight.grad = None
+                m.bias.grad = None
+            rec["running_mean"].append(m.running_mean.clone())
+            rec["running_var"].append(m.running_var.clone())
+            rec["nbt"].append(m.num_batches_tracked.clone())
+        m.eval()
+        xe = 2 * torch.randn((N,) + sample, generator=gen) + 1
+        with torch.no_grad():
+            rec["eval"] = m(_fmt(xe[lo:hi].clone(), fmt)).contiguous()
+        out[name] = rec
+    return out
+
+
+def bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and bool(torch.equal(bits(a), bits(b)))
+
+
+def max_diff(a, b):
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------- workers
+
+def init_group(rank, world, store, timeout):
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+
+
+def worker(case, rank, world, store, outdir):
+    torch.set_num_threads(1)
+    if case == "equality":
+        init_group(rank, world, store, GROUP_TIMEOUT_S)
+        res = scenario(world, rank)
+        torch.save(res, os.path.join(outdir, "rank%d.pt" % rank))
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    raise SystemExit("unknown worker case %r" % case)
+
+
+def launch(case, world, tmp, script=None):
+    """Start `world` workers (of `script`, default this one); returns (procs, outdir, start
+    time)."""
+    outdir = tempfile.mkdtemp(dir=tmp)
+    store = os.path.join(outdir, "store")
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["BNORM_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    procs = [subprocess.Popen([sys.executable, script or os.path.abspath(__file__), "--worker", case,
+                               str(r), str(world), store, outdir], env=env)
+             for r in range(world)]
+    return procs, outdir, time.monotonic()
+
+
+def wait_all(procs, limit):
+    """Exit codes (None for a worker killed at the limit) and the seconds each took."""
+    codes, took = [], []
+    t0 = time.monotonic()
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, limit - (time.monotonic() - t0))))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            codes.append(None)
+        took.append(time.monotonic() - t0)
+    return codes, took
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_equality(ref, world, tmp):
+    procs, outdir, _ = launch("equality", world, tmp)
+    codes, _ = wait_all(procs, WORKER_LIMIT_S)
+    if any(c != 0 for c in codes):
+        fail("%d processes: exit codes %s" % (world, codes))
+        return
+    ranks = [torch.load(os.path.join(outdir, "rank%d.pt" % r)) for r in range(world)]
+    compared = 0
+    worst_grad = (0.0, 0.0)  # (largest |sum of parts - single|, its bound)
+    for name, _, _, _, affine, splits in CONFIGS:
+        r0 = ref[name]
+        tag = "%d processes, %s, split %s" % (world, name, splits[world])
+        for step in range(STEPS):
+            for key in ("y", "dx"):
+                got = torch.cat([rk[name][key][step] for rk in ranks])
+                compared += got.numel()
+                if not same_bits(got, r0[key][step]):
+                    fail("%s step %d: %s differs (largest %.3g)" % (
+                        tag, step, key, max_diff(got, r0[key][step])))
+            for rk_i, rk in enumerate(ranks):
+                if not rk[name]["fmt_ok"][step]:
+                    fail("%s rank %d: y lost the channels_last format" % (tag, rk_i))
+                for key in ("running_mean", "running_var", "nbt", "save_mean", "save_invstd"):
+                    compared += rk[name][key][step].numel()
+                    if not same_bits(rk[name][key][step].float() if key == "nbt" else
+                                     rk[name][key][step],
+                                     r0[key][step].float() if key == "nbt" else r0[key][step]):
+                        fail("%s step %d rank %d: %s differs (largest %.3g)" % (
+                            tag, step, rk_i, key,
+                            max_diff(rk[name][key][step], r0[key][step])))
+            if not affine:
+                continue
+            for key in ("dweight", "dbias"):
+                parts = [rk[name][key][step] for rk in ranks]
+                single = r0[key][step]
+                total = torch.stack(parts).double().sum(0)
+                # Each part is an fp64 sum rounded once to fp32 (error <= 2^-24 |part|), the
+                # single-process value too (2^-24 |single|); their fp64 merges differ by far
+                # less (2^-40 of the same scale covers it): the bound per channel.
+                scale = torch.stack(parts).double().abs().sum(0) + single.double().abs()
+                bound = scale * (2.0 ** -24 + 2.0 ** -40)
+                err = (total - single.double()).abs()
+                if bool((err > bound).any()):
+                    fail("%s step %d: sum of the ranks' %s off by %.3g > bound %.3g" % (
+                        tag, step, key, float(err.max()), float(bound.max())))
+                i = int(torch.argmax(err))
+                if float(err[i]) > worst_grad[0]:
+                    worst_grad = (float(err[i]), float(bound[i]))
+                if world == 1 and not same_bits(parts[0], single):
+                    fail("%s step %d: %s of one process differs" % (tag, step, key))
+                if world > 1 and all(same_bits(p, single) for p in parts):
+                    fail("%s step %d: %s are not local parts" % (tag, step, key))
+        got = torch.cat([rk[name]["eval"] for rk in ranks])
+        compared += got.numel()
+        if not same_bits(got, r0["eval"]):
+            fail("%s: eval output differs (largest %.3g)" % (tag, max_diff(got, r0["eval"])))
+    print("%d processes: %d values compared bit for bit with the single-process run; "
+          "sum of the ranks' local dweight/dbias: largest difference %.3g (bound %.3g)"
+          % (world, compared, worst_grad[0], worst_grad[1]), flush=True)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        case, rank, world, store, outdir = sys.argv[2:7]
+        return worker(case, int(rank), int(world), store, outdir)
+    if not dist.is_available() or not dist.is_gloo_available():
+        print("skipped: torch.distributed with gloo not available")
+        return 77
+    t0 = time.monotonic()
+    ref = scenario(0, 0)
+    # The single-process run is batch norm: torch's own module on the same data, within fp32
+    # rounding (the conformance proper is tests/python/torch_modules_test.py).
+    x = torch.randn(7, 4, 3, 5)
+    m, tm = bt.SyncBatchNorm(4), torch.nn.BatchNorm2d(4)
+    d = max_diff(m(x), tm(x))
+    if not d < 1e-5:
+        fail("single process vs torch.nn.BatchNorm2d: y differs by %.3g" % d)
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2, 3):
+            check_equality(ref, world, tmp)
+    print("%.1f s; %s" % (time.monotonic() - t0,
+                          "%d failures" % len(failures) if failures else "all passed"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
