@@ -20,7 +20,9 @@ enum class StatusCode : int {
   kInternal = 3,         // out of memory or another unexpected failure
 };
 
-class Status {
+// [[nodiscard]]: a call whose Status is ignored draws a warning (-Wunused-result); to drop one
+// on purpose, cast it to void.
+class [[nodiscard]] Status {
  public:
   // A default-constructed Status is OK.
   Status() = default;
