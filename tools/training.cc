@@ -1009,10 +1009,10 @@ Status run_eval(const EvalConfig& config) {
   const bool normalize = info.normalize;
   if (config.threads > 0) nn::set_num_threads(config.threads);
 
-  io::Dataset train, test;
+  io::Dataset test;  // evaluation needs only the test files
   io::DataOptions data_options;
   data_options.normalize = normalize;
-  BNORM_RETURN_IF_ERROR(io::load_fashion_mnist(config.data_dir, data_options, &train, &test));
+  BNORM_RETURN_IF_ERROR(io::load_fashion_mnist_test(config.data_dir, data_options, &test));
   model.train(false);
   EvalResult r;
   BNORM_RETURN_IF_ERROR(evaluate(model, preset, test, config.batch_size, &r));
