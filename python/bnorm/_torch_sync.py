@@ -4,12 +4,19 @@
     model = torch.nn.parallel.DistributedDataParallel(model)          # gloo, CPU
 
 torch.nn.SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on
-GPU"); this subclass of it (so ``isinstance`` checks, ``process_group``, the constructor and the
-``state_dict`` are torch's) computes CPU float32 batch norm over the global batch of the
-module's process group (default: the WORLD group) with libbnorm's synchronized passes
+GPU"); this module has its API (the constructor's arguments, ``process_group``,
+``convert_sync_batchnorm``, the ``state_dict``) and computes CPU float32 batch norm over the
+global batch of the module's process group (default: the WORLD group) with libbnorm's
+synchronized passes
 (bnorm_sync_forward_train / bnorm_sync_backward): the library computes each rank's partials
 and merges them, torch.distributed.all_reduce (SUM) exchanges them, called back from the
 library on a tensor over the library's own buffer (no copy).
+
+It subclasses torch.nn.modules.batchnorm._BatchNorm (what tools find batch norm by:
+``isinstance(m, _BatchNorm)``, torch.optim.swa_utils.update_bn, ...), NOT torch.nn.SyncBatchNorm:
+DistributedDataParallel refuses any torch.nn.SyncBatchNorm in a CPU module ("SyncBatchNorm
+layers only work with GPU modules", torch 1.13 and later), which would make CPU data-parallel
+training, the point of this module, impossible.
 
 What it gives:
   * training: the statistics of the global batch (the ranks' local batches in rank order; an
@@ -30,7 +37,7 @@ What it gives:
     (a dead peer, gloo's timeout) is raised again from the module's forward/backward after the
     library returned; the module's buffers are then untouched.
 
-What it does not compute: a non-CPU input goes to torch.nn.SyncBatchNorm's own forward (CUDA),
+What it does not compute: a non-CPU input goes to torch.nn.SyncBatchNorm's forward (CUDA),
 a CPU input of another dtype than float32 to torch's batch norm when nothing needs to be
 synchronized, each with a one-time BnormFallbackWarning saying why; synchronizing a CPU input
 of another dtype raises TypeError (torch has no CPU implementation to fall back to).
@@ -43,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _lib
 # The package's memory-layout helpers and fallback warning (python/bnorm/torch.py).
@@ -219,19 +227,21 @@ def _unsupported(x, module):
     return None
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm whose CPU float32 forward and backward are libbnorm's
+class SyncBatchNorm(_BatchNorm):
+    """torch.nn.SyncBatchNorm's API whose CPU float32 forward and backward are libbnorm's
     synchronized batch norm over ``process_group`` (default: torch.distributed's WORLD).
 
     Same constructor as torch's, plus ``sync_mode`` ("reproducible", the default, or
-    "per-rank"; also an attribute). See the module docstring of bnorm._torch_sync.
+    "per-rank"; also an attribute). See the module docstring of bnorm._torch_sync (why it is
+    not a subclass of torch.nn.SyncBatchNorm: DDP refuses those on the CPU).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None,
                  sync_mode="reproducible"):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
+        self.process_group = process_group
         if sync_mode not in SYNC_MODES:
             raise ValueError("sync_mode: must be one of %s, got %r" % (sorted(SYNC_MODES),
                                                                        sync_mode))
@@ -240,10 +250,17 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def extra_repr(self):
         return super().extra_repr() + ", sync_mode=%s" % self.sync_mode
 
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError("expected at least 2D input (got {}D input)".format(input.dim()))
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
     def forward(self, input):
         self._check_input_dim(input)
-        if hasattr(self, "_check_non_zero_input_channels"):
-            self._check_non_zero_input_channels(input)
+        self._check_non_zero_input_channels(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         need_sync = bn_training and self.training
         why = _unsupported(input, self)
@@ -251,7 +268,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             kind, reason = why
             if kind == "device":
                 _fallback_warning(reason + " [SyncBatchNorm: torch.nn.SyncBatchNorm's forward]")
-                return super().forward(input)
+                return torch.nn.SyncBatchNorm.forward(self, input)
             if need_sync and _group_of(self)[0] is not None:
                 raise TypeError("bnorm.torch.SyncBatchNorm: %s, and torch has no synchronized "
                                 "batch norm on the CPU to fall back to" % reason)

@@ -104,6 +104,38 @@ def scenario(k, rank):
     return out
 
 
+DDP_SPLITS = {1: [7], 2: [3, 4], 3: [1, 2, 4]}
+DDP_STEPS = 3
+
+
+def ddp_train(k, rank):
+    """A conv net whose BatchNorm2d convert_sync_batchnorm makes bnorm's, trained for
+    DDP_STEPS SGD steps on this rank's part (k = 0: the whole batch, no DDP). Each rank's loss
+    is its part of the global batch's mean loss times k, which DDP's gradient average turns
+    into the global batch's gradient: with the local dweight/dbias of the batch norm (torch's
+    convention) the run follows the single-process one; with global ones the batch norm's
+    parameters would get k times their gradient."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(100, 2))
+    model = bt.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[1]) is bt.SyncBatchNorm
+    net = torch.nn.parallel.DistributedDataParallel(model) if k else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    split = DDP_SPLITS[k] if k else [N]
+    lo = sum(split[:rank])
+    hi = lo + split[rank]
+    gen = torch.Generator().manual_seed(77)
+    for _ in range(DDP_STEPS):
+        x = torch.randn(N, 3, 5, 5, generator=gen)
+        target = torch.randn(N, 2, generator=gen)
+        loss = ((net(x[lo:hi]) - target[lo:hi]) ** 2).sum() * max(k, 1) / N
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+
+
 def bits(t):
     return t.contiguous().view(torch.int32)
 
@@ -128,6 +160,7 @@ def worker(case, rank, world, store, outdir):
     if case == "equality":
         init_group(rank, world, store, GROUP_TIMEOUT_S)
         res = scenario(world, rank)
+        res["ddp"] = ddp_train(world, rank)
         torch.save(res, os.path.join(outdir, "rank%d.pt" % rank))
         dist.barrier()
         dist.destroy_process_group()
@@ -223,9 +256,23 @@ def check_equality(ref, world, tmp):
         compared += got.numel()
         if not same_bits(got, r0["eval"]):
             fail("%s: eval output differs (largest %.3g)" % (tag, max_diff(got, r0["eval"])))
+    # DDP: the parameters after DDP_STEPS steps. The convolution's and linear layer's
+    # gradients are sums over the batch, rounded differently when split, so this is not
+    # bitwise: fp32 roundings of gradients of size ~1 over 3 steps of lr 0.1 stay below 1e-5,
+    # where a batch norm gradient k times too large would move its parameters by ~1e-2.
+    worst_ddp = 0.0
+    for key, want in ref["ddp"].items():
+        for r, rk in enumerate(ranks):
+            d = max_diff(rk["ddp"][key], want)
+            worst_ddp = max(worst_ddp, d)
+            if not d <= 1e-5:
+                fail("%d processes, DDP: %s on rank %d differs by %.3g (> 1e-5)" % (
+                    world, key, r, d))
     print("%d processes: %d values compared bit for bit with the single-process run; "
           "sum of the ranks' local dweight/dbias: largest difference %.3g (bound %.3g)"
           % (world, compared, worst_grad[0], worst_grad[1]), flush=True)
+    print("%d processes: DDP with split %s, parameters and buffers after %d steps: largest "
+          "difference %.3g" % (world, DDP_SPLITS[world], DDP_STEPS, worst_ddp), flush=True)
 
 
 def main():
@@ -237,6 +284,7 @@ def main():
         return 77
     t0 = time.monotonic()
     ref = scenario(0, 0)
+    ref["ddp"] = ddp_train(0, 0)
     # The single-process run is batch norm: torch's own module on the same data, within fp32
     # rounding (the conformance proper is tests/python/torch_modules_test.py).
     x = torch.randn(7, 4, 3, 5)
