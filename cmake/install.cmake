@@ -77,8 +77,8 @@ install(FILES ${CMAKE_BINARY_DIR}/pkgconfig/bnorm.pc
 # libraries), and the CLI, which pulls OpenBLAS and MPI, has a package of its own.
 set(CPACK_PACKAGE_NAME bnorm)
 set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
-set(CPACK_PACKAGE_DESCRIPTION_SUMMARY
-  "Batch normalization with PyTorch's semantics, for C and C++")
+# Each package's description is CPACK_DEBIAN_<COMPONENT>_DESCRIPTION, its first line the synopsis
+# (CPACK_PACKAGE_DESCRIPTION_SUMMARY is left unset: CPack would put it before every one of them).
 set(CPACK_PACKAGE_CONTACT "bnorm developers <bnorm@localhost>")
 set(CPACK_GENERATOR DEB)
 set(CPACK_COMPONENTS_ALL runtime dev tools)
@@ -88,7 +88,7 @@ set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)  # dpkg-shlibdeps (dpkg-dev) names the li
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS ON)
 set(CPACK_DEBIAN_RUNTIME_PACKAGE_NAME libbnorm${PROJECT_VERSION_MAJOR})
 set(CPACK_DEBIAN_RUNTIME_PACKAGE_SECTION libs)
-string(CONCAT CPACK_COMPONENT_RUNTIME_DESCRIPTION
+string(CONCAT CPACK_DEBIAN_RUNTIME_DESCRIPTION
   "Batch normalization with PyTorch's semantics: shared library\n"
   "libbnorm.so: the fp32 forward (training and eval) and backward passes of batch norm for every\n"
   "shape and layout, with Highway SIMD kernels, and its C API.")
@@ -99,14 +99,14 @@ set(CPACK_DEBIAN_DEV_PACKAGE_DEPENDS
   "libbnorm${PROJECT_VERSION_MAJOR} (= ${PROJECT_VERSION}), libhwy-dev")
 set(CPACK_DEBIAN_DEV_PACKAGE_RECOMMENDS "pkg-config, libopenblas-dev, zlib1g-dev")
 set(CPACK_DEBIAN_DEV_PACKAGE_SUGGESTS "libopenmpi-dev")
-string(CONCAT CPACK_COMPONENT_DEV_DESCRIPTION
+string(CONCAT CPACK_DEBIAN_DEV_DESCRIPTION
   "Batch normalization with PyTorch's semantics: development files\n"
   "Headers, libbnorm.so and the static libraries (bnorm, bnorm_nn, bnorm_io, bnorm_mpi), the CMake\n"
   "package (find_package(bnorm COMPONENTS nn io mpi)) and pkg-config's bnorm.pc.")
 set(CPACK_DEBIAN_TOOLS_PACKAGE_NAME bnorm)
 set(CPACK_DEBIAN_TOOLS_PACKAGE_SECTION science)
 set(CPACK_DEBIAN_TOOLS_PACKAGE_RECOMMENDS "python3-matplotlib, dataset-fashion-mnist")
-string(CONCAT CPACK_COMPONENT_TOOLS_DESCRIPTION
+string(CONCAT CPACK_DEBIAN_TOOLS_DESCRIPTION
   "Batch normalization with PyTorch's semantics: the bnorm command\n"
   "bnorm train and bnorm eval: networks with and without batch norm on Fashion-MNIST.")
 include(CPack)
