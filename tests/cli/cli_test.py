@@ -85,6 +85,19 @@ def main():
             want = f"test accuracy {100 * run_['final']['test_accuracy']:.2f}%"
             check(f"eval reproduces {run_['name']} ({want})", p.returncode == 0 and want in p.stdout,
                   p.stdout + p.stderr)
+        # eval needs only the test files: a directory holding just those will do.
+        test_only = os.path.join(tmp, "test-only")
+        os.mkdir(test_only)
+        for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+            shutil.copy(os.path.join(DATA, f), test_only)
+        ck = os.path.join(out, report["runs"][0]["checkpoint"])
+        p = run("eval", "--checkpoint", ck, "--data", test_only)
+        want = f"test accuracy {100 * report['runs'][0]['final']['test_accuracy']:.2f}%"
+        check("eval --data DIR with only the test files", p.returncode == 0 and want in p.stdout,
+              p.stdout + p.stderr)
+        os.remove(os.path.join(test_only, "t10k-labels-idx1-ubyte.gz"))
+        expect_error("eval without the test labels", run("eval", "--checkpoint", ck, "--data", test_only),
+                     "t10k-labels-idx1-ubyte")
 
         # Bad command lines.
         expect_error("unknown preset", run("train", "--preset", "resnet", "--out", out + "x"),
