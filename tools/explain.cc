@@ -357,7 +357,7 @@ Status run_explain(const ExplainConfig& config, const io::Dataset* train_given) 
   L["momentum"] = opt.momentum ? Json(*opt.momentum) : Json(nullptr);
   L["affine"] = opt.affine;
   L["track_running_stats"] = tracked;
-  L["num_batches_tracked"] = bn.num_batches_tracked();
+  L["num_batches_tracked"] = bn_module.num_batches_tracked();  // the state_dict's counter
   L["input_shape"] = input.shape();
   L["values_per_feature"] = per_feature;
   j["layer"] = L;
@@ -431,7 +431,7 @@ Status run_explain(const ExplainConfig& config, const io::Dataset* train_given) 
   Json P;
   P["examples"] = train.count;
   P["values_per_feature"] = train.count * planes.s;
-  P["mode"] = "weights fixed, every module before the layer in eval mode (as at inference)";
+  P["mode"] = "weights fixed, every module before the layer in eval mode, as at inference";
   j["population"] = P;
   Json K;
   K["output_vs_gamma_xhat_plus_beta_max_abs"] = y_check;
