@@ -13,9 +13,9 @@ no setter, the library reads the variable), so the two pools are the same size a
 them computes at any moment.
 
 Before timing, every configuration is validated: from the same initial state the converted model's
-logits, loss and every parameter gradient after one backward are compared with torch's. Tolerance
-(derived below, in VALIDATION): max|bnorm - torch| <= RTOL * max|torch| per tensor. A row that
-fails is marked FAILED and its bnorm time is not used for a ratio.
+logits, loss and every parameter gradient after one backward are compared with torch's fp32 model
+and judged by torch's model in float64 (the rule is derived at ENVELOPE below). A row that fails
+is marked FAILED and its ratio is shown in parentheses.
 
 Timing: the three variants are interleaved, in a rotating order, repetition after repetition
 (a shared VM's speed drifts over minutes); the first repetitions are warm-up. A ResNet-18
@@ -47,21 +47,27 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-# Validation: the two implementations compute batch norm in fp32 with different summation orders.
-# One BN layer's mean and variance over n values then differ by about eps32 * sqrt(n) relative
-# (eps32 = 2^-23 ~ 1.2e-7; n <= 16*56*56 = 50176 here: ~3e-5), and y by that times |x - mean| *
-# invstd. Through ResNet-18's 20 BN layers and the chain rule the per-layer differences add up
-# (and the backward's sums over n more): 20 * 3e-5 * a few ~ 1e-3 at worst for the gradients of
-# the first layers. RTOL = 2e-3 of the largest magnitude of each tensor leaves that headroom;
-# the measured maxima (in the JSON) are far below. A gradient that is zero in exact arithmetic (a
-# Linear bias feeding a BN layer: BN removes the batch mean, so d loss / d bias = sum of dx = 0)
-# is fp32 cancellation noise on both sides (1e-9 against gradients of 1e-1); its scale is floored
-# at ZERO_FLOOR x the model's largest gradient. An implementation error (a wrong sign, a missing
-# term, the wrong variance) gives differences of order 1, far above the tolerance.
-RTOL = 2e-3
+# Validation. bnorm and torch compute batch norm in fp32 with different summation orders, so their
+# results differ by rounding; per layer both are within ~5e-8 (norm-wise) of float64 on these
+# shapes. Through a whole ResNet-18, though, a rounding difference can flip a discrete decision
+# (a ReLU input near 0, a max-pool tie) and the gradients of the layers before it move by up to
+# 1e-2: torch's own fp32 gradients differ that much from the same model run in float64. So the
+# judge is the float64 run of torch's model (same state, same batch): with e(g) = ||g - g64|| /
+# ||g64|| per tensor (gradient scales floored at ZERO_FLOOR x the model's largest gradient norm:
+# a Linear bias feeding BN has a zero gradient in exact arithmetic, fp32 noise on both sides),
+# and E_torch the largest e of torch's fp32 run over the model's tensors, a tensor of the
+# converted model passes when e_bnorm <= ENVELOPE x E_torch + ABS_FLOOR. Loss and logits: the
+# same rule on their max-relative error. An implementation error (a wrong sign, a missing term,
+# the wrong variance) gives e of order 1.
+ENVELOPE = 4.0
+ABS_FLOOR = 1e-5
 ZERO_FLOOR = 1e-3
 
 VARIANTS = ("torch", "bnorm", "identity")
+# Environment variables that change the timings, recorded in the report when set.
+ENV_RECORDED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BNORM_NUM_THREADS", "OMP_WAIT_POLICY",
+                "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                "BNORM_BACKEND", "BNORM_CHECK_FINITE")
 
 
 # ----------------------------------------------------------------------------- worker
@@ -140,56 +146,77 @@ def _step(torch, model, opt, x, y):
     return loss
 
 
+def _run_once(torch, model, x, y):
+    model.train()
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    grads = {k: p.grad.detach().double() for k, p in model.named_parameters() if p.grad is not None}
+    bufs = {k: b.detach().double() for k, b in model.named_buffers() if b.dtype.is_floating_point}
+    counters = {k: b.clone() for k, b in model.named_buffers() if not b.dtype.is_floating_point}
+    return logits.detach().double(), loss.detach().double(), grads, bufs, counters
+
+
 def _validate(torch, cfg, bnorm_torch):
-    """Forward logits, loss, every parameter gradient and the BN buffers of torch's model and of
-    the converted one, from the same state, on the same batch (tolerance: see RTOL)."""
-    ref = copy.deepcopy(cfg.base)
-    got = bnorm_torch.convert(copy.deepcopy(cfg.base))
-    converted = sum(1 for m in got.modules() if type(m).__module__.startswith("bnorm"))
-    expected = sum(1 for m in ref.modules() if isinstance(m, _bn_classes(torch)))
-    outs = []
-    for m in (ref, got):
-        m.train()
-        logits = m(cfg.x)
-        loss = torch.nn.functional.cross_entropy(logits, cfg.y)
-        loss.backward()
-        outs.append((logits, loss, dict(m.named_parameters()), dict(m.named_buffers())))
-    (l_r, loss_r, p_r, b_r), (l_g, loss_g, p_g, b_g) = outs
+    """The converted model against torch's, both judged by torch's model in float64 (see
+    ENVELOPE): logits, loss, every parameter gradient after one backward, the BN buffers after
+    the forward."""
+    got_model = bnorm_torch.convert(copy.deepcopy(cfg.base))
+    converted = sum(1 for m in got_model.modules() if type(m).__module__.startswith("bnorm"))
+    expected = sum(1 for m in cfg.base.modules() if isinstance(m, _bn_classes(torch)))
+    r64 = _run_once(torch, copy.deepcopy(cfg.base).double(), cfg.x.double(), cfg.y)
+    r32 = _run_once(torch, copy.deepcopy(cfg.base), cfg.x, cfg.y)
+    rb = _run_once(torch, got_model, cfg.x, cfg.y)
     problems = []
-    pairs = [("logits", l_g, l_r, False), ("loss", loss_g, loss_r, False)]
-    for name, p in p_r.items():
-        if p.grad is None or p_g[name].grad is None:
-            problems.append(name + ".grad missing")
-            continue
-        pairs.append((name + ".grad", p_g[name].grad, p.grad, True))
-    for name, b in b_r.items():
-        if b.dtype.is_floating_point:
-            pairs.append((name, b_g[name], b, False))
-        elif not torch.equal(b, b_g[name]):
-            problems.append("%s: %s != %s" % (name, b_g[name].tolist(), b.tolist()))
-    largest_grad = max((t.detach().abs().max().item() for _, _, t, g in pairs if g), default=0.0)
-    rows = []
-    for name, a, b, is_grad in pairs:
-        a, b = a.detach().double(), b.detach().double()
-        err = (a - b).abs().max().item()
-        scale = b.abs().max().item()
-        if is_grad:
-            scale = max(scale, ZERO_FLOOR * largest_grad)
-        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-        rows.append({"name": name, "err": err, "scale": scale, "rel": rel})
-        if not rel <= RTOL:  # NaN fails too
-            problems.append("%s: max|diff| %.3g > %.0e x %.3g" % (name, err, RTOL, scale))
     if converted != expected:
         problems.append("convert replaced %d of %d BN layers" % (converted, expected))
-    worst = max(rows, key=lambda r: r["rel"] if r["rel"] == r["rel"] else float("inf"))
-    grads = [r for r in rows if r["name"].endswith(".grad")]
-    return {"ok": not problems, "problems": problems, "worst": worst, "rtol": RTOL,
-            "zero_floor": ZERO_FLOOR, "converted_layers": converted, "bn_layers": expected,
-            "tensors": len(rows), "loss_torch": loss_r.item(), "loss_bnorm": loss_g.item(),
-            "max_rel": {"logits": rows[0]["rel"], "loss": rows[1]["rel"],
-                        "gradients": max((r["rel"] for r in grads), default=0.0),
-                        "buffers": max((r["rel"] for r in rows[2:] if r not in grads),
-                                       default=0.0)},
+    for k, v in r32[4].items():
+        if not torch.equal(v, rb[4].get(k, v + 1)):
+            problems.append("%s: %s != %s" % (k, rb[4].get(k), v))
+    missing = sorted(set(r32[2]) ^ set(rb[2]))
+    if missing:
+        problems.append("gradients missing: %s" % ", ".join(missing))
+
+    def max_rel(a, b):
+        scale = b.abs().max().item()
+        return (a - b).abs().max().item() / scale if scale > 0 else 0.0
+
+    largest = max((g.norm().item() for g in r64[2].values()), default=0.0)
+    rows = []
+    pairs = [("logits", r32[0], rb[0], r64[0], False), ("loss", r32[1], rb[1], r64[1], False)]
+    pairs += [(k, r32[2][k], rb[2][k], r64[2][k], True) for k in r64[2] if k in rb[2] and k in r32[2]]
+    pairs += [(k, r32[3][k], rb[3][k], r64[3][k], True) for k in r64[3] if k in rb[3]]
+    for name, t, b, ref, normwise in pairs:
+        if normwise:
+            scale = max(ref.norm().item(), ZERO_FLOOR * largest if name in r64[2] else 0.0)
+            scale = scale if scale > 0 else 1.0
+            e_t, e_b = (t - ref).norm().item() / scale, (b - ref).norm().item() / scale
+            diff = (b - t).norm().item() / scale
+        else:
+            e_t, e_b, diff = max_rel(t, ref), max_rel(b, ref), max_rel(b, t)
+        rows.append({"name": name, "kind": "grad" if name in r64[2] else (
+            "output" if name in ("logits", "loss") else "buffer"),
+            "err_torch": e_t, "err_bnorm": e_b, "diff": diff})
+    envelope = {kind: max((r["err_torch"] for r in rows if r["kind"] == kind), default=0.0)
+                for kind in ("output", "grad", "buffer")}
+    for r in rows:
+        tol = ENVELOPE * envelope[r["kind"]] + ABS_FLOOR
+        r["tol"] = tol
+        if not r["err_bnorm"] <= tol:  # NaN fails too
+            problems.append("%s: error vs float64 %.2e > %.2e (= %g x torch's %.2e + %.0e)" % (
+                r["name"], r["err_bnorm"], tol, ENVELOPE, envelope[r["kind"]], ABS_FLOOR))
+
+    def worst(kind, key):
+        return max((r[key] for r in rows if r["kind"] == kind), default=0.0)
+
+    return {"ok": not problems, "problems": problems, "envelope": ENVELOPE,
+            "abs_floor": ABS_FLOOR, "zero_floor": ZERO_FLOOR, "converted_layers": converted,
+            "bn_layers": expected, "loss_torch": r32[1].item(), "loss_bnorm": rb[1].item(),
+            "loss_float64": r64[1].item(),
+            "max": {kind: {"bnorm_vs_torch": worst(kind, "diff"),
+                           "torch_vs_float64": worst(kind, "err_torch"),
+                           "bnorm_vs_float64": worst(kind, "err_bnorm")}
+                    for kind in ("output", "grad", "buffer")},
             "tensors_compared": rows}
 
 
@@ -314,8 +341,7 @@ def worker(args):
     result = {
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "BNORM_NUM_THREADS",
-                                               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "env": {k: os.environ.get(k) for k in ENV_RECORDED if k in os.environ},
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "bnorm": bnorm_version, "bnorm_library": bnorm_library, "bnorm_error": bnorm_error,
         "configs": [],
@@ -373,6 +399,10 @@ def report(meta, runs):
                                    meta.get("bnorm_build", "?"), meta["python"],
                                    meta["load_start"], meta["load_end"], meta["seconds"]))
     for r in runs:
+        w("")
+        w("%d thread(s): torch.get_num_threads() = %d; %s." % (
+            r["threads"], r["torch_threads"],
+            ", ".join("%s=%s" % kv for kv in sorted(r["env"].items()))))
         if r.get("bnorm_error"):
             w("")
             w("**bnorm.torch not importable (%d thread(s)): %s**" % (r["threads"], r["bnorm_error"]))
@@ -402,8 +432,9 @@ def report(meta, runs):
             if v is None:
                 vs = "not run"
             else:
-                vs = ("ok" if v["ok"] else "**FAILED**") + " (logits %.0e, grads %.0e)" % (
-                    v["max_rel"]["logits"], v["max_rel"]["gradients"])
+                g = v["max"]["grad"]
+                vs = ("ok" if v["ok"] else "**FAILED**") + " (grads vs f64: %.0e, torch %.0e)" % (
+                    g["bnorm_vs_float64"], g["torch_vs_float64"])
                 if not v["ok"]:
                     failures.append("%s %s, %d thread(s): %s" % (
                         c["label"], c["format"], r["threads"], "; ".join(v["problems"][:5])))
@@ -430,13 +461,15 @@ def report(meta, runs):
         w("- %s %s: converted step >= %.2fx faster: %s (%s)" % (
             label, fmt, target, "-" if ratio is None else "%.2fx" % ratio, state))
     w("")
-    w("Validation before timing: from the same state, the converted model's logits, loss, every "
-      "parameter gradient after one backward, and the BN buffers after the forward, against "
-      "torch's; a tensor passes when max|bnorm - torch| <= %.0e x max|torch| (for a gradient, "
-      "max|torch| floored at %.0e x the model's largest gradient: a bias feeding BN has a zero "
-      "gradient in exact arithmetic); the column gives the largest max|diff| / scale of the "
-      "logits and over the gradients (bench/torch_step_bench.py derives the tolerance)."
-      % (RTOL, ZERO_FLOOR))
+    w("Validation before timing, from the same state and batch: the converted model's logits, "
+      "loss, every parameter gradient after one backward and the BN buffers after the forward, "
+      "judged against torch's model run in float64: the error (max-relative for logits and loss, "
+      "norm-wise per tensor for gradients and buffers, a gradient's scale floored at %.0e x the "
+      "model's largest) must stay <= %g x the largest error of torch's own fp32 run + %.0e. A "
+      "rounding difference can flip a ReLU or max-pool decision, so fp32 gradients of ResNet-18 "
+      "deviate from float64 by up to ~1e-2 for torch too; per BN layer both are within 1e-7 "
+      "(bench/torch_step_bench.py explains it). The column gives the largest gradient error of "
+      "bnorm and of torch against float64." % (ZERO_FLOOR, ENVELOPE, ABS_FLOOR))
     if any("layers" in c for r in runs for c in r["configs"]):
         w("")
         w("BN layers alone (training forward + backward of the module, median ms per call; "
@@ -493,13 +526,17 @@ def driver(args):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": args.command or "bench/torch_step_bench.py",
         "cpu": _cpu_model(), "python": platform.python_version(), "load_start": _load(),
-        "bnorm_build": args.bnorm_build or "?", "rtol": RTOL,
+        "bnorm_build": args.bnorm_build or "?",
         "argv": sys.argv[1:],
     }
     runs = []
     status = 0
     for t in (int(v) for v in args.threads.split(",")):
-        env = dict(os.environ, OMP_NUM_THREADS=str(t), BNORM_NUM_THREADS=str(t))
+        # torch's OpenMP pool, OpenBLAS's own pthread pool (Debian's torch calls it for
+        # Linear's matrix products; it ignores torch.set_num_threads and starts one thread per
+        # core) and bnorm's pool: all the same size.
+        env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
+                   BNORM_NUM_THREADS=str(t))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(t),
                "--reps", str(args.reps), "--warmup", str(args.warmup),
                "--mlp-reps", str(args.mlp_reps), "--mlp-block", str(args.mlp_block),
