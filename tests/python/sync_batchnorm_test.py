@@ -136,6 +136,66 @@ def ddp_train(k, rank):
     return {k2: v.detach().clone() for k2, v in model.state_dict().items()}
 
 
+def collective_error(rank):
+    """Rank 1's module has another momentum: every rank's forward must raise, naming it on
+    every rank, with the buffers untouched. Returns (raised, message, untouched)."""
+    m = bt.SyncBatchNorm(3, momentum=0.2 if rank == 1 else 0.1)
+    before = [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    try:
+        m(torch.randn(3, 3, 4))
+        return (False, "no exception", True)
+    except Exception as e:  # noqa: B902
+        after = (m.running_mean, m.running_var, m.num_batches_tracked)
+        return (type(e).__name__, str(e), all(torch.equal(a, b) for a, b in zip(before, after)))
+
+
+def check_module_api():
+    """One process: the class, convert_sync_batchnorm, state_dict both ways, a fallback, a
+    bad input."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    m = bt.SyncBatchNorm(4, process_group=None)
+    if not isinstance(m, _BatchNorm) or isinstance(m, torch.nn.SyncBatchNorm):
+        fail("SyncBatchNorm must be a _BatchNorm and not a torch.nn.SyncBatchNorm (DDP)")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    model[1].weight.requires_grad_(False)
+    model.eval()
+    w = model[1].weight
+    out = bt.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not (type(out[1]) is bt.SyncBatchNorm and out[1].weight is w and not out[1].training
+            and not out[1].weight.requires_grad):
+        fail("convert_sync_batchnorm: lost the parameter, the mode or requires_grad")
+    torch_sync = torch.nn.SyncBatchNorm(4)
+    with torch.no_grad():
+        torch_sync.running_mean.uniform_()
+        torch_sync.num_batches_tracked.fill_(5)
+    m.load_state_dict(torch_sync.state_dict())
+    back = torch.nn.SyncBatchNorm(4)
+    back.load_state_dict(m.state_dict())
+    if not (torch.equal(back.running_mean, torch_sync.running_mean) and
+            int(back.num_batches_tracked) == 5):
+        fail("state_dict does not round-trip with torch.nn.SyncBatchNorm")
+    import warnings
+    m = bt.SyncBatchNorm(4)
+    x64 = torch.randn(5, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = m.double()(x64)
+    if not any("float64" in str(w.message) for w in caught):
+        fail("float64 input: no fallback warning naming the dtype")
+    want = torch.nn.functional.batch_norm(x64, None, None, m.weight, m.bias, True, 0.0, m.eps)
+    if max_diff(y, want) > 1e-12:
+        fail("float64 fallback differs from torch's batch norm")
+    m = bt.SyncBatchNorm(4)
+    try:
+        m(torch.randn(5, 3, 2))
+        fail("a wrong channel count did not raise")
+    except Exception as e:  # noqa: B902
+        if not ("weight" in str(e) and "C = 3" in str(e)):
+            fail("wrong channel count: unexpected message %s" % e)
+    if int(m.num_batches_tracked) != 0:
+        fail("a failed call changed num_batches_tracked")
+
+
 def bits(t):
     return t.contiguous().view(torch.int32)
 
@@ -161,6 +221,7 @@ def worker(case, rank, world, store, outdir):
         init_group(rank, world, store, GROUP_TIMEOUT_S)
         res = scenario(world, rank)
         res["ddp"] = ddp_train(world, rank)
+        res["collective_error"] = collective_error(rank)
         torch.save(res, os.path.join(outdir, "rank%d.pt" % rank))
         dist.barrier()
         dist.destroy_process_group()
@@ -268,6 +329,13 @@ def check_equality(ref, world, tmp):
             if not d <= 1e-5:
                 fail("%d processes, DDP: %s on rank %d differs by %.3g (> 1e-5)" % (
                     world, key, r, d))
+    for r, rk in enumerate(ranks):
+        raised, msg, untouched = rk["collective_error"]
+        if world == 1:
+            continue  # one rank: nothing to disagree with
+        if raised != "BnormError" or "momentum" not in msg or not untouched:
+            fail("%d processes: rank %d with another rank's momentum: %s %s, buffers untouched "
+                 "%s" % (world, r, raised, msg, untouched))
     print("%d processes: %d values compared bit for bit with the single-process run; "
           "sum of the ranks' local dweight/dbias: largest difference %.3g (bound %.3g)"
           % (world, compared, worst_grad[0], worst_grad[1]), flush=True)
@@ -283,6 +351,7 @@ def main():
         print("skipped: torch.distributed with gloo not available")
         return 77
     t0 = time.monotonic()
+    check_module_api()
     ref = scenario(0, 0)
     ref["ddp"] = ddp_train(0, 0)
     # The single-process run is batch norm: torch's own module on the same data, within fp32
