@@ -20,6 +20,7 @@ Search order (first that loads wins):
 import ctypes
 import ctypes.util
 import os
+import re
 import threading
 
 __all__ = ["BnormError", "BnormLibraryNotFound", "lib", "check", "library_path",
@@ -193,8 +194,27 @@ def last_error():
     return msg.decode("utf-8", "replace") if msg else ""
 
 
-def check(status):
+_FLAT_INDEX = re.compile(r"at index \[(\d+), (\d+), (\d+)\]")
+
+
+def _logical_index(message, shape):
+    """The C API sees (n, c, s) and names an element [i, c, j]; the caller passed the logical
+    shape (N, C, *spatial): name it [i, c, *spatial index] instead."""
+    m = _FLAT_INDEX.search(message)
+    if m is None or shape is None or len(shape) < 2:
+        return message
+    i, ch, j = (int(g) for g in m.groups())
+    spatial = []
+    for d in reversed(tuple(shape)[2:]):
+        spatial.append(j % int(d))
+        j //= int(d)
+    index = ", ".join(str(v) for v in [i, ch] + spatial[::-1])
+    return message[:m.start()] + "at index [" + index + "]" + message[m.end():]
+
+
+def check(status, shape=None):
     """Raise BnormError(status, bnorm_last_error()) when status != 0 (call it on the thread
-    that made the failing call: the message is per thread)."""
+    that made the failing call: the message is per thread). shape: the logical shape
+    (N, C, *spatial) of the activations, so that an index in the message is the caller's."""
     if status != 0:
-        raise BnormError(status, last_error())
+        raise BnormError(status, _logical_index(last_error(), shape))

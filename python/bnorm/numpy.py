@@ -240,7 +240,7 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     _lib.check(_lib.lib().bnorm_forward_train(
         _LAYOUT_CODE[layout], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
         _ptr(running_mean), _ptr(running_var), _ptr(num_batches_tracked),
-        mom, _eps(eps), _ptr(y), _ptr(save_mean), _ptr(save_invstd)))
+        mom, _eps(eps), _ptr(y), _ptr(save_mean), _ptr(save_invstd)), x.shape)
     return y, save_mean, save_invstd
 
 
@@ -261,7 +261,7 @@ def forward_eval(x, weight=None, bias=None, running_mean=None, running_var=None,
     y = _output_like("out", out, x, layout)
     _lib.check(_lib.lib().bnorm_forward_eval(
         _LAYOUT_CODE[layout], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
-        _ptr(running_mean), _ptr(running_var), _eps(eps), _ptr(y)))
+        _ptr(running_mean), _ptr(running_var), _eps(eps), _ptr(y)), x.shape)
     return y
 
 
@@ -302,5 +302,5 @@ def backward(dy, x, weight=None, save_mean=None, save_invstd=None, running_mean=
     _lib.check(_lib.lib().bnorm_backward(
         _LAYOUT_CODE[layout], n, c, s, _ptr(dy), _ptr(x), _ptr(weight),
         _ptr(save_mean), _ptr(save_invstd), _ptr(running_mean), _ptr(running_var),
-        _eps(eps), 1 if training else 0, _ptr(dx), _ptr(dweight), _ptr(dbias)))
+        _eps(eps), 1 if training else 0, _ptr(dx), _ptr(dweight), _ptr(dbias)), x.shape)
     return dx, dweight, dbias

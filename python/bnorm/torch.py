@@ -161,7 +161,7 @@ class _Function(torch.autograd.Function):
             nbt = num_batches_tracked
             _lib.check(lib.bnorm_forward_train(
                 layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
-                _ptr(nbt), momentum, eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd)))
+                _ptr(nbt), momentum, eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd)), x.shape)
             if rm is not None and rm_mem is not rm:
                 rm.copy_(rm_mem)
             if rv is not None and rv_mem is not rv:
@@ -171,7 +171,7 @@ class _Function(torch.autograd.Function):
             rm, rv = _vec(running_mean), _vec(running_var)
             _lib.check(lib.bnorm_forward_eval(
                 layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), eps,
-                _ptr(y)))
+                _ptr(y)), x.shape)
             ctx.save_for_backward(x, x_mem, weight, bias, running_mean, running_var)
         ctx.layout = layout
         ctx.use_batch_stats = use_batch_stats
@@ -202,7 +202,7 @@ class _Function(torch.autograd.Function):
             save_mean, save_invstd, rm, rv, training = None, None, _vec(stat_a), _vec(stat_b), 0
         _lib.check(_lib.lib().bnorm_backward(
             layout, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(w), _ptr(save_mean), _ptr(save_invstd),
-            _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx), _ptr(dweight), _ptr(dbias)))
+            _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx), _ptr(dweight), _ptr(dbias)), x.shape)
         return (dx if need_x else None,
                 dweight if need_w else None,
                 dbias if need_b and bias is not None else None,

@@ -688,7 +688,20 @@ def bad_input_checks():
         m = bt.BatchNorm2d(3)
         xn = x.clone()
         xn[2, 1, 3, 4] = float("nan")
-        expect_error("NaN input", lambda: m(xn), m, ["channel 1"])
+        # The index is the caller's (N, C, H, W) one, in either memory format, not the
+        # C API's flattened (n, c, s).
+        expect_error("NaN input", lambda: m(xn), m, ["nan at index [2, 1, 3, 4]", "channel 1"])
+        expect_error("NaN input (channels_last)",
+                     lambda: m(xn.contiguous(memory_format=torch.channels_last)), m,
+                     ["nan at index [2, 1, 3, 4]", "channel 1"])
+        m3 = bt.BatchNorm3d(3)
+        x3 = torch.randn(2, 3, 2, 3, 4)
+        x3[1, 2, 1, 2, 3] = float("inf")
+        expect_error("Inf input (5-D)", lambda: m3(x3), m3, ["inf at index [1, 2, 1, 2, 3]"])
+        m1 = bt.BatchNorm1d(3)
+        x1 = torch.randn(5, 3)
+        x1[4, 0] = float("nan")
+        expect_error("NaN input (2-D)", lambda: m1(x1), m1, ["nan at index [4, 0]"])
     finally:
         del os.environ["BNORM_CHECK_FINITE"]
 
