@@ -131,6 +131,8 @@ def draw(plt, ex, batch, path):
         ax.set_title(title, fontsize=11)
         ax.grid(True, axis="y", alpha=0.3)
         if note:
+            bottom, top = ax.get_ylim()
+            ax.set_ylim(bottom, top + 0.4 * (top - bottom))  # room for the note above the boxes
             ax.text(0.02, 0.98, note, transform=ax.transAxes, va="top", fontsize=9,
                     bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, linewidth=0.5))
 
@@ -185,7 +187,7 @@ def draw(plt, ex, batch, path):
         axes[0][2].axvline(x, color="black", linewidth=0.6, linestyle=":")
     S = ex["summary"]
     boxes(axes[1][2], "normalized", "normalized value x̂",
-          "every feature: now the same location and spread",
+          "every feature: now mean 0 and variance 1 (the shapes stay)\n(5-95 %, 25-75 %, median)",
           note=f"measured over all {C} features:\n|mean| ≤ {S['normalized_mean_max_abs']:.1e}\n"
                f"variance {S['normalized_var']['min']:.5f} – {S['normalized_var']['max']:.5f}\n"
                f"(σ²/(σ²+ε): ε = {L['eps']:g})")
