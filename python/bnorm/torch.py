@@ -93,14 +93,27 @@ def _order(ndim, layout):
 def _layout_of(t):
     """_CHANNELS_FIRST or _CHANNELS_LAST when t's memory is one of them (first wins when both
     describe the same memory), else None."""
+    # Fast path (the hot one): torch's cached contiguity flags, the same rule as _matches.
+    if t.is_contiguous():
+        return _CHANNELS_FIRST
+    if _is_channels_last(t):
+        return _CHANNELS_LAST
     for layout in (_CHANNELS_FIRST, _CHANNELS_LAST):
         if _matches(t, _dense_strides(t.shape, _order(t.dim(), layout))):
             return layout
     return None
 
 
+def _is_channels_last(t):
+    ndim = t.dim()
+    return ((ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)) or
+            (ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
 def _to_layout(t, layout):
     """t itself if its memory is in `layout`, else one dense copy in it."""
+    if t.is_contiguous() if layout == _CHANNELS_FIRST else _is_channels_last(t):
+        return t
     if _matches(t, _dense_strides(t.shape, _order(t.dim(), layout))):
         return t
     out = _empty(t.shape, layout)
@@ -117,8 +130,7 @@ def _vec(t):
     """A per-channel read-only vector: contiguous float32 (detached; a copy only if strided)."""
     if t is None:
         return None
-    t = t.detach()
-    return t if t.is_contiguous() else t.contiguous()
+    return t if t.is_contiguous() else t.detach().contiguous()
 
 
 def _ptr(t):
@@ -148,7 +160,7 @@ class _Function(torch.autograd.Function):
             layout = _CHANNELS_FIRST
         n, c, s = _nsc(x_mem)
         w, b = _vec(weight), _vec(bias)
-        y = _empty(x_mem.shape, layout)
+        y = torch.empty_like(x_mem)  # x_mem is dense: its strides, faster than _empty
         lib = _lib.lib()
         if use_batch_stats:
             save_mean = torch.empty(c, dtype=torch.float32)
@@ -191,7 +203,7 @@ class _Function(torch.autograd.Function):
         layout = ctx.layout
         dy = _to_layout(dy.to(torch.float32) if dy.dtype != torch.float32 else dy, layout)
         n, c, s = _nsc(x_mem)
-        dx = _empty(x_mem.shape, layout)
+        dx = torch.empty_like(x_mem)  # x_mem is dense: its strides
         want_params = need_w or need_b
         dweight = torch.empty(c, dtype=torch.float32) if want_params else None
         dbias = torch.empty(c, dtype=torch.float32) if want_params else None
@@ -232,7 +244,7 @@ def _fallback_reason(x, tensors):
     for name, t in (("input", x),) + tuple(tensors):
         if t is None:
             continue
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return "%s on device %s (the library runs on the CPU only)" % (name, t.device)
     for name, t in (("input", x),) + tuple(tensors):
         if name != "num_batches_tracked" and t is not None and t.dtype != torch.float32:
