@@ -135,7 +135,8 @@ typedef struct bnorm_sync_options {
 
 /* Training forward over the global batch: as bnorm_forward_train, with this rank's part in
    x/y (n >= 0 samples; n = 0 is allowed, x and y may then be NULL, as long as the global batch
-   has more than one value per channel). Every rank must pass the same layout, c, s, eps,
+   has more than one value per channel). Every rank must pass the same layout (any, on a rank
+   with n = 0), c, s, eps,
    momentum, the same presence of weight, bias and running statistics, and running statistics
    identical bit for bit (checked: a difference fails every rank, naming it). running_* and
    *num_batches_tracked are updated identically on every rank, with the global count's

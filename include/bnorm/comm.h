@@ -140,7 +140,7 @@ struct SyncOptions {
 
 // Training forward over the global batch. args is this rank's part: x may hold N = 0 samples
 // (then y is empty too) as long as the global count N_global * S is > 1. Every rank must pass
-// the same C, spatial dims, layout, eps, momentum, weight/bias presence and identical running
+// the same C, spatial dims, layout (any, on a rank with N = 0), eps, momentum, weight/bias presence and identical running
 // statistics; running statistics use the global count's Bessel factor n / (n - 1).
 // save_mean / save_invstd receive the global batch's statistics (identical on every rank).
 Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& args,

@@ -314,6 +314,21 @@ Status check_agreement(const double* h, int size, int stride,
   return Status();
 }
 
+// The headers with the layout of every rank that holds no samples replaced by that of the first
+// rank that holds some: an empty part has no memory order (PyTorch calls an empty tensor
+// contiguous in every memory format), and the layout changes nothing it computes.
+std::vector<double> ignore_empty_layouts(const double* h, int size, int stride, int count_index,
+                                         int layout_index) {
+  std::vector<double> out(h, h + static_cast<size_t>(size) * static_cast<size_t>(stride));
+  int first = -1;
+  for (int r = 0; r < size && first < 0; ++r)
+    if (h[r * stride + count_index] > 0) first = r;
+  if (first < 0) return out;
+  for (int r = 0; r < size; ++r)
+    if (h[r * stride + count_index] == 0)
+      out[static_cast<size_t>(r * stride + layout_index)] = h[first * stride + layout_index];
+  return out;
+}
 
 // One pass's exchange: header_size doubles per rank (status first, local N second), then the
 // table of units x C x {2 values}. When the units' layout is known before (a given split, or
@@ -463,7 +478,9 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
     h[kMode] = static_cast<double>(static_cast<int>(sync.mode));
     h[kStateHash] = static_cast<double>(state_hash >> 16);  // 48 bits: exact in a double
   };
-  ex.check_headers = [&](const double* headers) {
+  ex.check_headers = [&](const double* all) {
+    const std::vector<double> h = ignore_empty_layouts(all, size, kHeaderSize, kCount, kLayout);
+    const double* headers = h.data();
     return check_agreement(
         headers, size, kHeaderSize,
         {{kChannels, "C (channels)"}, {kSpatial, "the product of the spatial dims"},
@@ -565,7 +582,9 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
     h[kBSpatial] = static_cast<double>(g.s);
     h[kBLayout] = static_cast<double>(static_cast<int>(g.layout));
   };
-  ex.check_headers = [&](const double* headers) {
+  ex.check_headers = [&](const double* all) {
+    const std::vector<double> h = ignore_empty_layouts(all, size, kBHeaderSize, kBCount, kBLayout);
+    const double* headers = h.data();
     return check_agreement(headers, size, kBHeaderSize,
                            {{kBChannels, "C (channels)"},
                             {kBSpatial, "the product of the spatial dims"},

@@ -349,6 +349,48 @@ TEST(SyncCApi, OneRankWithoutCallbackNeedsNoExchange) {
   ExpectBitwise(dx, with.dx, "dx");
 }
 
+// A rank without samples may give either layout (an empty tensor has no memory order); the
+// others must agree.
+TEST(SyncCApi, AnEmptyRanksLayoutDoesNotMatter) {
+  const Problem p = MakeProblem(6, 3, 4, Layout::kChannelsLast, 12);
+  const PassRun want = RunC(p, {6}, BNORM_SYNC_REPRODUCIBLE, false, false);
+  for (int mode : {BNORM_SYNC_REPRODUCIBLE, BNORM_SYNC_PER_RANK}) {
+    std::unique_ptr<InProcessGroup> group;
+    ASSERT_TRUE(InProcessGroup::create(2, &group, 20.0).ok());
+    std::vector<float> y(p.x.size()), dx(p.x.size());
+    std::vector<RankOutputs> out(2);
+    const Status s = group->run([&](Communicator& comm) -> Status {
+      const int r = comm.rank();
+      RankOutputs& o = out[static_cast<size_t>(r)];
+      Prepare(p, &o);
+      const bnorm_comm c = CommOf(comm);
+      bnorm_sync_options options{};
+      options.mode = mode;
+      const int64_t n = r == 0 ? 0 : 6;
+      const bnorm_layout layout = r == 0 ? BNORM_CHANNELS_FIRST : BNORM_CHANNELS_LAST;
+      const float* x = n ? p.x.data() : nullptr;
+      if (bnorm_sync_forward_train(&c, &options, layout, n, p.c, p.s, x, p.weight.data(),
+                                   p.bias.data(), o.running_mean.data(), o.running_var.data(),
+                                   &o.num_batches_tracked, 0.1, 1e-5, n ? y.data() : nullptr,
+                                   o.save_mean.data(), o.save_invstd.data()) != BNORM_OK)
+        return Status::internal(bnorm_last_error());
+      if (bnorm_sync_backward(&c, &options, layout, n, p.c, p.s, n ? p.dy.data() : nullptr, x,
+                              p.weight.data(), o.save_mean.data(), o.save_invstd.data(),
+                              n ? dx.data() : nullptr, o.dweight.data(), o.dbias.data()) !=
+          BNORM_OK)
+        return Status::internal(bnorm_last_error());
+      return Status();
+    });
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    if (mode == BNORM_SYNC_REPRODUCIBLE) {
+      ExpectRankBitwise(out[0], want.ranks[0], "empty rank 0");
+      ExpectRankBitwise(out[1], want.ranks[0], "rank 1");
+      ExpectBitwise(y, want.y, "y");
+      ExpectBitwise(dx, want.dx, "dx");
+    }
+  }
+}
+
 TEST(SyncCApi, InvalidCommunicatorIsRefusedLocally) {
   float x[4] = {1, 2, 3, 4}, y[4] = {7, 7, 7, 7};
   auto fn = [](void*, double*, int64_t) { return 0; };

@@ -136,6 +136,29 @@ def ddp_train(k, rank):
     return {k2: v.detach().clone() for k2, v in model.state_dict().items()}
 
 
+PER_RANK_SPLITS = {1: [7], 2: [2, 5], 3: [3, 1, 3]}
+
+
+def per_rank_mode(k, rank):
+    """sync_mode="per-rank", channels_last, two steps: y, dx and the running statistics."""
+    split = PER_RANK_SPLITS[k] if k else [N]
+    lo = sum(split[:rank])
+    hi = lo + split[rank]
+    gen = torch.Generator().manual_seed(99)
+    m = bt.SyncBatchNorm(4, sync_mode="per-rank")
+    out = {"y": [], "dx": []}
+    for _ in range(2):
+        x = torch.randn(N, 4, 3, 5, generator=gen) * 2 + 1
+        dy = torch.randn(N, 4, 3, 5, generator=gen)
+        xl = _fmt(x[lo:hi].clone(), "channels_last").requires_grad_(True)
+        y = m(xl)
+        y.backward(_fmt(dy[lo:hi].clone(), "channels_last"))
+        out["y"].append(y.detach().contiguous())
+        out["dx"].append(xl.grad.contiguous())
+    out["running"] = torch.cat([m.running_mean, m.running_var])
+    return out
+
+
 def collective_error(rank):
     """Rank 1's module has another momentum: every rank's forward must raise, naming it on
     every rank, with the buffers untouched. Returns (raised, message, untouched)."""
@@ -222,6 +245,7 @@ def worker(case, rank, world, store, outdir):
         res = scenario(world, rank)
         res["ddp"] = ddp_train(world, rank)
         res["collective_error"] = collective_error(rank)
+        res["per_rank"] = per_rank_mode(world, rank)
         torch.save(res, os.path.join(outdir, "rank%d.pt" % rank))
         dist.barrier()
         dist.destroy_process_group()
@@ -329,6 +353,22 @@ def check_equality(ref, world, tmp):
             if not d <= 1e-5:
                 fail("%d processes, DDP: %s on rank %d differs by %.3g (> 1e-5)" % (
                     world, key, r, d))
+    # Per-rank mode: within rounding of one process (statistics merged per rank in fp64; the
+    # outputs are fp32: a few ulps), the running statistics bitwise the same on every rank.
+    worst_pr = 0.0
+    for key in ("y", "dx"):
+        for step in range(2):
+            got = torch.cat([rk["per_rank"][key][step] for rk in ranks])
+            want = ref["per_rank"][key][step]
+            d = float(((got - want).abs() / (1 + want.abs())).max())
+            worst_pr = max(worst_pr, d)
+            if not d <= 1e-5:
+                fail("%d processes, per-rank mode: %s differs by %.3g" % (world, key, d))
+    for r, rk in enumerate(ranks):
+        if not same_bits(rk["per_rank"]["running"], ranks[0]["per_rank"]["running"]):
+            fail("%d processes, per-rank mode: rank %d's running statistics differ" % (world, r))
+    print("%d processes: per-rank mode, split %s: largest relative difference %.3g"
+          % (world, PER_RANK_SPLITS[world], worst_pr), flush=True)
     for r, rk in enumerate(ranks):
         raised, msg, untouched = rk["collective_error"]
         if world == 1:
@@ -354,6 +394,7 @@ def main():
     check_module_api()
     ref = scenario(0, 0)
     ref["ddp"] = ddp_train(0, 0)
+    ref["per_rank"] = per_rank_mode(0, 0)
     # The single-process run is batch norm: torch's own module on the same data, within fp32
     # rounding (the conformance proper is tests/python/torch_modules_test.py).
     x = torch.randn(7, 4, 3, 5)
