@@ -28,7 +28,9 @@ Also, per batch-norm layer shape of each model (forward hooks), the BN layer alo
 backward of torch's module against the converted module on the same input and output gradient
 (where the step's time goes).
 
-  torch_step_bench.py [--threads 1,2] [--reps N] [--quick] [--out-dir DIR]
+  torch_step_bench.py [--threads 1,2,2p] [--reps N] [--quick] [--out-dir DIR]
+
+(2p: 2 threads with OMP_WAIT_POLICY=passive, see docs/benchmarks.md)
 
 Writes DIR/results.json and DIR/results.md and prints the markdown. Exit status 1 when a row
 failed validation or bnorm.torch is not importable (the table is still written).
@@ -371,6 +373,12 @@ def worker(args):
 
 # ----------------------------------------------------------------------------- report
 
+def _threads_label(r):
+    """'2', or '2 passive' for a run with OMP_WAIT_POLICY=passive."""
+    passive = r["env"].get("OMP_WAIT_POLICY", "").lower() == "passive"
+    return "%d%s" % (r["threads"], " passive" if passive else "")
+
+
 def _ms(t):
     return "%.1f" % (t * 1e3) if t >= 0.01 else "%.3f" % (t * 1e3)
 
@@ -400,12 +408,13 @@ def report(meta, runs):
                                    meta["load_start"], meta["load_end"], meta["seconds"]))
     for r in runs:
         w("")
-        w("%d thread(s): torch.get_num_threads() = %d; %s." % (
-            r["threads"], r["torch_threads"],
+        w("%s thread(s): torch.get_num_threads() = %d; %s." % (
+            _threads_label(r), r["torch_threads"],
             ", ".join("%s=%s" % kv for kv in sorted(r["env"].items()))))
         if r.get("bnorm_error"):
             w("")
-            w("**bnorm.torch not importable (%d thread(s)): %s**" % (r["threads"], r["bnorm_error"]))
+            w("**bnorm.torch not importable (%s thread(s)): %s**" % (_threads_label(r),
+                                                                  r["bnorm_error"]))
     w("")
     w("Step = zero_grad + forward + cross-entropy + backward + SGD step; ms per step, median "
       "[min-max] over the timed repetitions (variants interleaved). ratio = torch BN / bnorm "
@@ -436,15 +445,17 @@ def report(meta, runs):
                 vs = ("ok" if v["ok"] else "**FAILED**") + " (grads vs f64: %.0e, torch %.0e)" % (
                     g["bnorm_vs_float64"], g["torch_vs_float64"])
                 if not v["ok"]:
-                    failures.append("%s %s, %d thread(s): %s" % (
-                        c["label"], c["format"], r["threads"], "; ".join(v["problems"][:5])))
+                    failures.append("%s %s, %s thread(s): %s" % (
+                        c["label"], c["format"], _threads_label(r), "; ".join(v["problems"][:5])))
             fmt = c["format"] if c["model"] == "resnet18" else "-"
-            w("| %s | %s | %d | %s | %s | %s | %s | %.0f %% | %s | %s |" % (
-                c["label"], fmt, r["threads"], _cell(t["torch"]), bn_cell, _cell(t["identity"]),
+            w("| %s | %s | %s | %s | %s | %s | %s | %.0f %% | %s | %s |" % (
+                c["label"], fmt, _threads_label(r), _cell(t["torch"]), bn_cell, _cell(t["identity"]),
                 ratio_s, 100 * _share(tt, ti), share_b, vs))
             target = TARGETS.get((c["model"], c["format"]))
             if target is not None and r["threads"] == 2:
-                summary.append((c["label"], c["format"], target, ratio, valid))
+                summary.append((c["label"], c["format"] + (
+                    "" if _threads_label(r) == "2" else " (OMP_WAIT_POLICY=passive)"),
+                    target, ratio, valid))
     for f in failures:
         w("")
         w("**FAILED validation**: " + f)
@@ -488,14 +499,14 @@ def report(meta, runs):
                     b = row.get("bnorm")
                     if b:
                         tot_b += row["count"] * (b["fwd"] + b["bwd"])
-                    w("| %s | %s | %d | %s | %d | %s | %s | %s | %s | %s |" % (
-                        c["label"], fmt, r["threads"], "x".join(map(str, row["shape"])),
+                    w("| %s | %s | %s | %s | %d | %s | %s | %s | %s | %s |" % (
+                        c["label"], fmt, _threads_label(r), "x".join(map(str, row["shape"])),
                         row["count"], _ms(t["fwd"]), _ms(t["bwd"]),
                         _ms(b["fwd"]) if b else "-", _ms(b["bwd"]) if b else "-",
                         "%.2fx" % ((t["fwd"] + t["bwd"]) / (b["fwd"] + b["bwd"])) if b else "-"))
                 if c.get("layers"):
-                    w("| %s | %s | %d | **all BN layers of a step** | | %s | | %s | | %s |" % (
-                        c["label"], fmt, r["threads"], _ms(tot_t),
+                    w("| %s | %s | %s | **all BN layers of a step** | | %s | | %s | | %s |" % (
+                        c["label"], fmt, _threads_label(r), _ms(tot_t),
                         _ms(tot_b) if tot_b else "-", "%.2fx" % (tot_t / tot_b) if tot_b else "-"))
     w("")
     return "\n".join(lines)
@@ -531,12 +542,18 @@ def driver(args):
     }
     runs = []
     status = 0
-    for t in (int(v) for v in args.threads.split(",")):
+    for spec in args.threads.split(","):
+        passive = spec.endswith("p")
+        t = int(spec.rstrip("p"))
         # torch's OpenMP pool, OpenBLAS's own pthread pool (Debian's torch calls it for
         # Linear's matrix products; it ignores torch.set_num_threads and starts one thread per
         # core) and bnorm's pool: all the same size.
         env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
                    BNORM_NUM_THREADS=str(t))
+        if passive:
+            # libgomp's idle threads sleep at once instead of spinning for some milliseconds
+            # after every parallel region (read when torch loads libgomp: only as a variable).
+            env["OMP_WAIT_POLICY"] = "passive"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(t),
                "--reps", str(args.reps), "--warmup", str(args.warmup),
                "--mlp-reps", str(args.mlp_reps), "--mlp-block", str(args.mlp_block),
@@ -544,10 +561,10 @@ def driver(args):
                "--max-seconds", str(args.max_seconds)]
         if not args.layers:
             cmd.append("--no-layers")
-        print("== %d thread(s)" % t, file=sys.stderr, flush=True)
+        print("== %s thread(s)" % spec, file=sys.stderr, flush=True)
         p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         if p.returncode != 0:
-            print("torch_step_bench: the %d-thread worker failed (exit %d)" % (t, p.returncode),
+            print("torch_step_bench: the %s-thread worker failed (exit %d)" % (spec, p.returncode),
                   file=sys.stderr)
             status = 1
             continue
@@ -573,8 +590,10 @@ def driver(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", default="1,2", help="thread counts, one worker each (1,2)")
-    ap.add_argument("--reps", type=int, default=7, help="timed ResNet-18 steps per variant (7)")
+    ap.add_argument("--threads", default="1,2,2p",
+                    help="thread counts, one worker process each; a trailing p (2p) runs that "
+                    "count with OMP_WAIT_POLICY=passive (1,2,2p)")
+    ap.add_argument("--reps", type=int, default=5, help="timed ResNet-18 steps per variant (5)")
     ap.add_argument("--warmup", type=int, default=1, help="ResNet-18 warm-up steps per variant (1)")
     ap.add_argument("--mlp-reps", type=int, default=15, help="timed MLP blocks per variant (15)")
     ap.add_argument("--mlp-block", type=int, default=100, help="MLP steps per block (100)")
