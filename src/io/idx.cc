@@ -16,8 +16,9 @@
 namespace bnorm::io {
 namespace {
 
-// Far above any real IDX file; keeps a corrupt header's dimension product from overflowing.
-constexpr uint64_t kMaxPayloadBytes = uint64_t{1} << 36;
+// Trailing data after the payload is counted up to this many bytes, no further: a long (or
+// endlessly compressible) tail costs no more time than this.
+constexpr uint64_t kMaxTrailingScan = uint64_t{1} << 20;
 // gzread takes an unsigned int length: read in chunks well below that.
 constexpr size_t kChunkBytes = size_t{1} << 20;
 
@@ -136,9 +137,14 @@ Status read_idx(const std::string& path, uint32_t expected_magic, const char* wh
     const uint32_t d = big_endian32(raw_dims.data() + 4 * i);
     if (d == 0) return file_error(path, "dimension " + std::to_string(i) + " is 0");
     dims.push_back(d);
-    if (d > kMaxPayloadBytes / payload_bytes) {  // checked before multiplying: cannot wrap
-      return file_error(path, "implausible size: the dimensions give more than " +
-                                  std::to_string(kMaxPayloadBytes) + " bytes");
+    if (d > kMaxIdxPayloadBytes / payload_bytes) {  // checked before multiplying: cannot wrap
+      std::string dims_text;
+      for (int j = 0; j < expected_rank; ++j) {
+        dims_text += (j > 0 ? " x " : "") + std::to_string(big_endian32(raw_dims.data() + 4 * j));
+      }
+      return file_error(path, "implausible size: the dimensions " + dims_text +
+                                  " give more than the limit of " +
+                                  std::to_string(kMaxIdxPayloadBytes) + " payload bytes");
     }
     payload_bytes *= d;
   }
@@ -163,8 +169,11 @@ Status read_idx(const std::string& path, uint32_t expected_magic, const char* wh
   }
 
   // Grow the buffer as data arrives, so a header that lies about a short gzip stream costs
-  // only the memory of the data really there.
+  // only the memory of the data really there; the capacity is reserved (address space, not
+  // memory, until written) so the buffer is never copied. At most payload_bytes are read from
+  // the stream, whatever it holds.
   std::vector<uint8_t> payload;
+  payload.reserve(static_cast<size_t>(payload_bytes));
   size_t have = 0;
   while (have < payload_bytes) {
     const size_t want = static_cast<size_t>(std::min<uint64_t>(payload_bytes - have, 16 * kChunkBytes));
@@ -186,9 +195,10 @@ Status read_idx(const std::string& path, uint32_t expected_magic, const char* wh
   do {
     BNORM_RETURN_IF_ERROR(file.read(extra, sizeof extra, &got));
     trailing += got;
-  } while (got == sizeof extra && trailing < (uint64_t{1} << 30));
+  } while (got == sizeof extra && trailing < kMaxTrailingScan);
   if (trailing > 0) {
-    return file_error(path, std::to_string(trailing) + " trailing bytes after the payload of " +
+    return file_error(path, (trailing >= kMaxTrailingScan ? "at least " : "") +
+                                std::to_string(trailing) + " trailing bytes after the payload of " +
                                 std::to_string(payload_bytes) + " bytes");
   }
   *dims_out = std::move(dims);

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -88,6 +89,44 @@ bool checked_numel(const std::vector<int64_t>& shape, uint64_t* numel) {
 
 // ---------------------------------------------------------------------------------------------
 // Reading
+//
+// The header is parsed by a SAX handler that keeps only what the format defines (the tensor
+// records and "__metadata__") and stops at the first problem: no JSON tree is built, so memory
+// stays within a small multiple of the header's bytes, time is linear in them, and nothing is
+// recursive. Values nested deeper than kMaxHeaderDepth are rejected; messages quote at most
+// kShownChars characters of any name or value the file holds.
+
+constexpr int kMaxHeaderDepth = 64;
+constexpr size_t kMaxRank = 64;
+constexpr size_t kShownChars = 80;
+
+// s for a one-line message: control characters escaped, cut to kShownChars (at a UTF-8
+// boundary) with "..." and the full length.
+std::string shown(const std::string& s) {
+  std::string out;
+  size_t n = std::min(s.size(), kShownChars);
+  while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (n < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
+}
+
+std::string quote_name(const std::string& s) {
+  // Built by appending: GCC 12 warns falsely (-Wrestrict) on "\"" + std::string&&.
+  std::string q(1, '"');
+  q += shown(s);
+  q += '"';
+  return q;
+}
 
 struct TensorRecord {
   std::string name;
@@ -97,18 +136,280 @@ struct TensorRecord {
   uint64_t end = 0;
 };
 
-struct FileContents {
+struct Header {
   std::vector<TensorRecord> tensors;  // sorted by begin
   std::map<std::string, std::string> metadata;
-  std::vector<uint8_t> data;  // the data region (empty if not read)
+  uint64_t data_size = 0;
+};
+
+// The SAX handler (nlohmann::json::sax_parse's interface). Each callback returns false to stop
+// the parse, with error set.
+class HeaderHandler {
+ public:
+  using json = nlohmann::json;
+  explicit HeaderHandler(uint64_t data_size) : data_size_(data_size) {}
+
+  std::string error;
+  std::vector<TensorRecord> tensors;
+  std::map<std::string, std::string> metadata;
+
+  bool null() { return scalar("null"); }
+  bool boolean(bool v) { return scalar(v ? "true" : "false"); }
+  bool number_integer(json::number_integer_t v) {
+    if (skip_depth_ > 0) return true;
+    if (state_ == State::kShape) return shape_element(v >= 0, std::to_string(v), v);
+    return scalar(std::to_string(v));
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (skip_depth_ > 0) return true;
+    if (state_ == State::kShape) {
+      return shape_element(v <= static_cast<uint64_t>(INT64_MAX), std::to_string(v),
+                           static_cast<int64_t>(v));
+    }
+    if (state_ == State::kOffsets) {
+      if (offsets_ < 2) offset_[offsets_] = v;
+      ++offsets_;
+      return true;
+    }
+    return scalar(std::to_string(v));
+  }
+  bool number_float(json::number_float_t, const std::string& text) { return scalar(text); }
+  bool string(std::string& v) {
+    if (skip_depth_ == 0) {
+      if (state_ == State::kDtype) {
+        record_.dtype = std::move(v);
+        have_dtype_ = true;
+        state_ = State::kRecord;
+        return true;
+      }
+      if (state_ == State::kMetaValue) {
+        metadata[meta_key_] = std::move(v);
+        state_ = State::kMetadata;
+        return true;
+      }
+    }
+    return scalar(quote_name(v));
+  }
+  bool binary(json::binary_t&) { return scalar("binary"); }
+
+  bool start_object(std::size_t) { return open('{'); }
+  bool end_object() { return close('}'); }
+  bool start_array(std::size_t) { return open('['); }
+  bool end_array() { return close(']'); }
+
+  bool key(std::string& k) {
+    if (skip_depth_ > 0) return true;
+    switch (state_) {
+      case State::kTop:
+        if (k == "__metadata__") {
+          if (seen_metadata_) return fail("\"__metadata__\" appears twice");
+          seen_metadata_ = true;
+          state_ = State::kMetadataValue;
+        } else {
+          record_ = TensorRecord();
+          record_.name = std::move(k);
+          have_dtype_ = have_shape_ = have_offsets_ = false;
+          state_ = State::kRecordValue;
+        }
+        return true;
+      case State::kMetadata:
+        meta_key_ = std::move(k);
+        state_ = State::kMetaValue;
+        return true;
+      case State::kRecord: {
+        bool* seen = k == "dtype" ? &have_dtype_ : k == "shape" ? &have_shape_
+                     : k == "data_offsets" ? &have_offsets_ : nullptr;
+        if (seen != nullptr && *seen) return fail(where() + quote_name(k) + " appears twice");
+        state_ = k == "dtype" ? State::kDtype : k == "shape" ? State::kShapeValue
+                 : k == "data_offsets" ? State::kOffsetsValue : State::kSkipValue;
+        if (seen != nullptr) *seen = true;
+        return true;
+      }
+      default:
+        return fail("unexpected key " + quote_name(k));
+    }
+  }
+
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& e) {
+    // nlohmann's message quotes the last token, which may be most of the header: cut it.
+    const std::string what = e.what();
+    error = "header is not valid JSON (at byte " + std::to_string(position) + "): " + shown(what);
+    return false;
+  }
+
+  bool finished_ok() const { return error.empty(); }
+
+ private:
+  enum class State {
+    kStart, kTop, kDone,
+    kMetadataValue, kMetadata, kMetaValue,
+    kRecordValue, kRecord, kDtype, kShapeValue, kShape, kOffsetsValue, kOffsets, kSkipValue
+  };
+
+  bool fail(const std::string& e) {
+    if (error.empty()) error = e;
+    return false;
+  }
+  std::string where() const { return "tensor " + quote_name(record_.name) + ": "; }
+
+  // A value that is not a structure, in any state: right only where skipped.
+  bool scalar(const std::string& text) {
+    if (skip_depth_ > 0) return true;
+    switch (state_) {
+      case State::kStart: return fail("header is not a JSON object");
+      case State::kMetadataValue: return fail("__metadata__ is not an object");
+      case State::kMetaValue:
+        return fail("__metadata__ value of " + quote_name(meta_key_) + " is not a string");
+      case State::kRecordValue: return fail(where() + "record is not an object");
+      case State::kDtype: return fail(where() + "dtype missing or not a string");
+      case State::kShapeValue: return fail(where() + "shape missing or not an array");
+      case State::kShape: return shape_element(false, text, 0);
+      case State::kOffsetsValue:
+      case State::kOffsets:
+        return fail(where() + "data_offsets missing or not two non-negative integers");
+      case State::kSkipValue: state_ = State::kRecord; return true;
+      default: return fail("unexpected value " + shown(text));
+    }
+  }
+
+  bool shape_element(bool ok, const std::string& text, int64_t v) {
+    if (!shape_text_.empty() && shape_text_.back() != '[') shape_text_ += ", ";
+    if (shape_text_.size() < kShownChars) shape_text_ += text;
+    if (!ok) shape_bad_ = true;
+    if (ok && !shape_bad_) {
+      if (record_.shape.size() == kMaxRank) {
+        return fail(where() + "shape has more than " + std::to_string(kMaxRank) + " dimensions");
+      }
+      record_.shape.push_back(v);
+    }
+    return true;
+  }
+
+  bool open(char bracket) {
+    if (++depth_ > kMaxHeaderDepth) {
+      return fail("header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
+    }
+    if (skip_depth_ > 0) {
+      ++skip_depth_;
+      return true;
+    }
+    const bool object = bracket == '{';
+    switch (state_) {
+      case State::kStart:
+        if (!object) return fail("header is not a JSON object");
+        state_ = State::kTop;
+        return true;
+      case State::kMetadataValue:
+        if (!object) return fail("__metadata__ is not an object");
+        state_ = State::kMetadata;
+        return true;
+      case State::kRecordValue:
+        if (!object) return fail(where() + "record is not an object");
+        state_ = State::kRecord;
+        return true;
+      case State::kShapeValue:
+        if (object) return fail(where() + "shape missing or not an array");
+        state_ = State::kShape;
+        shape_text_ = "[";
+        shape_bad_ = false;
+        return true;
+      case State::kOffsetsValue:
+        if (object) return fail(where() + "data_offsets missing or not two non-negative integers");
+        state_ = State::kOffsets;
+        offsets_ = 0;
+        return true;
+      case State::kShape:  // a nested value: shown as [...] and skipped
+        shape_element(false, object ? "{...}" : "[...]", 0);
+        skip_depth_ = 1;
+        return true;
+      case State::kSkipValue:
+        skip_depth_ = 1;
+        return true;
+      default:
+        return scalar(object ? "{...}" : "[...]");
+    }
+  }
+
+  bool close(char bracket) {
+    --depth_;
+    if (skip_depth_ > 0) {
+      if (--skip_depth_ == 0 && state_ == State::kSkipValue) state_ = State::kRecord;
+      return true;
+    }
+    (void)bracket;
+    switch (state_) {
+      case State::kTop: state_ = State::kDone; return true;
+      case State::kMetadata: state_ = State::kTop; return true;
+      case State::kShape:
+        if (shape_bad_) {
+          return fail(where() + "shape " + shape_text_ +
+                      (shape_text_.size() >= kShownChars ? " ...]" : "]") +
+                      " is not a list of non-negative integers");
+        }
+        state_ = State::kRecord;
+        return true;
+      case State::kOffsets:
+        if (offsets_ != 2) {
+          return fail(where() + "data_offsets missing or not two non-negative integers");
+        }
+        record_.begin = offset_[0];
+        record_.end = offset_[1];
+        state_ = State::kRecord;
+        return true;
+      case State::kRecord:
+        if (!finish_record()) return false;
+        state_ = State::kTop;
+        return true;
+      default: return fail("unexpected end of a value");
+    }
+  }
+
+  bool finish_record() {
+    if (!have_dtype_) return fail(where() + "dtype missing or not a string");
+    const int esize = dtype_size(record_.dtype);
+    if (esize == 0) return fail(where() + "unknown dtype " + quote_name(record_.dtype));
+    if (!have_shape_) return fail(where() + "shape missing or not an array");
+    if (!have_offsets_) {
+      return fail(where() + "data_offsets missing or not two non-negative integers");
+    }
+    const TensorRecord& t = record_;
+    if (t.begin > t.end || t.end > data_size_) {
+      return fail(where() + "data_offsets [" + std::to_string(t.begin) + ", " +
+                  std::to_string(t.end) + "] outside the data region of " +
+                  std::to_string(data_size_) + " bytes");
+    }
+    uint64_t numel = 0;
+    const bool fits = checked_numel(t.shape, &numel);
+    if (!fits || numel > data_size_ || numel * static_cast<uint64_t>(esize) != t.end - t.begin) {
+      return fail(where() + "data_offsets hold " + std::to_string(t.end - t.begin) +
+                  " bytes, but " + t.dtype + " " + shape_string(t.shape) + " needs " +
+                  (fits ? std::to_string(numel) + " x " + std::to_string(esize)
+                        : std::string("too many")));
+    }
+    tensors.push_back(std::move(record_));
+    return true;
+  }
+
+  uint64_t data_size_;
+  State state_ = State::kStart;
+  int depth_ = 0;
+  int skip_depth_ = 0;  // > 0 while inside a value that is skipped (an unknown record field)
+  bool seen_metadata_ = false;
+  std::string meta_key_;
+  TensorRecord record_;
+  bool have_dtype_ = false, have_shape_ = false, have_offsets_ = false;
+  std::string shape_text_;
+  bool shape_bad_ = false;
+  int offsets_ = 0;
+  uint64_t offset_[2] = {0, 0};
 };
 
 Status corrupt(const std::string& path, const std::string& problem) {
   return Status::invalid_argument("corrupt checkpoint " + path + ": " + problem);
 }
 
-// Reads and validates the header of path and, if read_data, the data region.
-Status read_file(const std::string& path, bool read_data, FileContents* out) {
+// Opens path, reads and validates its header; `in` is left at the start of the data region.
+Status read_header(const std::string& path, std::ifstream& in, Header* out) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) {
     return Status::invalid_argument("checkpoint " + path + ": no such file");
@@ -116,7 +417,7 @@ Status read_file(const std::string& path, bool read_data, FileContents* out) {
   if (std::filesystem::is_directory(path, ec)) {
     return Status::invalid_argument("checkpoint " + path + ": is a directory, not a file");
   }
-  std::ifstream in(path, std::ios::binary);
+  in.open(path, std::ios::binary);
   if (!in) {
     return Status::invalid_argument("checkpoint " + path + ": cannot open: " +
                                     std::strerror(errno));
@@ -137,99 +438,53 @@ Status read_file(const std::string& path, bool read_data, FileContents* out) {
                              " is not in [2, min(file size - 8 = " + std::to_string(file_size - 8) +
                              ", " + std::to_string(kMaxSafetensorsHeaderBytes) + ")]");
   }
-  std::string header(header_len, '\0');
-  in.read(header.data(), static_cast<std::streamsize>(header_len));
+  // Checked against the file's size above: these bytes are really there.
+  std::string text(header_len, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(header_len));
   if (!in) return corrupt(path, "cannot read the header");
   const uint64_t data_size = file_size - 8 - header_len;
 
-  // Duplicate top-level keys would silently overwrite one another: catch them while parsing.
-  std::set<std::string> keys;
-  std::string duplicate;
-  nlohmann::json::parser_callback_t on_event = [&](int depth, nlohmann::json::parse_event_t event,
-                                                   nlohmann::json& parsed) {
-    if (event == nlohmann::json::parse_event_t::key && depth == 1 && parsed.is_string()) {
-      if (!keys.insert(parsed.get<std::string>()).second && duplicate.empty()) {
-        duplicate = parsed.get<std::string>();
-      }
-    }
-    return true;
-  };
-  nlohmann::json json;
+  HeaderHandler handler(data_size);
+  bool parsed = false;
   try {
-    json = nlohmann::json::parse(header, on_event);
-  } catch (const nlohmann::json::exception& e) {
-    return corrupt(path, std::string("header is not valid JSON: ") + e.what());
+    parsed = nlohmann::json::sax_parse(text, &handler);
+  } catch (const std::exception& e) {  // e.g. out of memory
+    return corrupt(path, std::string("cannot parse the header: ") + shown(e.what()));
   }
-  if (!json.is_object()) return corrupt(path, "header is not a JSON object");
-  if (!duplicate.empty()) return corrupt(path, "tensor \"" + duplicate + "\" appears twice");
+  if (!parsed || !handler.finished_ok()) {
+    return corrupt(path, handler.error.empty() ? "header is not valid JSON" : handler.error);
+  }
+  text = std::string();
 
-  FileContents contents;
-  for (const auto& [name, value] : json.items()) {
-    if (name == "__metadata__") {
-      if (!value.is_object()) return corrupt(path, "__metadata__ is not an object");
-      for (const auto& [key, v] : value.items()) {
-        if (!v.is_string()) return corrupt(path, "__metadata__ value of \"" + key + "\" is not a string");
-        contents.metadata[key] = v.get<std::string>();
+  Header h;
+  h.tensors = std::move(handler.tensors);
+  h.metadata = std::move(handler.metadata);
+  h.data_size = data_size;
+  // Duplicate names would make one record shadow another: sorted by name, they are neighbours.
+  {
+    std::vector<const TensorRecord*> by_name(h.tensors.size());
+    for (size_t i = 0; i < h.tensors.size(); ++i) by_name[i] = &h.tensors[i];
+    std::sort(by_name.begin(), by_name.end(),
+              [](const TensorRecord* a, const TensorRecord* b) { return a->name < b->name; });
+    for (size_t i = 1; i < by_name.size(); ++i) {
+      if (by_name[i]->name == by_name[i - 1]->name) {
+        return corrupt(path, "tensor " + quote_name(by_name[i]->name) + " appears twice");
       }
-      continue;
     }
-    const std::string where = "tensor \"" + name + "\": ";
-    if (!value.is_object()) return corrupt(path, where + "record is not an object");
-    TensorRecord t;
-    t.name = name;
-    if (!value.contains("dtype") || !value["dtype"].is_string()) {
-      return corrupt(path, where + "dtype missing or not a string");
-    }
-    t.dtype = value["dtype"].get<std::string>();
-    const int esize = dtype_size(t.dtype);
-    if (esize == 0) return corrupt(path, where + "unknown dtype \"" + t.dtype + "\"");
-    if (!value.contains("shape") || !value["shape"].is_array()) {
-      return corrupt(path, where + "shape missing or not an array");
-    }
-    for (const auto& d : value["shape"]) {
-      if (!d.is_number_integer() || d.get<int64_t>() < 0) {
-        return corrupt(path, where + "shape " + value["shape"].dump() +
-                                 " is not a list of non-negative integers");
-      }
-      t.shape.push_back(d.get<int64_t>());
-    }
-    const auto& off = value.contains("data_offsets") ? value["data_offsets"] : nlohmann::json();
-    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
-        !off[1].is_number_unsigned()) {
-      return corrupt(path, where + "data_offsets missing or not two non-negative integers");
-    }
-    t.begin = off[0].get<uint64_t>();
-    t.end = off[1].get<uint64_t>();
-    if (t.begin > t.end || t.end > data_size) {
-      return corrupt(path, where + "data_offsets [" + std::to_string(t.begin) + ", " +
-                               std::to_string(t.end) + "] outside the data region of " +
-                               std::to_string(data_size) + " bytes");
-    }
-    uint64_t numel = 0;
-    if (!checked_numel(t.shape, &numel) || numel > data_size ||
-        numel * static_cast<uint64_t>(esize) != t.end - t.begin) {
-      return corrupt(path, where + "data_offsets hold " + std::to_string(t.end - t.begin) +
-                               " bytes, but " + t.dtype + " " + shape_string(t.shape) + " needs " +
-                               (checked_numel(t.shape, &numel)
-                                    ? std::to_string(numel) + " x " + std::to_string(esize)
-                                    : std::string("too many")));
-    }
-    contents.tensors.push_back(std::move(t));
   }
-  std::sort(contents.tensors.begin(), contents.tensors.end(),
-            [](const TensorRecord& a, const TensorRecord& b) {
-              return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-            });
+  std::sort(h.tensors.begin(), h.tensors.end(), [](const TensorRecord& a, const TensorRecord& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
   uint64_t covered = 0;
   const TensorRecord* previous = nullptr;
-  for (const TensorRecord& t : contents.tensors) {
+  for (const TensorRecord& t : h.tensors) {
     if (t.begin < covered) {
-      return corrupt(path, "tensors \"" + previous->name + "\" and \"" + t.name +
-                               "\" overlap in the data region");
+      return corrupt(path, "tensors " + quote_name(previous->name) + " and " + quote_name(t.name) +
+                               " overlap in the data region");
     }
     if (t.begin > covered) {
       return corrupt(path, "unused bytes [" + std::to_string(covered) + ", " +
-                               std::to_string(t.begin) + ") before tensor \"" + t.name + "\"");
+                               std::to_string(t.begin) + ") before tensor " + quote_name(t.name));
     }
     covered = t.end;
     if (t.end > t.begin) previous = &t;
@@ -238,12 +493,7 @@ Status read_file(const std::string& path, bool read_data, FileContents* out) {
     return corrupt(path, std::to_string(data_size - covered) +
                              " bytes after the last tensor in the data region");
   }
-  if (read_data) {
-    contents.data.resize(data_size);
-    in.read(reinterpret_cast<char*>(contents.data.data()), static_cast<std::streamsize>(data_size));
-    if (!in) return corrupt(path, "cannot read the data region");
-  }
-  *out = std::move(contents);
+  *out = std::move(h);
   return Status();
 }
 
@@ -384,8 +634,9 @@ Status save_safetensors(const std::string& path, const std::vector<nn::StateEntr
 Status load_safetensors(const std::string& path, const std::vector<nn::StateEntry>& into,
                         const LoadOptions& options, std::map<std::string, std::string>* metadata) {
   BNORM_RETURN_IF_ERROR(validate_entries(into, ("load " + path).c_str()));
-  FileContents file;
-  BNORM_RETURN_IF_ERROR(read_file(path, /*read_data=*/true, &file));
+  std::ifstream in;
+  Header file;
+  BNORM_RETURN_IF_ERROR(read_header(path, in, &file));
 
   std::map<std::string, const TensorRecord*> by_name;
   for (const TensorRecord& t : file.tensors) by_name[t.name] = &t;
@@ -397,11 +648,11 @@ Status load_safetensors(const std::string& path, const std::vector<nn::StateEntr
     if (by_name.count(e.name) == 0 &&
         !(options.allow_missing_num_batches_tracked && is_counter_name(e.name) &&
           e.dtype == nn::DType::kI64 && e.numel() == 1)) {
-      missing.push_back(e.name);
+      missing.push_back(shown(e.name));
     }
   }
   for (const TensorRecord& t : file.tensors) {
-    if (wanted.count(t.name) == 0) unexpected.push_back(t.name);
+    if (wanted.count(t.name) == 0) unexpected.push_back(shown(t.name));
   }
   if (!missing.empty() || !unexpected.empty()) {
     std::string msg = "checkpoint " + path + " does not match the model:";
@@ -410,16 +661,10 @@ Status load_safetensors(const std::string& path, const std::vector<nn::StateEntr
     if (!unexpected.empty()) msg += " unexpected tensors: " + name_list(unexpected);
     return Status::invalid_argument(msg);
   }
-
-  // Stage every destination's new bytes; copy only when all have passed.
-  std::vector<std::vector<uint8_t>> staged(into.size());
-  for (size_t i = 0; i < into.size(); ++i) {
-    const nn::StateEntry& e = into[i];
+  // Every check on names, dtypes and shapes before a byte of data is read.
+  for (const nn::StateEntry& e : into) {
     auto it = by_name.find(e.name);
-    if (it == by_name.end()) {  // an absent counter: 0
-      staged[i].assign(sizeof(int64_t), 0);
-      continue;
-    }
+    if (it == by_name.end()) continue;
     const TensorRecord& t = *it->second;
     const std::string want = dtype_name(e.dtype);
     const bool f64_ok = options.allow_f64_to_f32 && e.dtype == nn::DType::kF32 && t.dtype == "F64";
@@ -432,22 +677,33 @@ Status load_safetensors(const std::string& path, const std::vector<nn::StateEntr
                                       "\" has shape " + shape_string(t.shape) +
                                       ", the model expects " + shape_string(e.shape));
     }
-    const uint8_t* src = file.data.data() + t.begin;
-    if (f64_ok && t.dtype == "F64") {
+  }
+  // One copy of the data region, the staging buffer: the destinations are written only once it
+  // has been read in full (every byte of it belongs to a tensor of the model).
+  std::vector<uint8_t> data(file.data_size);
+  in.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size()));
+  if (!in) return corrupt(path, "cannot read the data region");
+  for (const nn::StateEntry& e : into) {
+    auto it = by_name.find(e.name);
+    if (it == by_name.end()) {  // an absent counter: 0
+      const int64_t zero = 0;
+      std::memcpy(e.data, &zero, sizeof zero);
+      continue;
+    }
+    const TensorRecord& t = *it->second;
+    const uint8_t* src = data.data() + t.begin;
+    if (t.dtype == "F64" && e.dtype == nn::DType::kF32) {
       const int64_t n = e.numel();
-      staged[i].resize(static_cast<size_t>(n) * sizeof(float));
+      auto* dst = static_cast<uint8_t*>(e.data);
       for (int64_t k = 0; k < n; ++k) {
         double v;
         std::memcpy(&v, src + 8 * k, 8);
         const float f = static_cast<float>(v);
-        std::memcpy(staged[i].data() + 4 * k, &f, 4);
+        std::memcpy(dst + 4 * k, &f, 4);
       }
-    } else {
-      staged[i].assign(src, src + (t.end - t.begin));
+    } else if (t.end > t.begin) {
+      std::memcpy(e.data, src, t.end - t.begin);
     }
-  }
-  for (size_t i = 0; i < into.size(); ++i) {
-    if (!staged[i].empty()) std::memcpy(into[i].data, staged[i].data(), staged[i].size());
   }
   if (metadata != nullptr) *metadata = std::move(file.metadata);
   return Status();
@@ -456,17 +712,20 @@ Status load_safetensors(const std::string& path, const std::vector<nn::StateEntr
 Status read_safetensors(const std::string& path, std::vector<OwnedTensor>* tensors,
                         std::map<std::string, std::string>* metadata) {
   if (tensors == nullptr) return Status::invalid_argument("read_safetensors: tensors is null");
-  FileContents file;
-  BNORM_RETURN_IF_ERROR(read_file(path, /*read_data=*/true, &file));
+  std::ifstream in;
+  Header file;
+  BNORM_RETURN_IF_ERROR(read_header(path, in, &file));
+  // The records are in offset order and cover the data region: read each into its own bytes.
   std::vector<OwnedTensor> out;
   out.reserve(file.tensors.size());
-  for (const TensorRecord& t : file.tensors) {
+  for (TensorRecord& t : file.tensors) {
     OwnedTensor o;
-    o.name = t.name;
-    o.dtype = t.dtype;
-    o.shape = t.shape;
-    o.bytes.assign(file.data.begin() + static_cast<ptrdiff_t>(t.begin),
-                   file.data.begin() + static_cast<ptrdiff_t>(t.end));
+    o.name = std::move(t.name);
+    o.dtype = std::move(t.dtype);
+    o.shape = std::move(t.shape);
+    o.bytes.resize(t.end - t.begin);
+    in.read(reinterpret_cast<char*>(o.bytes.data()), static_cast<std::streamsize>(o.bytes.size()));
+    if (!in) return corrupt(path, "cannot read the data region");
     out.push_back(std::move(o));
   }
   *tensors = std::move(out);
@@ -479,8 +738,9 @@ Status read_safetensors_metadata(const std::string& path,
   if (metadata == nullptr) {
     return Status::invalid_argument("read_safetensors_metadata: metadata is null");
   }
-  FileContents file;
-  BNORM_RETURN_IF_ERROR(read_file(path, /*read_data=*/false, &file));
+  std::ifstream in;
+  Header file;
+  BNORM_RETURN_IF_ERROR(read_header(path, in, &file));
   *metadata = std::move(file.metadata);
   return Status();
 }

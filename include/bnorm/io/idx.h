@@ -25,6 +25,13 @@ namespace bnorm::io {
 inline constexpr uint32_t kIdxImagesMagic = 0x00000803;  // uint8, rank 3: [count, rows, cols]
 inline constexpr uint32_t kIdxLabelsMagic = 0x00000801;  // uint8, rank 1: [count]
 
+// The largest payload (dimensions' product, in bytes) a reader accepts: 1 GiB, 20 times
+// Fashion-MNIST's training images (47 MB) and above EMNIST's largest set (0.55 GB). A header
+// announcing more is rejected before anything is allocated or decompressed; within the limit,
+// memory grows only as the data arrives, and no more than the announced bytes are decompressed
+// (then at most 1 MiB more, to report trailing data).
+inline constexpr uint64_t kMaxIdxPayloadBytes = uint64_t{1} << 30;
+
 // Where the Debian package dataset-fashion-mnist installs the four .gz files.
 inline constexpr const char kDefaultFashionMnistDir[] = "/usr/share/datasets/fashion-mnist";
 
@@ -40,8 +47,8 @@ struct IdxImages {
   std::vector<uint8_t> pixels;  // count * rows * cols
 };
 
-// Reads an images file (magic 0x00000803, rank 3). Dimensions must be > 0; 28 x 28 is not
-// required. Errors: missing/unreadable file, bad magic or rank, a zero dimension, a payload of
+// Reads an images file (magic 0x00000803, rank 3). Dimensions must be > 0 and their product at
+// most kMaxIdxPayloadBytes; 28 x 28 is not required. Errors: missing/unreadable file, bad magic or rank, a zero dimension, a payload of
 // another size ("expected N bytes, got M"; "trailing bytes"), a corrupt or truncated gzip stream.
 Status read_idx_images(const std::string& path, IdxImages* out);
 

@@ -11,9 +11,15 @@
 // flushed to disk (fsync), then renamed over the destination. On any error the temporary file
 // is removed and the destination is untouched: a reader never sees a half-written checkpoint.
 //
-// Loading is transactional: the whole file is read and validated into a staging buffer, and the
-// destination tensors are written only when every check has passed. A failed load leaves the
-// model bit-for-bit unchanged.
+// Loading is transactional: the header is validated, then the names, dtypes and shapes against
+// the destination, then the data region is read into one staging buffer (the only copy of the
+// data), and the destination tensors are written only when every check has passed. A failed
+// load leaves the model bit-for-bit unchanged.
+//
+// Hostile files: the header is parsed as a stream (no JSON tree), in time linear in its bytes
+// and memory of at most about 3 times them plus the records; values nested deeper than 64
+// levels and shapes of more than 64 dimensions are rejected; messages quote at most 80
+// characters of any name or value of the file, with control characters escaped.
 //
 // Thread safety: the functions are reentrant. The test hook below is a process-wide setting.
 // Requires a little-endian host (checked at compile time).
