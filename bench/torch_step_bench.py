@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Full training steps in PyTorch with torch's batch norm, with bnorm's (bnorm.torch.convert) and
-with none (batch norm replaced by identity), in one run, on 1 and 2 threads.
+"""PyTorch training steps with torch's batch norm, bnorm.torch.convert and identity, 1 and 2 threads.
+
+Full training steps with torch's batch norm, with bnorm's (bnorm.torch.convert) and with none
+(batch norm replaced by identity), in one run, on 1 and 2 threads.
 
 Models: torchvision's ResNet-18 (batch 16, 3x112x112, 10 classes, SGD with momentum 0.9) in NCHW
 and channels_last, and the paper MLP (784-100-100-100-10, sigmoid, BatchNorm1d before each
@@ -8,9 +10,10 @@ sigmoid, batch 60, plain SGD; tools/torch_paper_mlp.py). A step is zero_grad, fo
 cross-entropy, backward and the SGD step, timed whole with perf_counter.
 
 Each thread count runs in its own worker process (this script with --worker), with
-torch.set_num_threads(T), OMP_NUM_THREADS=T and BNORM_NUM_THREADS=T (bnorm's pool; the C API has
-no setter, the library reads the variable), so the two pools are the same size and only one of
-them computes at any moment.
+torch.set_num_threads(T), OMP_NUM_THREADS=T, OPENBLAS_NUM_THREADS=T (Debian's torch runs Linear
+on OpenBLAS's own pthread pool) and BNORM_NUM_THREADS=T (bnorm's pool; the C API has no setter,
+the library reads the variable), so the pools are the same size and only one of them computes at
+any moment.
 
 Before timing, every configuration is validated: from the same initial state the converted model's
 logits, loss and every parameter gradient after one backward are compared with torch's fp32 model
@@ -20,7 +23,7 @@ is marked FAILED and its ratio is shown in parentheses.
 Timing: the three variants are interleaved, in a rotating order, repetition after repetition
 (a shared VM's speed drifts over minutes); the first repetitions are warm-up. A ResNet-18
 repetition is one step per variant; an MLP repetition is a block of steps per variant, whose mean
-is one sample. The report gives the median, min-max and the IQR of the samples, the ratio
+is one sample. The report gives the median and min-max (the JSON also the IQR and every sample), the ratio
 torch/bnorm of the medians, and the batch-norm share of the step, (t_bn - t_identity) / t_bn, for
 torch's BN and for bnorm's.
 
