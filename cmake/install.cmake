@@ -5,6 +5,7 @@
 #     libbnorm0     runtime: libbnorm.so.0 (what C programs and Python's ctypes load)
 #     libbnorm-dev  headers, libbnorm.so, the static libraries, the CMake and pkg-config files
 #     bnorm         the bnorm CLI (component tools: every install rule that names no component)
+#     python3-bnorm the Python package (component python, python/CMakeLists.txt)
 # Nothing installed or exported points into src/: the installed headers are include/bnorm/ only.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
@@ -72,7 +73,12 @@ install(CODE "
 install(FILES ${CMAKE_BINARY_DIR}/pkgconfig/bnorm.pc
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig COMPONENT dev)
 
-# Debian packages: cpack -G DEB in the build directory. Runtime and dev are split as Debian
+# Installing never builds: `cmake --install` does not, and with this neither do the install
+# target nor cpack (whose preinstall step would otherwise rebuild the whole tree, under the
+# tests/install test that packages this build). Build first, then install or package.
+set(CMAKE_SKIP_INSTALL_ALL_DEPENDENCY ON)
+
+# Debian packages: cpack -G DEB in the build directory, once it is built. Runtime and dev are split as Debian
 # does (a program linked against libbnorm.so needs libbnorm0 only, not the headers and static
 # libraries), and the CLI, which pulls OpenBLAS and MPI, has a package of its own.
 set(CPACK_PACKAGE_NAME bnorm)
@@ -81,7 +87,14 @@ set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
 # (CPACK_PACKAGE_DESCRIPTION_SUMMARY is left unset: CPack would put it before every one of them).
 set(CPACK_PACKAGE_CONTACT "bnorm developers <bnorm@localhost>")
 set(CPACK_GENERATOR DEB)
-set(CPACK_COMPONENTS_ALL runtime dev tools)
+set(CPACK_COMPONENTS_ALL runtime dev)
+if(TARGET bnorm_cli)
+  list(APPEND CPACK_COMPONENTS_ALL tools)
+endif()
+# python/ installs the Python package bnorm as component python: python3-bnorm.
+if(EXISTS ${PROJECT_SOURCE_DIR}/python/CMakeLists.txt)
+  list(APPEND CPACK_COMPONENTS_ALL python)
+endif()
 set(CPACK_DEB_COMPONENT_INSTALL ON)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)  # dpkg-shlibdeps (dpkg-dev) names the libraries' packages
@@ -109,4 +122,13 @@ set(CPACK_DEBIAN_TOOLS_PACKAGE_RECOMMENDS "python3-matplotlib, dataset-fashion-m
 string(CONCAT CPACK_DEBIAN_TOOLS_DESCRIPTION
   "Batch normalization with PyTorch's semantics: the bnorm command\n"
   "bnorm train and bnorm eval: networks with and without batch norm on Fashion-MNIST.")
+set(CPACK_DEBIAN_PYTHON_PACKAGE_NAME python3-bnorm)
+set(CPACK_DEBIAN_PYTHON_PACKAGE_SECTION python)
+set(CPACK_DEBIAN_PYTHON_PACKAGE_ARCHITECTURE all)
+set(CPACK_DEBIAN_PYTHON_PACKAGE_DEPENDS
+  "libbnorm${PROJECT_VERSION_MAJOR} (= ${PROJECT_VERSION}), python3, python3-numpy")
+set(CPACK_DEBIAN_PYTHON_PACKAGE_SUGGESTS "python3-torch")
+string(CONCAT CPACK_DEBIAN_PYTHON_DESCRIPTION
+  "Batch normalization with PyTorch's semantics: Python package\n"
+  "The Python package bnorm: numpy and torch layers on libbnorm.so (bnorm.numpy, bnorm.torch).")
 include(CPack)

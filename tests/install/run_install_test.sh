@@ -138,12 +138,18 @@ fi
 grep -q 'Unknown component "cuda"' "$tmp/unknown.log" || { cat "$tmp/unknown.log"; fail "no clear message"; }
 echo "both fail, naming the component"
 
-step "cpack -G DEB: libbnorm0, libbnorm-dev, bnorm"
+step "cpack -G DEB: libbnorm0, libbnorm-dev, bnorm, python3-bnorm"
 command -v dpkg-deb >/dev/null || fail "dpkg-deb not found (Debian: dpkg)"
 "$cpack" -G DEB --config "$build/CPackConfig.cmake" -B "$tmp/deb" >"$tmp/cpack.log" 2>&1 || { cat "$tmp/cpack.log"; fail "cpack"; }
-deb() { compgen -G "$tmp/deb/$1_*.deb" | head -1; }
+deb() { compgen -G "$tmp/deb/$1_*.deb" | head -1 || true; }
 runtime=$(deb libbnorm0) dev=$(deb libbnorm-dev) tools=$(deb bnorm)
-[ -n "$runtime" ] && [ -n "$dev" ] && [ -n "$tools" ] || { ls "$tmp/deb"; fail "missing packages"; }
+[ -n "$runtime" ] && [ -n "$dev" ] || { ls "$tmp/deb"; fail "missing packages"; }
+if [ -e "$build/bin/bnorm" ]; then
+  [ -n "$tools" ] || fail "no package bnorm for the CLI"
+else
+  [ -z "$tools" ] || fail "a package bnorm without the CLI"
+  tools=$runtime  # nothing more to check
+fi
 for d in "$runtime" "$dev" "$tools"; do
   echo "$(basename "$d"): Depends: $(dpkg-deb -f "$d" Depends)"
 done
@@ -174,6 +180,14 @@ has_dep "$dev" libhwy-dev
 pc=$(grep -Eo '\./usr/lib/\S*bnorm\.pc' <<<"${listing[$dev]}")
 dpkg-deb --fsys-tarfile "$dev" | tar -xO "$pc" >"$tmp/packaged.pc"
 grep -qx 'prefix=/usr' "$tmp/packaged.pc" || fail "the packaged bnorm.pc does not say prefix=/usr"
+if [ -e "$src/python/CMakeLists.txt" ]; then
+  py=$(deb python3-bnorm)
+  [ -n "$py" ] || fail "no python3-bnorm package"
+  grep -Eq '\./usr/lib/python3/dist-packages/bnorm/__init__\.py$' <<<"$(dpkg-deb -c "$py")" ||
+    fail "python3-bnorm has no bnorm/__init__.py"
+  has_dep "$py" "libbnorm0 (= $(dpkg-deb -f "$runtime" Version))"
+  echo "$(basename "$py"): Depends: $(dpkg-deb -f "$py" Depends)"
+fi
 if [ -e "$build/bin/bnorm" ]; then
   has "$tools" the bnorm command '\./usr/bin/bnorm$'
   has_dep "$tools" libc6
