@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch training steps with torch's batch norm, bnorm.torch.convert and identity, 1 and 2 threads.
+"""PyTorch training steps: torch's batch norm, bnorm.torch.convert and identity, 1 and 2 threads.
 
 Full training steps with torch's batch norm, with bnorm's (bnorm.torch.convert) and with none
 (batch norm replaced by identity), in one run, on 1 and 2 threads.
@@ -23,9 +23,9 @@ is marked FAILED and its ratio is shown in parentheses.
 Timing: the three variants are interleaved, in a rotating order, repetition after repetition
 (a shared VM's speed drifts over minutes); the first repetitions are warm-up. A ResNet-18
 repetition is one step per variant; an MLP repetition is a block of steps per variant, whose mean
-is one sample. The report gives the median and min-max (the JSON also the IQR and every sample), the ratio
-torch/bnorm of the medians, and the batch-norm share of the step, (t_bn - t_identity) / t_bn, for
-torch's BN and for bnorm's.
+is one sample. The report gives the median and min-max (the JSON also the IQR and every
+sample), the ratio torch/bnorm of the medians, and the batch-norm share of the step,
+(t_bn - t_identity) / t_bn, for torch's BN and for bnorm's.
 
 Also, per batch-norm layer shape of each model (forward hooks), the BN layer alone: forward +
 backward of torch's module against the converted module on the same input and output gradient
@@ -189,7 +189,8 @@ def _validate(torch, cfg, bnorm_torch):
     largest = max((g.norm().item() for g in r64[2].values()), default=0.0)
     rows = []
     pairs = [("logits", r32[0], rb[0], r64[0], False), ("loss", r32[1], rb[1], r64[1], False)]
-    pairs += [(k, r32[2][k], rb[2][k], r64[2][k], True) for k in r64[2] if k in rb[2] and k in r32[2]]
+    pairs += [(k, r32[2][k], rb[2][k], r64[2][k], True)
+              for k in r64[2] if k in rb[2] and k in r32[2]]
     pairs += [(k, r32[3][k], rb[3][k], r64[3][k], True) for k in r64[3] if k in rb[3]]
     for name, t, b, ref, normwise in pairs:
         if normwise:
@@ -423,8 +424,8 @@ def report(meta, runs):
       "[min-max] over the timed repetitions (variants interleaved). ratio = torch BN / bnorm "
       "(> 1: the converted model is faster). BN share = (t - t_identity) / t.")
     w("")
-    w("| model | format | threads | torch BN ms | bnorm ms | no BN (identity) ms | ratio torch/bnorm "
-      "| BN share, torch | BN share, bnorm | validation |")
+    w("| model | format | threads | torch BN ms | bnorm ms | no BN (identity) ms "
+      "| ratio torch/bnorm | BN share, torch | BN share, bnorm | validation |")
     w("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     summary = []
     failures = []
@@ -452,8 +453,8 @@ def report(meta, runs):
                         c["label"], c["format"], _threads_label(r), "; ".join(v["problems"][:5])))
             fmt = c["format"] if c["model"] == "resnet18" else "-"
             w("| %s | %s | %s | %s | %s | %s | %s | %.0f %% | %s | %s |" % (
-                c["label"], fmt, _threads_label(r), _cell(t["torch"]), bn_cell, _cell(t["identity"]),
-                ratio_s, 100 * _share(tt, ti), share_b, vs))
+                c["label"], fmt, _threads_label(r), _cell(t["torch"]), bn_cell,
+                _cell(t["identity"]), ratio_s, 100 * _share(tt, ti), share_b, vs))
             target = TARGETS.get((c["model"], c["format"]))
             if target is not None and r["threads"] == 2:
                 summary.append((c["label"], c["format"] + (

@@ -4,7 +4,7 @@
 # bnorm.torch.convert and with batch norm replaced by identity, on 1 and 2 threads, every
 # converted model validated against torch's before it is timed (bench/torch_step_bench.py).
 # Builds libbnorm Release in build/torch-bench/lib-build (incremental), runs with /usr/bin/python3
-# and writes build/torch-bench/results.{md,json}. About 10 minutes on 2 quiet cores.
+# and writes build/torch-bench/results.{md,json}. 5-10 minutes on 2 quiet cores (11 on a busy one).
 #
 #   bash scripts/torch_bench.sh [--quick] [--threads 1,2] [any bench/torch_step_bench.py option]
 #
@@ -17,7 +17,8 @@ bash scripts/install_deps.sh bench
 build=build/torch-bench/lib-build
 mkdir -p build/torch-bench
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DBNORM_BUILD_TESTS=OFF \
-  -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF -DBNORM_MPI=OFF >build/torch-bench/configure.log 2>&1 ||
+  -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF -DBNORM_MPI=OFF \
+  >build/torch-bench/configure.log 2>&1 ||
   { cat build/torch-bench/configure.log >&2; exit 1; }
 cmake --build "$build" --target bnorm -j "$(nproc)" >build/torch-bench/build.log 2>&1 ||
   { cat build/torch-bench/build.log >&2; exit 1; }
