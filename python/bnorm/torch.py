@@ -93,11 +93,13 @@ def _order(ndim, layout):
 def _layout_of(t):
     """_CHANNELS_FIRST or _CHANNELS_LAST when t's memory is one of them (first wins when both
     describe the same memory), else None."""
-    # Fast path (the hot one): torch's cached contiguity flags, the same rule as _matches.
-    if t.is_contiguous():
-        return _CHANNELS_FIRST
-    if _is_channels_last(t):
-        return _CHANNELS_LAST
+    # Fast path (the hot one): torch's cached contiguity flags, the same rule as _matches
+    # except for an empty tensor (torch calls it contiguous in every format).
+    if t.numel():
+        if t.is_contiguous():
+            return _CHANNELS_FIRST
+        if _is_channels_last(t):
+            return _CHANNELS_LAST
     for layout in (_CHANNELS_FIRST, _CHANNELS_LAST):
         if _matches(t, _dense_strides(t.shape, _order(t.dim(), layout))):
             return layout
@@ -112,7 +114,7 @@ def _is_channels_last(t):
 
 def _to_layout(t, layout):
     """t itself if its memory is in `layout`, else one dense copy in it."""
-    if t.is_contiguous() if layout == _CHANNELS_FIRST else _is_channels_last(t):
+    if t.numel() and (t.is_contiguous() if layout == _CHANNELS_FIRST else _is_channels_last(t)):
         return t
     if _matches(t, _dense_strides(t.shape, _order(t.dim(), layout))):
         return t
