@@ -6,7 +6,8 @@
 #                           and its report
 #   install_deps.sh test    + GoogleTest, and python3-torch, torchvision + numpy for the
 #                           conformance suite and the bnorm.torch tests; dpkg-dev and file
-#                           for the Debian packages' dependencies (cpack -G DEB, tests/install)
+#                           for the Debian packages' dependencies (cpack -G DEB, tests/install);
+#                           clang and its libFuzzer runtime for the fuzz targets (tests/fuzz/)
 #   install_deps.sh bench   + oneDNN, python3-torch and torchvision: the benchmark peers
 # Packages already installed are not installed again.
 set -euo pipefail
@@ -16,7 +17,8 @@ packages=(cmake gcc g++ make pkg-config libhwy-dev libopenblas-dev zlib1g-dev nl
   libcli11-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist python3 python3-matplotlib)
 case "$what" in
   build) ;;
-  test) packages+=(libgtest-dev python3-numpy python3-torch python3-torchvision dpkg-dev file) ;;
+  test) packages+=(libgtest-dev python3-numpy python3-torch python3-torchvision dpkg-dev file
+    clang libclang-rt-14-dev) ;;
   bench) packages+=(libdnnl-dev python3-numpy python3-torch python3-torchvision) ;;
   *) echo "install_deps.sh: unknown set '$what' (expected build, test or bench)" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@
 #   2. ASan + UBSan build: every test that does not load the library into Python.
 #   3. ThreadSanitizer build: the fast kernels and their thread pool (ctest label cpu), and the
 #      in-process communicator's simulated ranks (label comm).
+#   4. libFuzzer build (clang, ASan + UBSan): each fuzz target of tests/fuzz/ for 40 s.
 # The MPI tests (label mpi, under mpirun) run in suites 1 and 2.
 # Exits non-zero if anything fails. With BNORM_REQUIRE_ALL_TESTS=1 (set by .ci/run) a test that
 # reports itself skipped (e.g. "skipped: python3-torch not installed") is a failure too.
@@ -40,4 +41,8 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
   run_suite sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE=ON -DBNORM_BUILD_EXAMPLES=OFF
 TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS='-L cpu|comm' \
   run_suite tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_TSAN=ON -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF
+# 4. The libFuzzer targets (tests/fuzz/: safetensors and IDX readers, the C API), built with
+#    clang under ASan + UBSan, 40 s each on seeds made from real files (scripts/fuzz.sh).
+echo "== fuzz: build and run each target for 40 s"
+BNORM_FUZZ_BUILD=build/test-fuzz bash scripts/fuzz.sh --ci
 echo "test.sh: all suites passed"

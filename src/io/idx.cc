@@ -19,6 +19,8 @@ namespace {
 // Trailing data after the payload is counted up to this many bytes, no further: a long (or
 // endlessly compressible) tail costs no more time than this.
 constexpr uint64_t kMaxTrailingScan = uint64_t{1} << 20;
+// The most a deflate stream expands (258-byte matches coded in 2 bits, zlib's FAQ: 1032:1).
+constexpr uint64_t kMaxDeflateRatio = 1032;
 // gzread takes an unsigned int length: read in chunks well below that.
 constexpr size_t kChunkBytes = size_t{1} << 20;
 
@@ -168,6 +170,20 @@ Status read_idx(const std::string& path, uint32_t expected_magic, const char* wh
     }
   }
 
+  // A gzip stream: deflate expands at most 1032:1 (zlib's documented limit), so a header that
+  // announces more than the compressed file could hold is a truncated file, found without
+  // decompressing anything.
+  if (!file.is_plain()) {
+    std::error_code ec;
+    const uint64_t size = std::filesystem::file_size(path, ec);
+    if (!ec && size < (uint64_t{1} << 40) && payload_bytes + header_bytes > kMaxDeflateRatio * size + 1024) {
+      return file_error(path, "truncated: the header announces " + std::to_string(payload_bytes) +
+                                  " payload bytes, more than a gzip file of " + std::to_string(size) +
+                                  " bytes can hold (deflate expands at most " +
+                                  std::to_string(kMaxDeflateRatio) + ":1)");
+    }
+  }
+
   // Grow the buffer as data arrives, so a header that lies about a short gzip stream costs
   // only the memory of the data really there; the capacity is reserved (address space, not
   // memory, until written) so the buffer is never copied. At most payload_bytes are read from
@@ -176,7 +192,10 @@ Status read_idx(const std::string& path, uint32_t expected_magic, const char* wh
   payload.reserve(static_cast<size_t>(payload_bytes));
   size_t have = 0;
   while (have < payload_bytes) {
-    const size_t want = static_cast<size_t>(std::min<uint64_t>(payload_bytes - have, 16 * kChunkBytes));
+    // Chunks grow with the data read (1 MiB, then as much as is there): the zero-filled room
+    // ahead of the data is never more than the data itself.
+    const size_t want = static_cast<size_t>(
+        std::min<uint64_t>(payload_bytes - have, std::max<uint64_t>(kChunkBytes, have)));
     payload.resize(have + want);
     if (Status s = file.read(payload.data() + have, want, &got); !s.ok()) {
       return Status::invalid_argument(s.message() + ", expected " + std::to_string(payload_bytes) +

@@ -332,17 +332,32 @@ TEST(HostileIdx, AnnouncedSizeAboveTheLimitIsRejectedBeforeDecompressing) {
 }
 
 TEST(HostileIdx, ShortStreamCostsOnlyTheDataPresent) {
-  // 2048 x 512 x 512 = 512 MiB announced (within the limit), 64 MiB present.
   TempDir dir;
-  const std::vector<uint8_t> member = zero_member(dir, 64u << 20);
+  // 2048 x 512 x 512 = 512 MiB announced (within the limit), 64 MiB of zeros present in 65 KB:
+  // more than deflate can expand 65 KB to, so rejected without decompressing.
+  const std::vector<uint8_t> zeros = zero_member(dir, 64u << 20);
   const std::string path = dir.file("short-images.gz");
-  write_idx_stream(dir, path, {kIdxImagesMagic, 2048, 512, 512}, member, 1);
-  const Outcome o = run_in_child([&] {
+  write_idx_stream(dir, path, {kIdxImagesMagic, 2048, 512, 512}, zeros, 1);
+  const auto read = [&] {
     IdxImages images;
     return read_idx_images(path, &images);
-  });
-  expect_clean_error(o, "truncated: expected 536870912 payload bytes, got 67108864");
-  EXPECT_LT(o.peak_bytes, int64_t{96 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  };
+  Outcome o = run_in_child(read);
+  expect_clean_error(o, "truncated: the header announces 536870912 payload bytes, more than a gzip file of");
+  EXPECT_LT(o.peak_bytes, int64_t{8 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  // 8 MiB of incompressible data present: read, and memory grows only with it.
+  std::vector<uint8_t> noise(8u << 20);
+  uint64_t state = 1;
+  for (uint8_t& b : noise) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    b = static_cast<uint8_t>(state >> 56);
+  }
+  const std::string noise_path = dir.file("noise.gz");
+  test::write_gzip(noise_path, noise);
+  write_idx_stream(dir, path, {kIdxImagesMagic, 2048, 512, 512}, test::read_bytes(noise_path), 1);
+  o = run_in_child(read);
+  expect_clean_error(o, "truncated: expected 536870912 payload bytes, got 8388608");
+  EXPECT_LT(o.peak_bytes, int64_t{24 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
 }
 
 TEST(HostileIdx, LongStreamIsReadOnlyToTheAnnouncedSize) {
