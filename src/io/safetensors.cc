@@ -102,9 +102,9 @@ constexpr size_t kShownChars = 80;
 
 // s for a one-line message: control characters escaped, cut to kShownChars (at a UTF-8
 // boundary) with "..." and the full length.
-std::string shown(const std::string& s) {
+std::string shown(const std::string& s, size_t limit = kShownChars) {
   std::string out;
-  size_t n = std::min(s.size(), kShownChars);
+  size_t n = std::min(s.size(), limit);
   while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
   for (size_t i = 0; i < n; ++i) {
     const unsigned char c = static_cast<unsigned char>(s[i]);
@@ -232,8 +232,23 @@ class HeaderHandler {
 
   bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& e) {
     // nlohmann's message quotes the last token, which may be most of the header: cut it.
-    const std::string what = e.what();
-    error = "header is not valid JSON (at byte " + std::to_string(position) + "): " + shown(what);
+    // nlohmann's message: "[json.exception...] parse error at line L, column C: <problem>;
+    // last read: '<token>'". The byte position replaces the line and column; the token, which
+    // may be most of the header, is cut short.
+    std::string what = e.what();
+    if (const size_t column = what.find("column "); column != std::string::npos) {
+      if (const size_t colon = what.find(": ", column); colon != std::string::npos) {
+        what = what.substr(colon + 2);
+      }
+    }
+    std::string token;
+    if (const size_t last = what.find("; last read: "); last != std::string::npos) {
+      token = what.substr(last + 13);
+      what.resize(last);
+    }
+    error = "header is not valid JSON at byte " + std::to_string(position) + ": " +
+            shown(what, 2 * kShownChars);
+    if (!token.empty()) error += "; last read: " + shown(token, kShownChars / 2);
     return false;
   }
 
