@@ -340,4 +340,10 @@ const char* bnorm_last_error(void) { return last_error.c_str(); }
 
 const char* bnorm_version(void) { return bnorm::version(); }
 
+void bnorm_set_num_threads(int n) { bnorm::set_num_threads(n); }
+
+int bnorm_num_threads(void) { return bnorm::num_threads(); }
+
+int bnorm_use_openmp_threads(int on) { return bnorm::use_openmp_threads(on != 0) ? 1 : 0; }
+
 }  // extern "C"

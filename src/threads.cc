@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "bnorm/batch_norm.h"
+#include "cpu/thread_pool.h"
 
 namespace bnorm {
 namespace {
@@ -22,6 +23,8 @@ int default_threads() {
 }  // namespace
 
 void set_num_threads(int n) { g_requested.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+bool use_openmp_threads(bool on) { return cpu::ThreadPool::use_openmp(on); }
 
 int num_threads() {
   int n = g_requested.load(std::memory_order_relaxed);

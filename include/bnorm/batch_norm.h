@@ -59,6 +59,15 @@ enum class Backend : int { kAuto = 0, kReference = 1 };
 void set_num_threads(int n);
 int num_threads();
 
+// Process-wide, off by default. On, the fast kernels' parallel jobs run on the OpenMP runtime
+// (libgomp) already loaded in the process, e.g. by PyTorch, instead of bnorm's own workers:
+// between its parallel regions the host's idle OpenMP threads spin on the cores, and bnorm's
+// workers would wait for those cores; on its team they take the work at once. bnorm never
+// loads or links OpenMP: returns true when that runtime is in use now, false when off or when
+// no libgomp is loaded (bnorm's own workers then run the jobs). The thread count stays
+// num_threads(); results are bitwise the same either way. bnorm.torch turns it on.
+bool use_openmp_threads(bool on);
+
 // Options of a single functional call.
 struct CallOptions {
   // Reject NaN/Inf in x (and dy in backward) with a kNonFinite status naming the channel and the

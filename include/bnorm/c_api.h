@@ -167,6 +167,17 @@ BNORM_C_EXPORT int bnorm_sync_backward(const bnorm_comm* comm, const bnorm_sync_
    failing call on the same thread. */
 BNORM_C_EXPORT const char* bnorm_last_error(void);
 
+/* Threads of the fast kernels (bnorm::set_num_threads): n >= 1 sets the count, n <= 0 restores
+   the default (BNORM_NUM_THREADS, else the cores). Results are bitwise the same for every count. */
+BNORM_C_EXPORT void bnorm_set_num_threads(int n);
+BNORM_C_EXPORT int bnorm_num_threads(void);
+
+/* on != 0: run the kernels' parallel jobs on the OpenMP runtime (libgomp) already loaded in the
+   process, e.g. PyTorch's, so that they share its threads instead of competing with its idle,
+   spinning ones for the cores (bnorm::use_openmp_threads). Returns 1 when that runtime is in use
+   now, 0 when off or when no libgomp is loaded. Process-wide. */
+BNORM_C_EXPORT int bnorm_use_openmp_threads(int on);
+
 /* Library version, "MAJOR.MINOR.PATCH". */
 BNORM_C_EXPORT const char* bnorm_version(void);
 

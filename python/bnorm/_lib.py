@@ -116,6 +116,12 @@ def _declare(cdll):
     cdll.bnorm_last_error.argtypes = []
     cdll.bnorm_version.restype = ctypes.c_char_p
     cdll.bnorm_version.argtypes = []
+    cdll.bnorm_set_num_threads.restype = None
+    cdll.bnorm_set_num_threads.argtypes = [c_int]
+    cdll.bnorm_num_threads.restype = c_int
+    cdll.bnorm_num_threads.argtypes = []
+    cdll.bnorm_use_openmp_threads.restype = c_int
+    cdll.bnorm_use_openmp_threads.argtypes = [c_int]
 
 
 def _try_load(path):

@@ -54,8 +54,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _lib
 # The package's memory-layout helpers and fallback warning (python/bnorm/torch.py).
-from .torch import (_empty, _fallback_warning, _layout_of, _nsc, _ptr, _to_layout, _vec,
-                    batch_norm)
+from .torch import (_empty, _fallback_warning, _layout_of, _nsc, _ptr, _sync_threads,
+                    _to_layout, _vec, batch_norm)
 
 __all__ = ["SyncBatchNorm", "SYNC_MODES"]
 
@@ -162,6 +162,7 @@ class _SyncFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                 eps, comm, mode):
+        _sync_threads()
         layout = _layout_of(x)
         x_mem = x if layout is not None else x.contiguous()
         if layout is None:
@@ -188,6 +189,7 @@ class _SyncFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        _sync_threads()
         x_mem, weight, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         layout, comm = ctx.layout, ctx.comm

@@ -27,6 +27,7 @@ is not a plain torch.Tensor, and double backward (create_graph=True: the gradien
 computed by torch's batch norm, so that it is differentiable again).
 """
 
+import os
 import threading
 import warnings
 
@@ -147,6 +148,33 @@ def _nsc(x):
     return n, c, s
 
 
+# ----------------------------------------------------------------------------- threads
+
+_threads = {"count": 0, "openmp": None}
+
+
+def _sync_threads():
+    """The library's kernels follow torch: as many threads as torch.get_num_threads() (unless
+    BNORM_NUM_THREADS is set). With BNORM_OPENMP_THREADS=1 they run on torch's own OpenMP
+    threads, whose idle members otherwise spin on the cores bnorm's own workers need; off by
+    default (docs/benchmarks.md: which is faster depends on how loaded the machine is)."""
+    if _threads["openmp"] is None:
+        on = os.environ.get("BNORM_OPENMP_THREADS", "0") == "1"
+        _threads["openmp"] = bool(_lib.lib().bnorm_use_openmp_threads(1 if on else 0))
+    if "BNORM_NUM_THREADS" in os.environ:
+        return
+    n = torch.get_num_threads()
+    if n != _threads["count"]:
+        _lib.lib().bnorm_set_num_threads(n)
+        _threads["count"] = n
+
+
+def threads_info():
+    """(thread count, whether the kernels run on torch's OpenMP threads) as bnorm.torch set them."""
+    _sync_threads()
+    return _lib.lib().bnorm_num_threads(), _threads["openmp"]
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class _Function(torch.autograd.Function):
@@ -156,6 +184,7 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 use_batch_stats, momentum, eps):
+        _sync_threads()
         layout = _layout_of(x)
         x_mem = x if layout is not None else x.contiguous()
         if layout is None:
@@ -202,6 +231,7 @@ class _Function(torch.autograd.Function):
             _fallback_warning("double backward (create_graph=True) is not implemented by the "
                               "library")
             return _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b)
+        _sync_threads()
         layout = ctx.layout
         dy = _to_layout(dy.to(torch.float32) if dy.dtype != torch.float32 else dy, layout)
         n, c, s = _nsc(x_mem)

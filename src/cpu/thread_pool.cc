@@ -1,11 +1,41 @@
 #include "cpu/thread_pool.h"
 
+#include <dlfcn.h>
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
 namespace bnorm::cpu {
 namespace {
+
+// libgomp's entry point of `#pragma omp parallel` (its ABI since GCC 4.9): runs fn(data) on a
+// team of num_threads threads, the caller included, and returns when all have returned.
+using GompParallel = void (*)(void (*fn)(void*), void* data, unsigned num_threads,
+                              unsigned flags);
+std::atomic<GompParallel> g_gomp_parallel{nullptr};
+
+// The libgomp already in the process, or null: RTLD_NOLOAD never loads it.
+GompParallel loaded_gomp_parallel() {
+  void* handle = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) return nullptr;
+  auto fn = reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
+  // The handle stays open: the runtime must outlive every job that uses it.
+  return fn;
+}
+
+struct OpenmpJob {
+  ThreadPool::Task task;
+  void* ctx;
+  int slots;
+  std::atomic<int> next{0};
+};
+
+void openmp_body(void* data) {
+  auto* job = static_cast<OpenmpJob*>(data);
+  for (int t; (t = job->next.fetch_add(1, std::memory_order_relaxed)) < job->slots;)
+    job->task(job->ctx, t, job->slots);
+}
 
 constexpr int kMaxSlots = 1024;  // fits the 16 low bits of job_ and claim_
 // Pause iterations a worker spins before it sleeps: some tens of microseconds, so a caller
@@ -58,9 +88,27 @@ int ThreadPool::claim(uint64_t job, int n) {
   }
 }
 
+bool ThreadPool::use_openmp(bool on) {
+  g_gomp_parallel.store(on ? loaded_gomp_parallel() : nullptr, std::memory_order_release);
+  return using_openmp();
+}
+
+bool ThreadPool::using_openmp() {
+  return g_gomp_parallel.load(std::memory_order_acquire) != nullptr;
+}
+
 void ThreadPool::run(int threads, int n, Task task, void* ctx) {
   n = n < 1 ? 1 : (n > kMaxSlots ? kMaxSlots : n);
   threads = threads < 1 ? 1 : (threads > n ? n : threads);
+  if (threads > 1) {
+    if (GompParallel gomp = g_gomp_parallel.load(std::memory_order_acquire)) {
+      // Slots are claimed as in the pool, so a slow team member delays nothing it has not
+      // claimed; which thread runs a slot never changes the results.
+      OpenmpJob job{task, ctx, n};
+      gomp(&openmp_body, &job, static_cast<unsigned>(threads), 0);
+      return;
+    }
+  }
   std::unique_lock<std::mutex> lock(busy_, std::defer_lock);
   if (threads <= 1 || !lock.try_lock()) {
     for (int t = 0; t < n; ++t) task(ctx, t, n);

@@ -9,6 +9,8 @@
 // Workers are created the first time a job needs them and live until the process exits; between
 // jobs they spin briefly (back-to-back jobs start without a wakeup) and then sleep.
 //
+// With use_openmp(true), jobs run on the host's OpenMP threads instead (below).
+//
 // Thread safety: run() may be called from any thread. When the pool is busy with another
 // caller's job, or n <= 1, the caller runs every slot itself. Results never depend on which
 // thread runs a slot.
@@ -42,6 +44,15 @@ class ThreadPool {
 
   // Worker threads created so far (for tests).
   int worker_count() const;
+
+  // Process-wide: on, jobs of more than one thread run on the OpenMP runtime (libgomp) that is
+  // already loaded in the process, e.g. by PyTorch, instead of this pool's workers: its idle
+  // threads, which spin between the host's parallel regions, take the slots, instead of
+  // competing for the cores with ours. Returns whether that runtime is in use now: false when
+  // off, or when no libgomp is loaded (then the pool's own workers run the jobs). bnorm never
+  // loads or links OpenMP itself.
+  static bool use_openmp(bool on);
+  static bool using_openmp();
 
  private:
   void worker_main(int index);

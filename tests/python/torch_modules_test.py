@@ -768,6 +768,32 @@ def thread_checks():
     check(torch.allclose(rm, t.running_mean, atol=1e-6) and torch.allclose(rv, t.running_var, atol=1e-6)
           and int(nbt) == 1, "no_grad update differs from torch's")
 
+    # The kernels follow torch.set_num_threads and run on torch's OpenMP threads; the results
+    # are bitwise the same for any count.
+    saved = torch.get_num_threads()
+    x = (torch.randn(8, 32, 40, 40) * 2 + 5).requires_grad_(True)
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            m = bt.BatchNorm2d(32)
+            x.grad = None
+            y = m(x)
+            y.backward(y.detach() * 0.25 + 1)
+            count, openmp = bt.threads_info()
+            if "BNORM_NUM_THREADS" not in os.environ:
+                check(count == n, "threads: bnorm runs %d threads under torch.set_num_threads(%d)"
+                      % (count, n))
+            want_openmp = os.environ.get("BNORM_OPENMP_THREADS", "0") == "1"
+            check(openmp == want_openmp, "threads: on torch's OpenMP threads: %s, BNORM_OPENMP_"
+                  "THREADS asks for %s" % (openmp, want_openmp))
+            runs.append((y.detach().clone(), x.grad.clone(), m.running_mean.clone(),
+                         m.running_var.clone()))
+    finally:
+        torch.set_num_threads(saved)
+    check(all(all(bitwise(a, b) for a, b in zip(runs[0], r)) for r in runs[1:]),
+          "threads: results differ between 1, 2 and 3 threads")
+
 
 def main():
     try:
