@@ -428,10 +428,49 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
   return detail::sync_backward(comm, a, options, sync, Status());
 }
 
+namespace {
+
+Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
+                          const CallOptions& options, const SyncOptions& sync,
+                          const Status& prior);
+Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
+                     const SyncOptions& sync, const Status& prior);
+
+// Out of memory anywhere in a pass (its scratch, a kernel's first plan for a shape) is this
+// rank's error, with nothing written: the passes write their outputs only after the last
+// allocation.
+template <class Pass>
+Status without_exceptions(Pass&& pass) {
+  try {
+    return pass();
+  } catch (const std::bad_alloc&) {
+    return Status::internal("out of memory");
+  } catch (const std::exception& e) {
+    return Status::internal(e.what());
+  }
+}
+
+}  // namespace
+
 namespace detail {
 
 Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const CallOptions& options,
                           const SyncOptions& sync, const Status& prior) {
+  return without_exceptions([&] { return forward_train_pass(comm, a, options, sync, prior); });
+}
+
+Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
+                     const SyncOptions& sync, const Status& prior) {
+  return without_exceptions([&] { return backward_pass(comm, a, options, sync, prior); });
+}
+
+}  // namespace detail
+
+namespace {
+
+Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
+                          const CallOptions& options, const SyncOptions& sync,
+                          const Status& prior) {
   const int size = comm.size();
   // Local validation; its result travels in the header. C as given, even when x is bad: the
   // size of a fused exchange depends on it.
@@ -507,8 +546,15 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
     mean[c] = moments[static_cast<size_t>(c)].mean;
     var[c] = moments[static_cast<size_t>(c)].m2 / moments[static_cast<size_t>(c)].n;
   }
-  float* running_mean = tracking ? a.running_mean.data() : nullptr;
-  float* running_var = tracking ? a.running_var.data() : nullptr;
+  // The running statistics are finalized into copies and written back only after the apply,
+  // which may still fail to allocate (its first plan for this shape): nothing written on error.
+  std::vector<float> new_running_mean, new_running_var;
+  if (tracking) {
+    new_running_mean.assign(a.running_mean.begin(), a.running_mean.end());
+    new_running_var.assign(a.running_var.begin(), a.running_var.end());
+  }
+  float* running_mean = tracking ? new_running_mean.data() : nullptr;
+  float* running_var = tracking ? new_running_var.data() : nullptr;
   std::vector<double> weight, bias;
   if (!a.weight.empty()) weight.assign(a.weight.begin(), a.weight.end());
   if (!a.bias.empty()) bias.assign(a.bias.begin(), a.bias.end());
@@ -530,6 +576,10 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
       }
     }
   }));
+  if (tracking) {
+    std::copy(new_running_mean.begin(), new_running_mean.end(), a.running_mean.begin());
+    std::copy(new_running_var.begin(), new_running_var.end(), a.running_var.begin());
+  }
   for (int64_t c = 0; c < channels; ++c) {
     if (!a.save_mean.empty()) a.save_mean[c] = static_cast<float>(mean[c]);
     if (!a.save_invstd.empty()) a.save_invstd[c] = static_cast<float>(invstd[c]);
@@ -538,7 +588,7 @@ Status sync_forward_train(Communicator& comm, const ForwardTrainArgs& a, const C
   return Status();
 }
 
-Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
+Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOptions& options,
                      const SyncOptions& sync, const Status& prior) {
   const int size = comm.size();
   Geometry g;
@@ -631,5 +681,5 @@ Status sync_backward(Communicator& comm, const BackwardArgs& a, const CallOption
   return Status();
 }
 
-}  // namespace detail
+}  // namespace
 }  // namespace bnorm
