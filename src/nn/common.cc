@@ -84,13 +84,8 @@ void set_num_threads(int n) {
   // OpenBLAS itself stays single-threaded; detail::sgemm splits the GEMMs over the nn pool.
   std::call_once(detail::g_openblas_serial, [] {});
   openblas_set_num_threads(1);
-  if (n >= 1) {
-    detail::set_nn_threads(n);
-    bnorm::set_num_threads(n);
-  } else {
-    detail::set_nn_threads(openblas_get_num_procs());
-    bnorm::set_num_threads(0);
-  }
+  // One count for the kernels and the layers (one pool): n, or the default for n <= 0.
+  detail::set_nn_threads(n >= 1 ? n : 0);
 }
 
 std::vector<StateEntry> Module::state_dict() {

@@ -1,7 +1,7 @@
-// A tiny persistent thread helper for the nn layers' non-GEMM work and for splitting GEMMs
-// (not installed). No OpenMP: one process-wide pool of (threads - 1) workers; the caller's thread
-// always takes the first share. A call made while the pool is busy (another thread's call, or a
-// call from inside a task) simply runs serially, so nesting and concurrent use are safe.
+// parallel_for for the nn layers' non-GEMM work and for splitting GEMMs (not installed), on the
+// library's one thread pool (src/cpu/thread_pool.h): the caller's thread takes part, a call from
+// inside a task or while another caller's job runs is serial, so nesting and concurrent use are
+// safe. One thread count governs the kernels and the layers: bnorm::num_threads().
 #ifndef BNORM_SRC_NN_PARALLEL_H_
 #define BNORM_SRC_NN_PARALLEL_H_
 
@@ -10,9 +10,9 @@
 
 namespace bnorm::nn::detail {
 
-// Threads the nn layers use (>= 1).
+// Threads the nn layers use (>= 1): bnorm::num_threads().
 int nn_threads();
-// Sets them (n <= 0: the hardware's count). Starts or stops workers as needed.
+// bnorm::set_num_threads(n) (n <= 0: the default, BNORM_NUM_THREADS or the cores).
 void set_nn_threads(int n);
 
 // Splits [0, n) into at most nn_threads() contiguous ranges of at least `grain` items and runs

@@ -29,10 +29,10 @@
 
 namespace bnorm::nn {
 
-// Threads of the nn pool (which splits each large GEMM into blocks; OpenBLAS itself is pinned to
-// one thread, so the two never compete for the cores) and of bnorm's kernels
-// (bnorm::set_num_threads). n >= 1 sets both to n; n <= 0 restores bnorm's default and sizes the
-// nn pool to the cores OpenBLAS reports. Call it between steps, not during one.
+// Threads of the layers and of bnorm's kernels, which share one pool and one count
+// (bnorm::set_num_threads): large GEMMs are split into blocks over it, and OpenBLAS itself is
+// pinned to one thread, so the two never compete for the cores. n >= 1 sets the count; n <= 0
+// restores the default (BNORM_NUM_THREADS, else the cores). Call it between steps, not during one.
 void set_num_threads(int n);
 
 // y = x W^T + b. x (N, in) -> y (N, out). weight [out, in], bias [out].
