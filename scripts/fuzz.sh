@@ -58,7 +58,7 @@ for t in "${targets[@]}"; do
   echo "== fuzz: $t for ${seconds} s"
   set +e
   "$build/bin/$t" "$corpus" "$work/seeds/$t" "${dict[@]}" -max_total_time="$seconds" \
-    -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    -max_len=8192 -timeout=25 -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="$artifacts/" >"$work/$t.log" 2>&1
   rc=$?
   set -e
