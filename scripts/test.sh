@@ -3,8 +3,9 @@
 #   1. Release build: every test (GoogleTest unit and kernel tests, nn, io, the CLI end to end,
 #      the PyTorch conformance suite and checkpoint round trip with python3-torch).
 #   2. ASan + UBSan build: every test that does not load the library into Python.
-#   3. ThreadSanitizer build: the fast kernels and their thread pool (ctest label cpu), and the
-#      in-process communicator's simulated ranks (label comm).
+#   3. ThreadSanitizer build: the fast kernels and the one thread pool (ctest label cpu), the
+#      nn layers on it (nn), the readers (io) and the in-process communicator's simulated ranks
+#      (comm).
 #   4. libFuzzer build (clang, ASan + UBSan): each fuzz target of tests/fuzz/ for 40 s.
 # The MPI tests (label mpi, under mpirun) run in suites 1 and 2.
 # Exits non-zero if anything fails. With BNORM_REQUIRE_ALL_TESTS=1 (set by .ci/run) a test that
@@ -39,8 +40,8 @@ run_suite release -DCMAKE_BUILD_TYPE=Release
 sed -n '/random configurations/,/passed, .* failed/p' build/test-release/Testing/Temporary/LastTest.log
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   run_suite sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE=ON -DBNORM_BUILD_EXAMPLES=OFF
-TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS='-L cpu|comm' \
-  run_suite tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_TSAN=ON -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_NN=OFF
+TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS='-L ^(cpu|comm|nn|io)$' \
+  run_suite tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_TSAN=ON -DBNORM_BUILD_EXAMPLES=OFF
 # 4. The libFuzzer targets (tests/fuzz/: safetensors and IDX readers, the C API), built with
 #    clang under ASan + UBSan, 40 s each on seeds made from real files (scripts/fuzz.sh).
 echo "== fuzz: build and run each target for 40 s"

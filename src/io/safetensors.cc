@@ -102,7 +102,7 @@ constexpr size_t kShownChars = 80;
 
 // s for a one-line message: control characters escaped, cut to kShownChars (at a UTF-8
 // boundary) with "..." and the full length.
-std::string shown(const std::string& s, size_t limit = kShownChars) {
+std::string shown(std::string_view s, size_t limit = kShownChars) {
   std::string out;
   size_t n = std::min(s.size(), limit);
   while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
@@ -235,16 +235,17 @@ class HeaderHandler {
     // nlohmann's message: "[json.exception...] parse error at line L, column C: <problem>;
     // last read: '<token>'". The byte position replaces the line and column; the token, which
     // may be most of the header, is cut short.
-    std::string what = e.what();
-    if (const size_t column = what.find("column "); column != std::string::npos) {
-      if (const size_t colon = what.find(": ", column); colon != std::string::npos) {
-        what = what.substr(colon + 2);
+    // Views into the exception's own message (no copy of a header-sized token).
+    std::string_view what = e.what();
+    if (const size_t column = what.find("column "); column != std::string_view::npos) {
+      if (const size_t colon = what.find(": ", column); colon != std::string_view::npos) {
+        what.remove_prefix(colon + 2);
       }
     }
-    std::string token;
-    if (const size_t last = what.find("; last read: "); last != std::string::npos) {
+    std::string_view token;
+    if (const size_t last = what.find("; last read: "); last != std::string_view::npos) {
       token = what.substr(last + 13);
-      what.resize(last);
+      what = what.substr(0, last);
     }
     error = "header is not valid JSON at byte " + std::to_string(position) + ": " +
             shown(what, 2 * kShownChars);

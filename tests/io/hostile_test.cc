@@ -24,6 +24,14 @@
 #include "bnorm/io/safetensors.h"
 #include "io_test_util.h"
 
+#if defined(__SANITIZE_THREAD__)
+#define BNORM_TEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define BNORM_TEST_TSAN 1
+#endif
+#endif
+
 #if defined(__SANITIZE_ADDRESS__)
 #define BNORM_TEST_ASAN 1
 #elif defined(__has_feature)
@@ -36,6 +44,15 @@ namespace bnorm::io {
 namespace {
 
 using test::TempDir;
+
+// Under ThreadSanitizer the resident size is mostly TSan's shadow of every allocation (several
+// times the reserved capacity), not the readers' memory: the memory bounds are asserted in the
+// plain and ASan builds, the errors, crashes and time bounds in all three.
+#ifdef BNORM_TEST_TSAN
+constexpr bool kMeasureMemory = false;
+#else
+constexpr bool kMeasureMemory = true;
+#endif
 
 #ifdef BNORM_TEST_ASAN
 constexpr double kMemorySlack = 2.0;
@@ -237,8 +254,12 @@ TEST(HostileSafetensors, LargeMalformedHeaderCostsLittleMoreThanItsSize) {
     SCOPED_TRACE(reader);
     const Outcome o = run_in_child(call);
     expect_clean_error(o, "header is not valid JSON");
-    // The header's bytes, and nlohmann's lexer's record of the current token (up to twice them).
-    EXPECT_LT(static_cast<double>(o.peak_bytes), 4.0 * kMemorySlack * size) << o.peak_bytes << " bytes";
+    // The header's bytes, nlohmann's lexer's record of the current token (up to twice them),
+    // and its parse_error message, which quotes that token once more: 5.0x measured, linear in
+    // the bytes read (the old reader: 25x). The reader itself copies none of it.
+    if (kMeasureMemory) {
+      EXPECT_LT(static_cast<double>(o.peak_bytes), 6.0 * kMemorySlack * size) << o.peak_bytes << " bytes";
+    }
     EXPECT_LT(o.seconds, 20.0);
   }
   // A huge name or value is quoted in part only.
@@ -272,8 +293,12 @@ TEST(HostileSafetensors, ValidCheckpointDataIsHeldOnce) {
   });
   ASSERT_FALSE(r.crashed);
   EXPECT_TRUE(r.ok) << r.message;
-  EXPECT_GT(static_cast<double>(r.peak_bytes), 0.9 * kBytes) << "the data was not read?";
-  EXPECT_LT(static_cast<double>(r.peak_bytes), 1.5 * kMemorySlack * kBytes) << r.peak_bytes << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_GT(static_cast<double>(r.peak_bytes), 0.9 * kBytes) << "the data was not read?";
+  }
+  if (kMeasureMemory) {
+    EXPECT_LT(static_cast<double>(r.peak_bytes), 1.5 * kMemorySlack * kBytes) << r.peak_bytes << " bytes";
+  }
   // Loading into a model whose memory already exists: one staging copy of the data.
   std::vector<float> model(static_cast<size_t>(kFloats), 1.0f);
   const Outcome l = run_in_child([&] {
@@ -288,7 +313,9 @@ TEST(HostileSafetensors, ValidCheckpointDataIsHeldOnce) {
   ASSERT_FALSE(l.crashed);
   EXPECT_TRUE(l.ok) << l.message;
   // The child's copy-on-write pages of the model count too when it is written: data + model.
-  EXPECT_LT(static_cast<double>(l.peak_bytes), 2.5 * kMemorySlack * kBytes) << l.peak_bytes << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_LT(static_cast<double>(l.peak_bytes), 2.5 * kMemorySlack * kBytes) << l.peak_bytes << " bytes";
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,7 +355,9 @@ TEST(HostileIdx, AnnouncedSizeAboveTheLimitIsRejectedBeforeDecompressing) {
   });
   expect_clean_error(o, "implausible size: the dimensions 1000000 x 128 x 128 give more than the limit of 1073741824");
   EXPECT_LT(o.seconds, 1.0);
-  EXPECT_LT(o.peak_bytes, int64_t{8 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_LT(o.peak_bytes, int64_t{8 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  }
 }
 
 TEST(HostileIdx, ShortStreamCostsOnlyTheDataPresent) {
@@ -344,7 +373,9 @@ TEST(HostileIdx, ShortStreamCostsOnlyTheDataPresent) {
   };
   Outcome o = run_in_child(read);
   expect_clean_error(o, "truncated: the header announces 536870912 payload bytes, more than a gzip file of");
-  EXPECT_LT(o.peak_bytes, int64_t{8 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_LT(o.peak_bytes, int64_t{8 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  }
   // 8 MiB of incompressible data present: read, and memory grows only with it.
   std::vector<uint8_t> noise(8u << 20);
   uint64_t state = 1;
@@ -359,7 +390,9 @@ TEST(HostileIdx, ShortStreamCostsOnlyTheDataPresent) {
   expect_clean_error(o, "truncated: expected 536870912 payload bytes, got 8388608");
   // (ASan writes the shadow of the whole reserved capacity: one byte per 8.)
   const int64_t shadow = kMemorySlack > 1.0 ? (int64_t{512} << 20) / 8 : 0;
-  EXPECT_LT(o.peak_bytes, int64_t{24 << 20} + shadow) << o.peak_bytes << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_LT(o.peak_bytes, int64_t{24 << 20} + shadow) << o.peak_bytes << " bytes";
+  }
 }
 
 TEST(HostileIdx, LongStreamIsReadOnlyToTheAnnouncedSize) {
@@ -375,7 +408,9 @@ TEST(HostileIdx, LongStreamIsReadOnlyToTheAnnouncedSize) {
   });
   expect_clean_error(o, "at least 1048576 trailing bytes after the payload of 784000 bytes");
   EXPECT_LT(o.seconds, 1.0);
-  EXPECT_LT(o.peak_bytes, int64_t{16 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_LT(o.peak_bytes, int64_t{16 << 20} * static_cast<int64_t>(kMemorySlack)) << o.peak_bytes << " bytes";
+  }
 }
 
 }  // namespace
