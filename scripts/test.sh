@@ -4,8 +4,8 @@
 #      the PyTorch conformance suite and checkpoint round trip with python3-torch).
 #   2. ASan + UBSan build: every test that does not load the library into Python.
 #   3. ThreadSanitizer build: the fast kernels and the one thread pool (ctest label cpu), the
-#      readers (io) and the in-process communicator's simulated ranks (comm). (nn_tests crash at
-#      start under TSan, in OpenBLAS's initialization as far as seen: not yet in this suite.)
+#      layers on that pool (nn), the readers (io) and the in-process communicator's simulated
+#      ranks (comm).
 #   4. libFuzzer build (clang, ASan + UBSan): each fuzz target of tests/fuzz/ for 40 s.
 # The MPI tests (label mpi, under mpirun) run in suites 1 and 2.
 # Exits non-zero if anything fails. With BNORM_REQUIRE_ALL_TESTS=1 (set by .ci/run) a test that
@@ -40,7 +40,7 @@ run_suite release -DCMAKE_BUILD_TYPE=Release
 sed -n '/random configurations/,/passed, .* failed/p' build/test-release/Testing/Temporary/LastTest.log
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   run_suite sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE=ON -DBNORM_BUILD_EXAMPLES=OFF
-TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS='-L ^(cpu|comm|io)$' \
+TSAN_OPTIONS=halt_on_error=1 CTEST_ARGS='-L ^(cpu|nn|comm|io)$' \
   run_suite tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_TSAN=ON -DBNORM_BUILD_EXAMPLES=OFF
 # 4. The libFuzzer targets (tests/fuzz/: safetensors and IDX readers, the C API), built with
 #    clang under ASan + UBSan, 40 s each on seeds made from real files (scripts/fuzz.sh).

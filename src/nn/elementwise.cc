@@ -3,8 +3,10 @@
 #include <bit>
 #include <cmath>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__) && \
-    !defined(__clang__)
+// Not under the sanitizers: the loader runs an ifunc resolver before their runtimes start, and
+// an instrumented resolver crashes the program at load (seen with ThreadSanitizer).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 #define BNORM_NN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define BNORM_NN_CLONES
