@@ -271,7 +271,18 @@ std::vector<Case> TrainCases() {
         a.x = ConstTensorView(b.x.data.data(), {int64_t{1} << 40, 3, int64_t{1} << 20, 1024});
         a.y = TensorView(b.y.data.data(), {int64_t{1} << 40, 3, int64_t{1} << 20, 1024});
       },
-      "x: number of elements overflows int64, size [1099511627776, 3, 1048576, 1024]"));
+      "x: number of elements exceeds 2^56 (no address space holds such a tensor), size "
+      "[1099511627776, 3, 1048576, 1024]"));
+  // Within int64 but beyond any address space: C = 2^62 with N = 1 once passed and overflowed in
+  // the kernels' per-channel workspace sizes (found by fuzz_c_api).
+  v.push_back(T(
+      "ElementCountBeyondAddressSpace",
+      [](B& b, TA& a, EA&, BA&, O&) {
+        a.x = ConstTensorView(b.x.data.data(), {1, int64_t{1} << 62});
+        a.y = TensorView(b.y.data.data(), {1, int64_t{1} << 62});
+      },
+      "x: number of elements exceeds 2^56 (no address space holds such a tensor), size "
+      "[1, 4611686018427387904]"));
   // Layout values outside the enum.
   v.push_back(T(
       "InvalidLayoutValue",
@@ -980,6 +991,22 @@ TEST(CApiInvalidLayout, EveryEntryPointRejectsLayout7) {
   EXPECT_C_REJECTS(bnorm_backward(seven, 2, 3, 4, b.dy.data(), b.x.data(), nullptr,
                                   b.batch_mean.data(), b.batch_invstd.data(), nullptr, nullptr,
                                   1e-5, 1, b.dx.data(), nullptr, nullptr),
+                   b, BNORM_ERROR_INVALID_ARGUMENT, text);
+}
+
+// The fuzzer's find: a size within int64 but beyond any address space (C = 2^62, N = S = 1) used
+// to pass validation and overflow in the kernels' per-channel workspace sizes.
+TEST(CApi, SizeBeyondAddressSpaceRejected) {
+  CBuffers b;
+  const int64_t c = int64_t{1} << 62;
+  const char* text = "exceeds 2^56 (no address space holds such a tensor)";
+  EXPECT_C_REJECTS(bnorm_backward(BNORM_CHANNELS_FIRST, 1, c, 1, b.dy.data(), b.x.data(), nullptr,
+                                  b.batch_mean.data(), b.batch_invstd.data(), nullptr, nullptr,
+                                  1e-5, 1, b.dx.data(), nullptr, nullptr),
+                   b, BNORM_ERROR_INVALID_ARGUMENT, text);
+  EXPECT_C_REJECTS(bnorm_forward_eval(BNORM_CHANNELS_LAST, 1, c, 1, b.x.data(), nullptr, nullptr,
+                                      b.running_mean.data(), b.running_var.data(), 1e-5,
+                                      b.y.data()),
                    b, BNORM_ERROR_INVALID_ARGUMENT, text);
 }
 

@@ -32,11 +32,16 @@ Status check_tensor(const char* name, ConstTensorView t, Geometry* geometry) {
     if (t.dim(i) <= 0)
       return Status::invalid_argument(n + ": dim " + std::to_string(i) + " must be > 0, got " +
                                       std::to_string(t.dim(i)) + " in size " + t.size_string());
+  // At most 2^56 elements: no address space holds more (x86-64's largest is 2^57 bytes), and the
+  // kernels' sizes in bytes of a few per-channel fp64 arrays, e.g. 32 * C, stay far from int64's
+  // range (a C of 2^62 with N = 1 used to pass and overflow there).
+  constexpr int64_t kMaxElements = int64_t{1} << 56;
   int64_t numel = 1;
   for (int i = 0; i < t.rank(); ++i) {
-    if (numel > std::numeric_limits<int64_t>::max() / t.dim(i))
-      return Status::invalid_argument(n + ": number of elements overflows int64, size " +
-                                      t.size_string());
+    if (numel > kMaxElements / t.dim(i))
+      return Status::invalid_argument(
+          n + ": number of elements exceeds 2^56 (no address space holds such a tensor), size " +
+          t.size_string());
     numel *= t.dim(i);
   }
   geometry->layout = t.layout();

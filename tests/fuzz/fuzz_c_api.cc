@@ -203,9 +203,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if ((odd & 0x0f) == 1) k.n = -static_cast<int64_t>(odd >> 4);
   if ((odd & 0x0f) == 2) k.c = odd >> 6;  // 0 channels possible
   if ((odd & 0x0f) == 3) k.s = 0;
-  // (No n * c * s beyond the buffers: a size whose bytes overflow, e.g. c = 2^62, n = s = 1, is
-  // accepted by the validation and overflows in the kernels' workspace sizing, issue 13 notes;
-  // the buffers here could not hold it anyway.)
+  // (No n * c * s beyond the buffers, which could not hold it; sizes beyond 2^56 elements, e.g.
+  // c = 2^62, are refused by the validation, bad_input_test.)
   const uint8_t e = in.u8();
   static const double kEps[] = {1e-5, 1e-3, 1.0, 1e-12, 0.0, -1e-5, NAN, INFINITY};
   k.eps = kEps[e & 7];
