@@ -118,6 +118,9 @@ class MaxPool2d final : public Module {
   std::string architecture() const override;
   void append_state(const std::string&, std::vector<StateEntry>*) override {}
 
+  int64_t kernel() const { return k_; }
+  int64_t stride() const { return stride_; }
+
  private:
   MaxPool2d() = default;
   int64_t k_ = 2, stride_ = 2;
