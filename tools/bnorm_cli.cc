@@ -2,6 +2,7 @@
 //   bnorm train [--preset paper-mlp|cnn] [options]   train with and without batch norm, compare
 //   bnorm eval --checkpoint FILE [--data DIR]          reload a checkpoint, evaluate on the test set
 //   bnorm explain --checkpoint FILE --out DIR          batch norm's five steps on one BN layer
+//   bnorm fold --checkpoint FILE --out FILE            fold batch norm into the layers before it
 //   mpirun -np K bnorm train --sync-bn ...             data-parallel training over K processes
 // Errors are one line on stderr and a non-zero exit code; under mpirun an error on any rank
 // ends every rank (MPI_Abort).
@@ -13,6 +14,7 @@
 #include "bnorm/batch_norm.h"
 #include "bnorm/comm.h"
 #include "explain.h"
+#include "fold.h"
 #include "training.h"
 
 int main(int argc, char** argv) {
@@ -104,6 +106,17 @@ int main(int argc, char** argv) {
   bool explain_no_plots = false;
   x->add_flag("--no-plots", explain_no_plots, "Write explain.json and batch.safetensors only");
 
+  bnorm::tools::FoldConfig fold;
+  CLI::App* f = app.add_subcommand(
+      "fold", "Fold every batch norm into the Linear or Conv2d before it, for inference, and "
+              "compare the two models on the test set");
+  f->add_option("--checkpoint", fold.checkpoint, "A .safetensors file written by bnorm train, with batch norm")
+      ->required();
+  f->add_option("--out", fold.out, "The folded checkpoint to write (bnorm eval reads it)")->required();
+  f->add_option("--data", fold.data_dir, "Fashion-MNIST directory");
+  f->add_option("--batch-size", fold.batch_size, "Evaluation batch size")->capture_default_str();
+  f->add_option("--threads", fold.threads, "Threads (0: default)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& err) {
@@ -120,6 +133,8 @@ int main(int argc, char** argv) {
   } else if (x->parsed()) {
     explain.plots = !explain_no_plots;
     status = bnorm::tools::run_explain(explain);
+  } else if (f->parsed()) {
+    status = bnorm::tools::run_fold(fold);
   } else if (e->parsed()) {
     if (!bn_flag.empty()) eval.batch_norm = bn_flag == "on" ? 1 : 0;
     if (eval.batch_size < 1) {

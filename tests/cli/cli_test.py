@@ -11,6 +11,7 @@ problem and a non-zero exit code, and leave no half-written file behind.
 """
 import gzip
 import json
+import re
 import os
 import shutil
 import struct
@@ -98,6 +99,27 @@ def main():
         os.remove(os.path.join(test_only, "t10k-labels-idx1-ubyte.gz"))
         expect_error("eval without the test labels", run("eval", "--checkpoint", ck, "--data", test_only),
                      "t10k-labels-idx1-ubyte")
+
+        # fold: the BN checkpoint folded into its Linear layers computes the same logits, and the
+        # folded checkpoint (the plain architecture) evaluates to the same accuracy.
+        folded = os.path.join(tmp, "folded.safetensors")
+        p = run("fold", "--checkpoint", ck, "--out", folded)
+        check("fold runs", p.returncode == 0 and os.path.exists(folded), p.stdout + p.stderr)
+        m = re.search(r"largest logit difference (\S+) .* accuracy (\S+)% -> (\S+)%", p.stdout)
+        check("fold reports the logit difference and both accuracies", m is not None, p.stdout)
+        if m:
+            check("folded logits within 1e-4 of the original", float(m.group(1)) < 1e-4, m.group(1))
+            check("fold keeps the accuracy", m.group(2) == m.group(3), p.stdout)
+        p = run("eval", "--checkpoint", folded)
+        check("eval of the folded checkpoint: same accuracy, without batch norm",
+              p.returncode == 0 and want in p.stdout and "without batch norm" in p.stdout,
+              p.stdout + p.stderr)
+        expect_error("fold of a model without batch norm",
+                     run("fold", "--checkpoint", folded, "--out", os.path.join(tmp, "f2.safetensors")),
+                     "without batch norm: nothing to fold")
+        expect_error("fold onto its input", run("fold", "--checkpoint", ck, "--out", ck),
+                     "is the input checkpoint")
+        check("nothing written by a refused fold", not os.path.exists(os.path.join(tmp, "f2.safetensors")))
 
         # Bad command lines.
         expect_error("unknown preset", run("train", "--preset", "resnet", "--out", out + "x"),
