@@ -46,6 +46,12 @@ Status BatchNorm::create(const BatchNormOptions& options, BatchNorm* out) {
   return Status();
 }
 
+Status BatchNorm::set_momentum(std::optional<double> momentum) {
+  BNORM_RETURN_IF_ERROR(detail::check_momentum(momentum));
+  options_.momentum = momentum;
+  return Status();
+}
+
 CallOptions BatchNorm::call_options() const {
   CallOptions o;
   o.check_finite = options_.check_finite;

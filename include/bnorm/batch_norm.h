@@ -174,6 +174,10 @@ class BatchNorm {
   // Sets the gradients to zero.
   void zero_grad();
 
+  // The momentum of the next forwards (BatchNormOptions::momentum): in [0, 1], or nullopt for a
+  // cumulative average. Fails (nothing changed) otherwise.
+  Status set_momentum(std::optional<double> momentum);
+
   // Synchronized batch norm (bnorm/comm.h): in training mode, forward and backward normalize
   // over the global batch of every rank of comm (each rank passes its part), and the gradients
   // accumulated into weight_grad() / bias_grad() are the GLOBAL batch's, identical on every
