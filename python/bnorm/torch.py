@@ -461,6 +461,12 @@ def convert(module):
     return visit(module)
 
 
+# After training: folding into the layer before, precise statistics (bnorm/_torch_inference.py).
+from ._torch_inference import FoldError, fold_batch_norm, update_bn_stats  # noqa: E402
+
+__all__ += ["FoldError", "fold_batch_norm", "update_bn_stats"]
+
+
 def __getattr__(name):
     # bnorm.torch.SyncBatchNorm lives in bnorm/_torch_sync.py, imported on first use.
     if name == "SyncBatchNorm":
