@@ -5,33 +5,11 @@
 // operator new with one that can be told to fail.
 #include <gtest/gtest.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <new>
+#include <functional>
 
 #include "bnorm/comm.h"
+#include "replaced_new.h"
 #include "test_util.h"
-
-namespace {
-std::atomic<long> g_fail_in{0};  // > 0: the g_fail_in-th allocation from now on fails
-}  // namespace
-
-void* operator new(std::size_t size) {
-  if (g_fail_in.load(std::memory_order_relaxed) > 0 &&
-      g_fail_in.fetch_sub(1, std::memory_order_relaxed) == 1)
-    throw std::bad_alloc();
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace bnorm_test {
 namespace {
@@ -52,7 +30,7 @@ template <class Call>
 int sweep(const char* what, Call&& call, const std::function<bool()>& unchanged) {
   int failures = 0;
   for (long k = 1; k < 10000; ++k) {
-    g_fail_in.store(k);
+    bnorm_test::alloc::fail_in.store(k);
     bnorm::Status s;
     bool threw = false;
     try {
@@ -60,8 +38,8 @@ int sweep(const char* what, Call&& call, const std::function<bool()>& unchanged)
     } catch (...) {
       threw = true;
     }
-    const bool fired = g_fail_in.load() <= 0;
-    g_fail_in.store(0);
+    const bool fired = bnorm_test::alloc::fail_in.load() <= 0;
+    bnorm_test::alloc::fail_in.store(0);
     EXPECT_FALSE(threw) << what << ": an exception escaped at allocation " << k;
     if (!fired) {
       EXPECT_TRUE(s.ok()) << what << ": " << s.to_string();

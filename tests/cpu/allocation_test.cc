@@ -1,31 +1,7 @@
 // Plan once, run many: after the first call for a shape, forward and backward allocate nothing.
 // Counts every operator new of the process (this test binary replaces the global one).
-#include <atomic>
-#include <cstdlib>
-#include <new>
-
+#include "replaced_new.h"
 #include "test_util.h"
-
-namespace {
-std::atomic<long> g_allocations{0};
-}  // namespace
-
-void* operator new(std::size_t size) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-// GCC pairs the inlined deletes with operator new's semantics and warns about free(); here both
-// sides are malloc/free.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace bnorm_test {
 namespace {
@@ -77,9 +53,9 @@ TEST(CpuAllocation, NoneAfterTheFirstCallForAShape) {
       EXPECT_TRUE(IsOk(bnorm::backward(k)));
     };
     run_all();  // plans, workspaces, pool threads
-    const long before = g_allocations.load();
+    const long before = bnorm_test::alloc::count.load();
     for (int rep = 0; rep < 3; ++rep) run_all();
-    EXPECT_EQ(g_allocations.load() - before, 0) << x.Describe();
+    EXPECT_EQ(bnorm_test::alloc::count.load() - before, 0) << x.Describe();
   }
   bnorm::set_num_threads(0);
 }
