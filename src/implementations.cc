@@ -10,8 +10,10 @@ namespace {
 
 // Fastest first, the reference last.
 const Implementation kImplementations[] = {
-    {"cpu", &cpu::forward_train, &cpu::forward_eval, &cpu::backward},
-    {"reference", &ref::forward_train, &ref::forward_eval, &ref::backward},
+    {"cpu", &cpu::stats, &cpu::apply, &cpu::backward_reduce, &cpu::backward_apply,
+     &cpu::forward_train, &cpu::forward_eval, &cpu::backward},
+    {"reference", &ref::stats<float>, &ref::apply<float>, &ref::backward_reduce<float>,
+     &ref::backward_apply<float>, &ref::forward_train, &ref::forward_eval, &ref::backward},
 };
 constexpr size_t kCount = sizeof(kImplementations) / sizeof(kImplementations[0]);
 
@@ -21,6 +23,8 @@ bool reference_forced_by_environment() {
 }
 
 }  // namespace
+
+std::span<const Implementation> implementations() { return kImplementations; }
 
 const Implementation& select_implementation(Backend backend) {
   if (backend == Backend::kReference || reference_forced_by_environment())

@@ -4,15 +4,18 @@
 // set are set, eps and momentum are in range. Kernels below this line cannot fail, so a call
 // either fails in validation (nothing written) or completes.
 //
-// An implementation provides the three whole passes; how it splits them into stats / finalize /
-// apply / backward_reduce / backward_apply is its own business. The list of implementations is
-// in implementations.cc, reference last.
+// An implementation provides each pass (stats, apply, backward_reduce, backward_apply; finalize
+// is one function for all, below) and the three whole passes composed from them, so that callers
+// which compose the passes themselves (sync batch norm, the kernel tester) take an
+// implementation and never branch on its name. The list of implementations is in
+// implementations.cc, reference last.
 #ifndef BNORM_SRC_KERNELS_H_
 #define BNORM_SRC_KERNELS_H_
 
 #include <cstdint>
 #include <exception>
 #include <new>
+#include <span>
 
 #include "bnorm/batch_norm.h"
 #include "bnorm/tensor.h"
@@ -75,8 +78,30 @@ struct BackwardCall {
   float* dbias = nullptr;    // optional
 };
 
+// finalize: invstd = 1 / sqrt(var + eps); when running_mean is not null, the running statistics
+// move towards the batch ones by factor f, the variance with Bessel's correction n / (n - 1)
+// (n = g.count()). Per channel, in fp64: one definition for every implementation.
+void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
+              double* invstd, float* running_mean, float* running_var);
+
+// The passes of one implementation on fp32 data; each means what src/reference/reference.h
+// says of the pass of the same name. Per-channel vectors are fp64; a null weight means 1 and a
+// null bias 0.
 struct Implementation {
   const char* name;
+  // Per channel: mean and biased variance.
+  void (*stats)(const Geometry& g, const float* x, double* mean, double* var);
+  // y = weight * (x - mean) * invstd + bias. y may equal x.
+  void (*apply)(const Geometry& g, const float* x, const double* mean, const double* invstd,
+                const double* weight, const double* bias, float* y);
+  // sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd.
+  void (*backward_reduce)(const Geometry& g, const float* dy, const float* x, const double* mean,
+                          const double* invstd, double* sum_dy, double* sum_dy_xhat);
+  // dx from the sums (count: their n, 0 for g.count()). dx may equal dy or x.
+  void (*backward_apply)(const Geometry& g, const float* dy, const float* x, const double* mean,
+                         const double* invstd, const double* weight, const double* sum_dy,
+                         const double* sum_dy_xhat, bool training, float* dx, int64_t count);
+  // The whole passes.
   void (*forward_train)(const TrainCall&);
   void (*forward_eval)(const EvalCall&);
   void (*backward)(const BackwardCall&);
@@ -99,6 +124,9 @@ Status run_kernels(Fn&& fn) {
 // The implementation a call runs: the reference for Backend::kReference or when the
 // environment variable BNORM_BACKEND=reference is set, else the first (fastest) in the list.
 const Implementation& select_implementation(Backend backend);
+
+// Every implementation, fastest first, the reference last (for tests).
+std::span<const Implementation> implementations();
 
 }  // namespace bnorm::detail
 

@@ -15,7 +15,6 @@
 // are bad reports it there, so that every rank fails together instead of waiting forever.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <array>
 #include <exception>
 #include <functional>
@@ -26,9 +25,7 @@
 
 #include "bnorm/comm.h"
 #include "comm/sync_detail.h"
-#include "cpu/cpu.h"
 #include "kernels.h"
-#include "reference/reference.h"
 #include "util/check.h"
 
 namespace bnorm {
@@ -53,10 +50,6 @@ enum Header : int {
 
 // Per-rank header of the backward exchange.
 enum BackwardHeader : int { kBStatus, kBCount, kBChannels, kBSpatial, kBLayout, kBHeaderSize };
-
-bool use_reference(Backend backend) {
-  return std::strcmp(detail::select_implementation(backend).name, "reference") == 0;
-}
 
 // +0.0 for -0.0, x otherwise: the other ranks add +0.0 to this slot, which would turn -0.0 into
 // +0.0 on some splits only.
@@ -248,7 +241,8 @@ void for_each_unit(const Geometry& g, SyncMode mode, double* slots, const Partia
 }
 
 // This rank's stats partials (mean, M2) into its slots of the table (units x C x 2).
-void local_stats(const Geometry& g, const float* x, bool reference, SyncMode mode, double* slots) {
+void local_stats(const Geometry& g, const float* x, const detail::Implementation& impl,
+                 SyncMode mode, double* slots) {
   std::vector<double> mean(g.c), var(g.c);
   for_each_unit(g, mode, slots, [&](const Geometry& part, int64_t offset, double* out) {
     const float* data = x + offset;
@@ -259,11 +253,7 @@ void local_stats(const Geometry& g, const float* x, bool reference, SyncMode mod
       }
       return;
     }
-    if (reference) {
-      ref::stats(part, data, mean.data(), var.data());
-    } else {
-      cpu::stats(part, data, mean.data(), var.data());
-    }
+    impl.stats(part, data, mean.data(), var.data());
     const double n = static_cast<double>(part.count());
     for (int64_t c = 0; c < g.c; ++c) {
       out[2 * c] = canonical(mean[c]);
@@ -274,7 +264,8 @@ void local_stats(const Geometry& g, const float* x, bool reference, SyncMode mod
 
 // This rank's backward partials (sum dy, sum dy * xhat) into its slots.
 void local_backward_sums(const Geometry& g, const float* dy, const float* x, const double* mean,
-                         const double* invstd, bool reference, SyncMode mode, double* slots) {
+                         const double* invstd, const detail::Implementation& impl,
+                         SyncMode mode, double* slots) {
   std::vector<double> s0(g.c), s1(g.c);
   for_each_unit(g, mode, slots, [&](const Geometry& part, int64_t offset, double* out) {
     const float* d = dy + offset;
@@ -287,11 +278,7 @@ void local_backward_sums(const Geometry& g, const float* dy, const float* x, con
       }
       return;
     }
-    if (reference) {
-      ref::backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
-    } else {
-      cpu::backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
-    }
+    impl.backward_reduce(part, d, data, mean, invstd, s0.data(), s1.data());
     for (int64_t c = 0; c < g.c; ++c) {
       out[2 * c] = canonical(s0[c]);
       out[2 * c + 1] = canonical(s1[c]);
@@ -504,7 +491,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
     state_hash = fnv1a(state_hash, a.running_var.data(), a.running_var.size_bytes());
     state_hash = fnv1a(state_hash, &batches, sizeof batches);
   }
-  const bool reference = use_reference(options.backend);
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
   ExchangeArgs ex;
   ex.header_size = kHeaderSize;
   ex.fill_header = [&](double* h) {
@@ -528,7 +515,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
          {kStateHash, "a hash of the running statistics and num_batches_tracked"}});
   };
   ex.fill_slots = [&](const Split&, double* slots) {
-    local_stats(g, a.x.data(), reference, sync.mode, slots);
+    local_stats(g, a.x.data(), impl, sync.mode, slots);
   };
   std::vector<double> buffer;
   const double* table = nullptr;
@@ -559,21 +546,12 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
   if (!a.weight.empty()) weight.assign(a.weight.begin(), a.weight.end());
   if (!a.bias.empty()) bias.assign(a.bias.begin(), a.bias.end());
   BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
-    if (reference) {
-      ref::finalize(global, mean.data(), var.data(), a.eps, factor, invstd.data(), running_mean,
-                    running_var);
-    } else {
-      cpu::finalize(global, mean.data(), var.data(), a.eps, factor, invstd.data(), running_mean,
-                    running_var);
-    }
+    detail::finalize(global, mean.data(), var.data(), a.eps, factor, invstd.data(), running_mean,
+                     running_var);
     if (g.n > 0) {
       const double* w = weight.empty() ? nullptr : weight.data();
       const double* b = bias.empty() ? nullptr : bias.data();
-      if (reference) {
-        ref::apply(g, a.x.data(), mean.data(), invstd.data(), w, b, a.y.data());
-      } else {
-        cpu::apply(g, a.x.data(), mean.data(), invstd.data(), w, b, a.y.data());
-      }
+      impl.apply(g, a.x.data(), mean.data(), invstd.data(), w, b, a.y.data());
     }
   }));
   if (tracking) {
@@ -619,7 +597,7 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
   };
   const Status mine = prior.ok() ? validate() : prior;
 
-  const bool reference = use_reference(options.backend);
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
   const int64_t channels = g.c;
   std::vector<double> mean(a.save_mean.begin(), a.save_mean.end());
   std::vector<double> invstd(a.save_invstd.begin(), a.save_invstd.end());
@@ -641,8 +619,8 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
                             {kBLayout, "layout"}});
   };
   ex.fill_slots = [&](const Split&, double* slots) {
-    local_backward_sums(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), reference,
-                        sync.mode, slots);
+    local_backward_sums(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), impl, sync.mode,
+                        slots);
   };
   std::vector<double> buffer;
   const double* table = nullptr;
@@ -665,13 +643,8 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
     const double* w = weight.empty() ? nullptr : weight.data();
     const int64_t global_count = split.global_n * g.s;
     BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
-      if (reference) {
-        ref::backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
-                            sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
-      } else {
-        cpu::backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
-                            sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
-      }
+      impl.backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
+                          sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
     }));
   }
   for (int64_t c = 0; c < channels; ++c) {

@@ -34,31 +34,14 @@ inline float apply_one(float x, float mhi, float mlo, float a, float b) {
 void apply_row(const float* x, float* y, int64_t len, float mhi, float mlo, float a, float b,
                bool stream) {
   const hn::ScalableTag<float> df;
-  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   const auto vh = hn::Set(df, mhi), vl = hn::Set(df, mlo), va = hn::Set(df, a), vb = hn::Set(df, b);
-  int64_t k = 0;
-  if (stream && len >= 4 * nf) {
-    const size_t align = static_cast<size_t>(nf) * sizeof(float);
-    for (; k < len && reinterpret_cast<uintptr_t>(y + k) % align != 0; ++k)
-      y[k] = apply_one(x[k], mhi, mlo, a, b);
-    for (; k + nf <= len; k += nf) {
-      const auto v = hn::LoadU(df, x + k);
-      hn::Stream(hn::MulAdd(hn::Sub(hn::Sub(v, vh), vl), va, vb), df, y + k);
-    }
-  }
-  for (; k + nf <= len; k += nf) {
-    const auto v = hn::LoadU(df, x + k);
-    hn::StoreU(hn::MulAdd(hn::Sub(hn::Sub(v, vh), vl), va, vb), df, y + k);
-  }
-#if BNORM_MASKED_TAIL
-  if (k < len) {
-    const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
-    const auto v = hn::MaskedLoad(mk, df, x + k);
-    hn::BlendedStore(hn::MulAdd(hn::Sub(hn::Sub(v, vh), vl), va, vb), mk, df, y + k);
-    return;
-  }
-#endif
-  for (; k < len; ++k) y[k] = apply_one(x[k], mhi, mlo, a, b);
+  write_row(
+      df, y, len, stream,
+      [&](int64_t k) { return hn::MulAdd(hn::Sub(hn::Sub(hn::LoadU(df, x + k), vh), vl), va, vb); },
+      [&](auto mk, int64_t k) {
+        return hn::MulAdd(hn::Sub(hn::Sub(hn::MaskedLoad(mk, df, x + k), vh), vl), va, vb);
+      },
+      [&](int64_t k) { return apply_one(x[k], mhi, mlo, a, b); });
 }
 
 // Channels-last, row by row: the parameters loaded per vector.

@@ -34,50 +34,26 @@ inline float dx_one(float g, float x, float m, float alpha, float beta, float ga
 void backward_apply_row(const float* dy, const float* x, float* dx, int64_t len, float m,
                         float alpha, float beta, float gamma, bool training, bool stream) {
   const hn::ScalableTag<float> df;
-  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   const auto vm = hn::Set(df, m), va = hn::Set(df, alpha), vb = hn::Set(df, beta),
              vg = hn::Set(df, gamma);
-  int64_t k = 0;
   if (!training) {
-    if (stream && len >= 4 * nf) {
-      const size_t align = static_cast<size_t>(nf) * sizeof(float);
-      for (; k < len && reinterpret_cast<uintptr_t>(dx + k) % align != 0; ++k)
-        dx[k] = alpha * dy[k];
-      for (; k + nf <= len; k += nf) hn::Stream(hn::Mul(va, hn::LoadU(df, dy + k)), df, dx + k);
-    }
-    for (; k + nf <= len; k += nf) hn::StoreU(hn::Mul(va, hn::LoadU(df, dy + k)), df, dx + k);
-#if BNORM_MASKED_TAIL
-    if (k < len) {
-      const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
-      hn::BlendedStore(hn::Mul(va, hn::MaskedLoad(mk, df, dy + k)), mk, df, dx + k);
-      return;
-    }
-#endif
-    for (; k < len; ++k) dx[k] = alpha * dy[k];
+    write_row(
+        df, dx, len, stream, [&](int64_t k) { return hn::Mul(va, hn::LoadU(df, dy + k)); },
+        [&](auto mk, int64_t k) { return hn::Mul(va, hn::MaskedLoad(mk, df, dy + k)); },
+        [&](int64_t k) { return alpha * dy[k]; });
     return;
   }
-  if (stream && len >= 4 * nf) {
-    const size_t align = static_cast<size_t>(nf) * sizeof(float);
-    for (; k < len && reinterpret_cast<uintptr_t>(dx + k) % align != 0; ++k)
-      dx[k] = dx_one(dy[k], x[k], m, alpha, beta, gamma);
-    for (; k + nf <= len; k += nf) {
-      const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
-      hn::Stream(hn::MulAdd(va, hn::LoadU(df, dy + k), t), df, dx + k);
-    }
-  }
-  for (; k + nf <= len; k += nf) {
-    const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
-    hn::StoreU(hn::MulAdd(va, hn::LoadU(df, dy + k), t), df, dx + k);
-  }
-#if BNORM_MASKED_TAIL
-  if (k < len) {
-    const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
-    const auto t = hn::MulAdd(vb, hn::Sub(hn::MaskedLoad(mk, df, x + k), vm), vg);
-    hn::BlendedStore(hn::MulAdd(va, hn::MaskedLoad(mk, df, dy + k), t), mk, df, dx + k);
-    return;
-  }
-#endif
-  for (; k < len; ++k) dx[k] = dx_one(dy[k], x[k], m, alpha, beta, gamma);
+  write_row(
+      df, dx, len, stream,
+      [&](int64_t k) {
+        const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
+        return hn::MulAdd(va, hn::LoadU(df, dy + k), t);
+      },
+      [&](auto mk, int64_t k) {
+        const auto t = hn::MulAdd(vb, hn::Sub(hn::MaskedLoad(mk, df, x + k), vm), vg);
+        return hn::MulAdd(va, hn::MaskedLoad(mk, df, dy + k), t);
+      },
+      [&](int64_t k) { return dx_one(dy[k], x[k], m, alpha, beta, gamma); });
 }
 
 // Channels-last, row by row: the parameters loaded per vector.

@@ -11,11 +11,10 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // clang-format on
 
-#include <type_traits>
-
 #include "cpu/cpu.h"
 #include "cpu/internal.h"
 #include "cpu/ops-inl.h"
+#include "cpu/reduce-inl.h"
 #include "cpu/thread_pool.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
@@ -24,226 +23,54 @@ HWY_BEFORE_NAMESPACE();
 namespace bnorm::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// The fp64 kernel: every element promoted. Writes the block's sums at out[c - b.c0] and
-// out[stride + c - b.c0].
-static void backward_reduce_block_wide(const Plan& p, const float* dy, const float* x,
-                                       const Block& b, const float* m, double* out,
-                                       int64_t stride) {
-  const hn::ScalableTag<double> dd;
-  const hn::Rebind<float, decltype(dd)> dh;
-  const int64_t nd = static_cast<int64_t>(hn::Lanes(dd));
-  const int64_t width = b.c1 - b.c0;
+// The terms of the backward sums: u = dy, v = x - m (reduce-inl.h walks the block). Masked-off
+// lanes load 0 for dy, so they add nothing to either sum.
+struct BackwardReduceTerms {
+  static constexpr bool kWideForShortChannels = false;
+  const float* dy;
+  const float* x;
+  const float* m;
 
-  if (!p.channels_last) {
-    const int64_t len = b.j1 - b.j0;
-    for (int64_t c = b.c0; c < b.c1; ++c) {
-      const double mc = static_cast<double>(m[c]);
-      const auto vm = hn::Set(dd, mc);
-      auto s0a = hn::Zero(dd), s1a = hn::Zero(dd), s0b = hn::Zero(dd), s1b = hn::Zero(dd);
-      double t0 = 0, t1 = 0;
-      for (int64_t i = b.i0; i < b.i1; ++i) {
-        const int64_t at = (i * p.c + c) * p.s + b.j0;
-        const float* gr = dy + at;
-        const float* xr = x + at;
-        int64_t k = 0;
-        for (; k + 2 * nd <= len; k += 2 * nd) {
-          const auto g0 = hn::PromoteTo(dd, hn::LoadU(dh, gr + k));
-          const auto g1 = hn::PromoteTo(dd, hn::LoadU(dh, gr + k + nd));
-          const auto d0 = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, xr + k)), vm);
-          const auto d1 = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, xr + k + nd)), vm);
-          s0a = hn::Add(s0a, g0);
-          s1a = hn::MulAdd(g0, d0, s1a);
-          s0b = hn::Add(s0b, g1);
-          s1b = hn::MulAdd(g1, d1, s1b);
-        }
-        for (; k + nd <= len; k += nd) {
-          const auto g0 = hn::PromoteTo(dd, hn::LoadU(dh, gr + k));
-          const auto d0 = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, xr + k)), vm);
-          s0a = hn::Add(s0a, g0);
-          s1a = hn::MulAdd(g0, d0, s1a);
-        }
-        for (; k < len; ++k) {
-          const double g0 = gr[k];
-          t0 += g0;
-          t1 += g0 * (static_cast<double>(xr[k]) - mc);
-        }
-      }
-      out[c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s0a, s0b))) + t0;
-      out[stride + c - b.c0] = hn::GetLane(hn::SumOfLanes(dd, hn::Add(s1a, s1b))) + t1;
-    }
-    return;
+  float centre32(int64_t c) const { return m[c]; }
+  double centre64(int64_t c) const { return static_cast<double>(m[c]); }
+  template <class DF>
+  hn::Vec<DF> centre32_vec(DF df, int64_t c) const {
+    return hn::LoadU(df, m + c);
   }
-
-  // Channels-last: a tile of channels at a time, accumulators in registers (see stats.cc).
-  auto tile = [&](int64_t k0, auto lanes_tag) {
-    constexpr int kVecs = decltype(lanes_tag)::value;
-    hn::Vec<decltype(dd)> vm[kVecs], s0[kVecs], s1[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      vm[v] = hn::PromoteTo(dd, hn::LoadU(dh, m + k0 + v * nd));
-      s0[v] = hn::Zero(dd);
-      s1[v] = hn::Zero(dd);
-    }
-    const float* gr = dy + b.i0 * p.c + k0;
-    const float* xr = x + b.i0 * p.c + k0;
-    for (int64_t r = b.i0; r < b.i1; ++r, gr += p.c, xr += p.c) {
-      if (k0 == b.c0 && r + kPrefetchRows < b.i1) {  // see stats.cc
-        prefetch_row(gr + kPrefetchRows * p.c, width);
-        prefetch_row(xr + kPrefetchRows * p.c, width);
-      }
-      for (int v = 0; v < kVecs; ++v) {
-        const auto g = hn::PromoteTo(dd, hn::LoadU(dh, gr + v * nd));
-        const auto d = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, xr + v * nd)), vm[v]);
-        s0[v] = hn::Add(s0[v], g);
-        s1[v] = hn::MulAdd(g, d, s1[v]);
-      }
-    }
-    for (int v = 0; v < kVecs; ++v) {
-      hn::StoreU(s0[v], dd, out + (k0 - b.c0) + v * nd);
-      hn::StoreU(s1[v], dd, out + stride + (k0 - b.c0) + v * nd);
-    }
-  };
-  int64_t k = b.c0;
-  for (; k + 4 * nd <= b.c1; k += 4 * nd) tile(k, std::integral_constant<int, 4>());
-  for (; k + nd <= b.c1; k += nd) tile(k, std::integral_constant<int, 1>());
-  for (; k < b.c1; ++k) {
-    const double mc = m[k];
-    double t0 = 0, t1 = 0;
-    for (int64_t r = b.i0; r < b.i1; ++r) {
-      const double g = dy[r * p.c + k];
-      t0 += g;
-      t1 += g * (static_cast<double>(x[r * p.c + k]) - mc);
-    }
-    out[k - b.c0] = t0;
-    out[stride + k - b.c0] = t1;
+  template <class DD>
+  hn::Vec<DD> centre64_vec(DD dd, int64_t c) const {
+    const hn::Rebind<float, DD> dh;
+    return hn::PromoteTo(dd, hn::LoadU(dh, m + c));
   }
-}
-
+  template <class DF, class V>
+  void terms32(DF df, int64_t at, V vc, V* u, V* v) const {
+    *u = hn::LoadU(df, dy + at);
+    *v = hn::Sub(hn::LoadU(df, x + at), vc);
+  }
+  template <class DF, class M, class V>
+  void terms32_masked(DF df, M mk, int64_t at, V vc, V* u, V* v) const {
+    *u = hn::MaskedLoad(mk, df, dy + at);
+    *v = hn::Sub(hn::MaskedLoad(mk, df, x + at), vc);
+  }
+  template <class DD, class V>
+  void terms64(DD dd, int64_t at, V vc, V* u, V* v) const {
+    const hn::Rebind<float, DD> dh;
+    *u = hn::PromoteTo(dd, hn::LoadU(dh, dy + at));
+    *v = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, x + at)), vc);
+  }
+  void terms_scalar(int64_t at, double centre, double* u, double* v) const {
+    *u = static_cast<double>(dy[at]);
+    *v = static_cast<double>(x[at]) - centre;
+  }
+  void prefetch(int64_t at, int64_t count) const {
+    prefetch_row(dy + at, count);
+    prefetch_row(x + at, count);
+  }
+};
 
 void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
                            const float* m, double* partials) {
-  const hn::ScalableTag<float> df;
-  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-  const int64_t width = b.c1 - b.c0;
-  double* out = partials + b.slot;
-
-  if (!p.channels_last) {
-    const int64_t len = b.j1 - b.j0;
-    for (int64_t c = b.c0; c < b.c1; ++c) {
-      const double mc = static_cast<double>(m[c]);
-      const auto vm = hn::Set(df, m[c]);
-      auto f0 = hn::Zero(df), f1 = hn::Zero(df), h0 = hn::Zero(df), h1 = hn::Zero(df);
-      Wide<decltype(df)> a0, a1;
-      a0.zero();
-      a1.zero();
-      int64_t terms = 0;
-      auto flush = [&] {
-        a0.add(hn::Add(f0, h0));
-        a1.add(hn::Add(f1, h1));
-        f0 = f1 = h0 = h1 = hn::Zero(df);
-        terms = 0;
-      };
-      double t0 = 0, t1 = 0;
-      for (int64_t i = b.i0; i < b.i1; ++i) {
-        const int64_t at = (i * p.c + c) * p.s + b.j0;
-        const float* gr = dy + at;
-        const float* xr = x + at;
-        int64_t k = 0;
-        for (; k + 2 * nf <= len; k += 2 * nf) {
-          if (terms == kFlushTerms) flush();
-          ++terms;
-          const auto g0 = hn::LoadU(df, gr + k);
-          const auto g1 = hn::LoadU(df, gr + k + nf);
-          f0 = hn::Add(f0, g0);
-          f1 = hn::MulAdd(g0, hn::Sub(hn::LoadU(df, xr + k), vm), f1);
-          h0 = hn::Add(h0, g1);
-          h1 = hn::MulAdd(g1, hn::Sub(hn::LoadU(df, xr + k + nf), vm), h1);
-        }
-        if (k + nf <= len) {
-          if (terms == kFlushTerms) flush();
-          ++terms;
-          const auto g0 = hn::LoadU(df, gr + k);
-          f0 = hn::Add(f0, g0);
-          f1 = hn::MulAdd(g0, hn::Sub(hn::LoadU(df, xr + k), vm), f1);
-          k += nf;
-        }
-#if BNORM_MASKED_TAIL
-        if (k < len) {
-          if (terms == kFlushTerms) flush();
-          ++terms;
-          // Masked-off lanes load 0 for dy, so they add nothing to either sum.
-          const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
-          const auto g0 = hn::MaskedLoad(mk, df, gr + k);
-          f0 = hn::Add(f0, g0);
-          f1 = hn::MulAdd(g0, hn::Sub(hn::MaskedLoad(mk, df, xr + k), vm), f1);
-          k = len;
-        }
-#endif
-        for (; k < len; ++k) {
-          const double g0 = gr[k];
-          t0 += g0;
-          t1 += g0 * (static_cast<double>(xr[k]) - mc);
-        }
-      }
-      flush();
-      out[c - b.c0] = a0.sum() + t0;
-      out[width + c - b.c0] = a1.sum() + t1;
-    }
-    return;
-  }
-
-  // Channels-last: a tile of channels at a time, fp32 accumulators and their fp64 totals in
-  // registers, flushed every kFlushTerms rows (see stats.cc).
-  auto tile = [&](int64_t k0, auto lanes_tag) {
-    constexpr int kVecs = decltype(lanes_tag)::value;
-    hn::Vec<decltype(df)> vm[kVecs], s0[kVecs], s1[kVecs];
-    Wide<decltype(df)> w0[kVecs], w1[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      vm[v] = hn::LoadU(df, m + k0 + v * nf);
-      s0[v] = hn::Zero(df);
-      s1[v] = hn::Zero(df);
-      w0[v].zero();
-      w1[v].zero();
-    }
-    const float* gr = dy + b.i0 * p.c + k0;
-    const float* xr = x + b.i0 * p.c + k0;
-    int64_t terms = 0;
-    for (int64_t r = b.i0; r < b.i1; ++r, gr += p.c, xr += p.c) {
-      if (k0 == b.c0 && r + kPrefetchRows < b.i1) {  // see stats.cc
-        prefetch_row(gr + kPrefetchRows * p.c, width);
-        prefetch_row(xr + kPrefetchRows * p.c, width);
-      }
-      if (terms == kFlushTerms) {
-        for (int v = 0; v < kVecs; ++v) {
-          w0[v].add(s0[v]);
-          w1[v].add(s1[v]);
-          s0[v] = hn::Zero(df);
-          s1[v] = hn::Zero(df);
-        }
-        terms = 0;
-      }
-      ++terms;
-      for (int v = 0; v < kVecs; ++v) {
-        const auto g = hn::LoadU(df, gr + v * nf);
-        s0[v] = hn::Add(s0[v], g);
-        s1[v] = hn::MulAdd(g, hn::Sub(hn::LoadU(df, xr + v * nf), vm[v]), s1[v]);
-      }
-    }
-    for (int v = 0; v < kVecs; ++v) {
-      w0[v].add(s0[v]);
-      w1[v].add(s1[v]);
-      w0[v].store(out + (k0 - b.c0) + v * nf);
-      w1[v].store(out + width + (k0 - b.c0) + v * nf);
-    }
-  };
-  int64_t k = b.c0;
-  for (; k + 2 * nf <= b.c1; k += 2 * nf) tile(k, std::integral_constant<int, 2>());
-  for (; k + nf <= b.c1; k += nf) tile(k, std::integral_constant<int, 1>());
-  if (k < b.c1) {
-    // The last channels (fewer than a vector): the fp64 kernel on a block of just them.
-    Block rest = b;
-    rest.c0 = k;
-    backward_reduce_block_wide(p, dy, x, rest, m, out + (k - b.c0), width);
-  }
+  reduce_block(p, BackwardReduceTerms{dy, x, m}, b, partials);
 }
 
 namespace {

@@ -24,9 +24,8 @@ using detail::Geometry;
 // order; a channel outside the proven error bound is summed again in fp64 (stats.cc).
 void stats(const Geometry& g, const float* x, double* mean, double* var);
 
-// finalize: invstd = 1 / sqrt(var + eps); running statistics as the reference (Bessel).
-void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
-              double* invstd, float* running_mean, float* running_var);
+// finalize: one function for every implementation (kernels.h).
+using detail::finalize;
 
 // apply: y = weight * (x - mean) * invstd + bias, in fp32 as y = (x - m) * a + b. y may equal x.
 void apply(const Geometry& g, const float* x, const double* mean, const double* invstd,

@@ -1,5 +1,5 @@
 // Shared, SIMD-free pieces of the CPU kernels: per-channel parameter sets of the apply kernels
-// and the fixed-order merges of block partials (finalize.cc).
+// and the fixed-order merges of block partials (merge.cc).
 #ifndef BNORM_SRC_CPU_INTERNAL_H_
 #define BNORM_SRC_CPU_INTERNAL_H_
 

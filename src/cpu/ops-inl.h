@@ -8,6 +8,9 @@
 #define BNORM_SRC_CPU_OPS_INL_H_
 #endif
 
+#include <cstddef>
+#include <cstdint>
+
 #include "cpu/internal.h"
 #include "cpu/plan.h"
 #include "hwy/highway.h"
@@ -58,6 +61,34 @@ struct Wide {
 #endif
   }
 };
+
+// The row helper of the apply kernels: writes out[k] for k in [0, len) of one contiguous row,
+// vec(k) giving the full vector at k, masked(mask, k) the last partial one (targets with
+// BNORM_MASKED_TAIL) and one(k) a single element. With `stream` and a row of at least four
+// vectors, the body uses streaming stores after a scalar prologue up to the first aligned output.
+// Each element is read before it is written, so out may equal the inputs.
+template <class DF, class VecAt, class MaskedAt, class OneAt>
+HWY_INLINE void write_row(DF df, float* out, int64_t len, bool stream, const VecAt& vec,
+                          const MaskedAt& masked, const OneAt& one) {
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  int64_t k = 0;
+  if (stream && len >= 4 * nf) {
+    const size_t align = static_cast<size_t>(nf) * sizeof(float);
+    for (; k < len && reinterpret_cast<uintptr_t>(out + k) % align != 0; ++k) out[k] = one(k);
+    for (; k + nf <= len; k += nf) hn::Stream(vec(k), df, out + k);
+  }
+  for (; k + nf <= len; k += nf) hn::StoreU(vec(k), df, out + k);
+#if BNORM_MASKED_TAIL
+  if (k < len) {
+    const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+    hn::BlendedStore(masked(mk, k), mk, df, out + k);
+    return;
+  }
+#else
+  (void)masked;
+#endif
+  for (; k < len; ++k) out[k] = one(k);
+}
 
 // Per channel of the block: sum (x - pivot[c]) and sum (x - pivot[c])^2, into
 // partials[slot + k] and partials[slot + width + k] (k = c - c0, width = c1 - c0), summed in

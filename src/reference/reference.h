@@ -20,10 +20,8 @@ using detail::Geometry;
 template <class T>
 void stats(const Geometry& g, const T* x, double* mean, double* var);
 
-// finalize: invstd = 1 / sqrt(var + eps); when running_mean is not null, the running statistics
-// move towards the batch ones by factor f, the variance with Bessel's correction n / (n - 1).
-void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
-              double* invstd, float* running_mean, float* running_var);
+// finalize: one function for every implementation (kernels.h).
+using detail::finalize;
 
 // apply: y = weight * (x - mean) * invstd + bias. y may equal x.
 template <class T>

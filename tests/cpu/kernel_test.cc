@@ -168,5 +168,24 @@ TEST_P(CpuKernelTest, ManyWavesPipelined) {
       .test_all();
 }
 
+// Every implementation of the list but the reference (the oracle) passes the tester: a new
+// backend is tested by being listed.
+TEST(KernelImplementations, EveryImplementationAgainstTheReference) {
+  const auto list = bnorm::detail::implementations();
+  ASSERT_GE(list.size(), 2u);
+  EXPECT_STREQ(list.back().name, "reference");
+  for (size_t i = 0; i + 1 < list.size(); ++i)
+    for (Layout layout : kLayouts)
+      for (int64_t s : {1, 17, 196})
+        KernelTester()
+            .implementation(list[i])
+            .layout(layout)
+            .channels(19)
+            .spatial({s})
+            .batch(3)
+            .in_place(s == 17)
+            .test_all();
+}
+
 }  // namespace
 }  // namespace bnorm_test

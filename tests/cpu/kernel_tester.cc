@@ -79,9 +79,6 @@ void KernelTester::test_passes(std::initializer_list<Pass> passes) const {
       case Pass::kStats:
         test_stats(d);
         break;
-      case Pass::kFinalize:
-        test_finalize(d);
-        break;
       case Pass::kApply:
         test_apply(d);
         break;
@@ -163,29 +160,11 @@ void KernelTester::test_stats(const Data& d) const {
   std::copy(d.x.begin(), d.x.end(), x);
   const Scales sc = scales_of(g, x);
   std::vector<double> mean(c_), var(c_);
-  bnorm::cpu::stats(g, x, mean.data(), var.data());
+  impl_->stats(g, x, mean.data(), var.data());
   EXPECT_TRUE(all_close("mean", mean.data(), sc.mean.data(), c_,
                         [&](int64_t c) { return sc.tol_mean[c]; }));
   EXPECT_TRUE(
       all_close("var", var.data(), sc.var.data(), c_, [&](int64_t c) { return sc.tol_var[c]; }));
-}
-
-void KernelTester::test_finalize(const Data& d) const {
-  const auto g = geometry();
-  const Scales sc = scales_of(g, d.x.data());
-  std::vector<double> inv_ref(c_), inv(c_);
-  std::vector<float> rm_ref = d.running_mean, rv_ref = d.running_var;
-  std::vector<float> rm = d.running_mean, rv = d.running_var;
-  const double f = momentum_ ? *momentum_ : 0.5;
-  bnorm::ref::finalize(g, sc.mean.data(), sc.var.data(), 1e-5, f, inv_ref.data(), rm_ref.data(),
-                       rv_ref.data());
-  bnorm::cpu::finalize(g, sc.mean.data(), sc.var.data(), 1e-5, f, inv.data(), rm.data(), rv.data());
-  EXPECT_TRUE(all_close("invstd", inv.data(), inv_ref.data(), c_,
-                        [&](int64_t c) { return 4 * kU64 * inv_ref[c]; }));
-  auto same = [](int64_t) { return 0.0; };
-  auto chan = [](int64_t k) { return k; };
-  EXPECT_TRUE(all_close("running_mean", rm.data(), rm_ref.data(), c_, same, chan));
-  EXPECT_TRUE(all_close("running_var", rv.data(), rv_ref.data(), c_, same, chan));
 }
 
 void KernelTester::test_apply(const Data& d) const {
@@ -202,7 +181,7 @@ void KernelTester::test_apply(const Data& d) const {
   std::vector<float> want(d.x.size());
   bnorm::ref::apply(g, d.x.data(), sc.mean.data(), invstd.data(), wp, bp, want.data());
   float* y = in_place_ ? x : alloc(yo, numel());
-  bnorm::cpu::apply(g, x, sc.mean.data(), invstd.data(), wp, bp, y);
+  impl_->apply(g, x, sc.mean.data(), invstd.data(), wp, bp, y);
   auto chan = [&](int64_t k) {
     return layout_ == Layout::kChannelsFirst ? (k / s()) % c_ : k % c_;
   };
@@ -230,7 +209,7 @@ void KernelTester::test_backward_reduce(const Data& d) const {
   std::vector<double> s0_ref(c_), s1_ref(c_), s0(c_), s1(c_), abs0(c_), abs1(c_);
   bnorm::ref::backward_reduce(g, dy, x, sc.mean.data(), invstd.data(), s0_ref.data(),
                               s1_ref.data());
-  bnorm::cpu::backward_reduce(g, dy, x, sc.mean.data(), invstd.data(), s0.data(), s1.data());
+  impl_->backward_reduce(g, dy, x, sc.mean.data(), invstd.data(), s0.data(), s1.data());
   for (int64_t k = 0; k < numel(); ++k) {
     const int64_t c = layout_ == Layout::kChannelsFirst ? (k / s()) % c_ : k % c_;
     abs0[c] += std::fabs(dy[k]);
@@ -260,8 +239,8 @@ void KernelTester::test_backward_apply(const Data& d, bool training) const {
   bnorm::ref::backward_apply(g, dy, x, sc.mean.data(), invstd.data(), wp, s0.data(), s1.data(),
                              training, want.data());
   float* dx = in_place_ ? dy : alloc(dxo, numel());
-  bnorm::cpu::backward_apply(g, dy, x, sc.mean.data(), invstd.data(), wp, s0.data(), s1.data(),
-                             training, dx);
+  impl_->backward_apply(g, dy, x, sc.mean.data(), invstd.data(), wp, s0.data(), s1.data(),
+                        training, dx, 0);
   const double n = static_cast<double>(g.count());
   auto chan = [&](int64_t k) {
     return layout_ == Layout::kChannelsFirst ? (k / s()) % c_ : k % c_;
@@ -282,16 +261,16 @@ void KernelTester::test_backward_apply(const Data& d, bool training) const {
 }
 
 void KernelTester::test_forward_train(const Data& d) const {
-  std::vector<int64_t> dims = {n_, c_};
-  dims.insert(dims.end(), spatial_.begin(), spatial_.end());
   const auto g = geometry();
   const Scales sc = scales_of(g, d.x.data());
   struct Out {
     std::vector<float> xo, yo, rm, rv, save_mean, save_invstd;
     float* y = nullptr;
-    int64_t counter = 3;
   };
-  auto run = [&](bnorm::Backend backend, Out& o) {
+  // The running-stat factor the front end would pass: momentum, or 1 / num_batches_tracked
+  // after its increment (from 3).
+  const double f = momentum_ ? *momentum_ : 1.0 / 4.0;
+  auto run = [&](const bnorm::detail::Implementation& impl, Out& o) {
     float* x = alloc(o.xo, numel());
     std::copy(d.x.begin(), d.x.end(), x);
     o.y = in_place_ ? x : alloc(o.yo, numel());
@@ -299,30 +278,28 @@ void KernelTester::test_forward_train(const Data& d) const {
     o.rv = d.running_var;
     o.save_mean.assign(c_, 0.0f);
     o.save_invstd.assign(c_, 0.0f);
-    bnorm::ForwardTrainArgs a;
-    a.x = bnorm::ConstTensorView(x, dims, layout_);
-    a.y = bnorm::TensorView(o.y, dims, layout_);
+    bnorm::detail::TrainCall call;
+    call.g = g;
+    call.x = x;
+    call.y = o.y;
     if (affine_) {
-      a.weight = d.weight;
-      a.bias = d.bias;
+      call.weight = d.weight.data();
+      call.bias = d.bias.data();
     }
     if (running_) {
-      a.running_mean = o.rm;
-      a.running_var = o.rv;
-      a.num_batches_tracked = &o.counter;
+      call.running_mean = o.rm.data();
+      call.running_var = o.rv.data();
     }
-    a.momentum = momentum_;
-    a.save_mean = o.save_mean;
-    a.save_invstd = o.save_invstd;
-    bnorm::CallOptions opt;
-    opt.backend = backend;
-    ASSERT_TRUE(IsOk(bnorm::forward_train(a, opt)));
+    call.factor = f;
+    call.eps = 1e-5;
+    call.save_mean = o.save_mean.data();
+    call.save_invstd = o.save_invstd.data();
+    impl.forward_train(call);
   };
   Out ref, cpu;
-  run(bnorm::Backend::kReference, ref);
-  run(bnorm::Backend::kAuto, cpu);
+  run(reference_implementation(), ref);
+  run(*impl_, cpu);
   const double n = static_cast<double>(g.count());
-  const double f = momentum_ ? *momentum_ : 1.0 / static_cast<double>(ref.counter);
   auto chan = [&](int64_t k) {
     return layout_ == Layout::kChannelsFirst ? (k / s()) % c_ : k % c_;
   };
@@ -345,7 +322,6 @@ void KernelTester::test_forward_train(const Data& d) const {
   EXPECT_TRUE(all_close(
       "save_invstd", cpu.save_invstd.data(), ref.save_invstd.data(), c_,
       [&](int64_t c) { return inv(c) * (dinv_rel(c) + 2 * kU); }, id));
-  EXPECT_EQ(cpu.counter, ref.counter);
   if (running_) {
     EXPECT_TRUE(all_close(
         "running_mean", cpu.rm.data(), ref.rm.data(), c_,
@@ -358,29 +334,28 @@ void KernelTester::test_forward_train(const Data& d) const {
 }
 
 void KernelTester::test_forward_eval(const Data& d) const {
-  std::vector<int64_t> dims = {n_, c_};
-  dims.insert(dims.end(), spatial_.begin(), spatial_.end());
-  auto run = [&](bnorm::Backend backend, std::vector<float>& xo, std::vector<float>& yo) -> float* {
+  auto run = [&](const bnorm::detail::Implementation& impl, std::vector<float>& xo,
+                 std::vector<float>& yo) -> float* {
     float* x = alloc(xo, numel());
     std::copy(d.x.begin(), d.x.end(), x);
     float* y = in_place_ ? x : alloc(yo, numel());
-    bnorm::ForwardEvalArgs a;
-    a.x = bnorm::ConstTensorView(x, dims, layout_);
-    a.y = bnorm::TensorView(y, dims, layout_);
+    bnorm::detail::EvalCall call;
+    call.g = geometry();
+    call.x = x;
+    call.y = y;
     if (affine_) {
-      a.weight = d.weight;
-      a.bias = d.bias;
+      call.weight = d.weight.data();
+      call.bias = d.bias.data();
     }
-    a.running_mean = d.running_mean;
-    a.running_var = d.running_var;
-    bnorm::CallOptions opt;
-    opt.backend = backend;
-    EXPECT_TRUE(IsOk(bnorm::forward_eval(a, opt)));
+    call.running_mean = d.running_mean.data();
+    call.running_var = d.running_var.data();
+    call.eps = 1e-5;
+    impl.forward_eval(call);
     return y;
   };
   std::vector<float> x1, y1, x2, y2;
-  const float* want = run(bnorm::Backend::kReference, x1, y1);
-  const float* got = run(bnorm::Backend::kAuto, x2, y2);
+  const float* want = run(reference_implementation(), x1, y1);
+  const float* got = run(*impl_, x2, y2);
   auto chan = [&](int64_t k) {
     return layout_ == Layout::kChannelsFirst ? (k / s()) % c_ : k % c_;
   };
@@ -397,8 +372,6 @@ void KernelTester::test_forward_eval(const Data& d) const {
 }
 
 void KernelTester::test_backward(const Data& d, bool training) const {
-  std::vector<int64_t> dims = {n_, c_};
-  dims.insert(dims.end(), spatial_.begin(), spatial_.end());
   const auto g = geometry();
   // The forward statistics both backends receive: the reference's fp32 save_mean/save_invstd.
   std::vector<float> save_mean(c_), save_invstd(c_);
@@ -411,7 +384,7 @@ void KernelTester::test_backward(const Data& d, bool training) const {
     call.y = y.data();
     call.save_mean = save_mean.data();
     call.save_invstd = save_invstd.data();
-    bnorm::ref::forward_train(call);
+    reference_implementation().forward_train(call);
   }
   std::vector<double> mean(c_), invstd(c_);
   for (int64_t c = 0; c < c_; ++c) {
@@ -423,7 +396,7 @@ void KernelTester::test_backward(const Data& d, bool training) const {
     std::vector<float> xo, dyo, dxo, dweight, dbias;
     float* dx = nullptr;
   };
-  auto run = [&](bnorm::Backend backend, Out& o) {
+  auto run = [&](const bnorm::detail::Implementation& impl, Out& o) {
     float* x = alloc(o.xo, numel());
     float* dy = alloc(o.dyo, numel());
     std::copy(d.x.begin(), d.x.end(), x);
@@ -431,25 +404,25 @@ void KernelTester::test_backward(const Data& d, bool training) const {
     o.dx = in_place_ ? dy : alloc(o.dxo, numel());
     o.dweight.assign(c_, 0.0f);
     o.dbias.assign(c_, 0.0f);
-    bnorm::BackwardArgs a;
-    a.dy = bnorm::ConstTensorView(dy, dims, layout_);
-    a.x = bnorm::ConstTensorView(x, dims, layout_);
-    a.dx = bnorm::TensorView(o.dx, dims, layout_);
-    if (affine_) a.weight = d.weight;
-    a.training = training;
-    a.save_mean = save_mean;
-    a.save_invstd = save_invstd;
-    a.running_mean = d.running_mean;
-    a.running_var = d.running_var;
-    a.dweight = o.dweight;
-    a.dbias = o.dbias;
-    bnorm::CallOptions opt;
-    opt.backend = backend;
-    ASSERT_TRUE(IsOk(bnorm::backward(a, opt)));
+    bnorm::detail::BackwardCall call;
+    call.g = g;
+    call.dy = dy;
+    call.x = x;
+    call.dx = o.dx;
+    if (affine_) call.weight = d.weight.data();
+    call.training = training;
+    call.save_mean = save_mean.data();
+    call.save_invstd = save_invstd.data();
+    call.running_mean = d.running_mean.data();
+    call.running_var = d.running_var.data();
+    call.eps = 1e-5;
+    call.dweight = o.dweight.data();
+    call.dbias = o.dbias.data();
+    impl.backward(call);
   };
   Out ref, cpu;
-  run(bnorm::Backend::kReference, ref);
-  run(bnorm::Backend::kAuto, cpu);
+  run(reference_implementation(), ref);
+  run(*impl_, cpu);
   std::vector<double> s0(c_), s1(c_), abs0(c_), abs1(c_);
   bnorm::ref::backward_reduce(g, d.dy.data(), d.x.data(), mean.data(), invstd.data(), s0.data(),
                               s1.data());

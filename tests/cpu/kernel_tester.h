@@ -1,7 +1,11 @@
-// One tester for the CPU kernel family: every pass of bnorm::cpu against bnorm::ref on the same
-// data, one line per case:
+// One tester for the kernel family: every pass of an implementation (by default the first of
+// bnorm::detail::implementations(), the fast CPU kernels) against the reference, the last, on
+// the same data, one line per case:
 //
 //   KernelTester().channels(3).spatial({17}).batch(5).layout(Layout::kChannelsLast).test_all();
+//
+// The tolerances below are the CPU kernels' (the fp32-lane sums); a new implementation with
+// other numerics states its own.
 //
 // Tolerances are derived, not guessed (u = 2^-24, u64 = 2^-53, n = elements per channel):
 //   * The kernels' sums are fp32 runs of at most K = kFlushTerms terms, flushed into fp64
@@ -37,7 +41,6 @@
 #include <vector>
 
 #include "bnorm/batch_norm.h"
-#include "cpu/cpu.h"
 #include "cpu/internal.h"
 #include "kernels.h"
 #include "reference/reference.h"
@@ -106,10 +109,14 @@ class KernelTester {
     seed_ = s;
     return *this;
   }
+  // The implementation under test.
+  KernelTester& implementation(const bnorm::detail::Implementation& impl) {
+    impl_ = &impl;
+    return *this;
+  }
 
   enum class Pass {
     kStats,
-    kFinalize,
     kApply,
     kBackwardReduce,
     kBackwardApplyTrain,
@@ -122,7 +129,7 @@ class KernelTester {
 
   void test(Pass pass) const { test_passes({pass}); }
   void test_all() const {
-    test_passes({Pass::kStats, Pass::kFinalize, Pass::kApply, Pass::kBackwardReduce,
+    test_passes({Pass::kStats, Pass::kApply, Pass::kBackwardReduce,
                  Pass::kBackwardApplyTrain, Pass::kBackwardApplyEval, Pass::kForwardTrain,
                  Pass::kForwardEval, Pass::kBackwardTrain, Pass::kBackwardEval});
   }
@@ -131,7 +138,7 @@ class KernelTester {
 
   std::string describe() const {
     std::ostringstream o;
-    o << "N=" << n_ << " C=" << c_ << " spatial=" << DimsString(spatial_) << " "
+    o << impl_->name << " N=" << n_ << " C=" << c_ << " spatial=" << DimsString(spatial_) << " "
       << LayoutTag(layout_) << " offset=" << offset_ << " scale=" << scale_
       << (constant_ ? " constant-channel" : "") << (misaligned_ ? " misaligned" : "")
       << (in_place_ ? " in-place" : "") << (affine_ ? "" : " affine=off")
@@ -164,7 +171,6 @@ class KernelTester {
   Data make_data(std::mt19937_64& rng) const;
 
   void test_stats(const Data& d) const;
-  void test_finalize(const Data& d) const;
   void test_apply(const Data& d) const;
   void test_backward_reduce(const Data& d) const;
   void test_backward_apply(const Data& d, bool training) const;
@@ -180,7 +186,13 @@ class KernelTester {
   bool affine_ = true, running_ = true;
   std::optional<double> momentum_ = 0.1;
   uint64_t seed_ = 12345;
+  const bnorm::detail::Implementation* impl_ = &bnorm::detail::implementations().front();
 };
+
+// The reference implementation (the last of the list), the oracle.
+inline const bnorm::detail::Implementation& reference_implementation() {
+  return bnorm::detail::implementations().back();
+}
 
 }  // namespace bnorm_test
 

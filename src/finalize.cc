@@ -1,8 +1,9 @@
+// finalize, the one per-channel step every implementation shares (C values, no SIMD).
 #include <cmath>
 
-#include "reference/reference.h"
+#include "kernels.h"
 
-namespace bnorm::ref {
+namespace bnorm::detail {
 
 void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
               double* invstd, float* running_mean, float* running_var) {
@@ -17,4 +18,4 @@ void finalize(const Geometry& g, const double* mean, const double* var, double e
   }
 }
 
-}  // namespace bnorm::ref
+}  // namespace bnorm::detail

@@ -1,4 +1,4 @@
-// finalize (per channel, no SIMD: C values) and the fixed-order merges of block partials.
+// The fixed-order merges of block partials and the apply parameters (per channel, no SIMD).
 #include <algorithm>
 #include <cmath>
 
@@ -6,18 +6,6 @@
 #include "cpu/internal.h"
 
 namespace bnorm::cpu {
-
-void finalize(const Geometry& g, const double* mean, const double* var, double eps, double factor,
-              double* invstd, float* running_mean, float* running_var) {
-  const double n = static_cast<double>(g.count());
-  for (int64_t c = 0; c < g.c; ++c) {
-    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    if (running_mean == nullptr) continue;
-    const double unbiased_var = var[c] * n / (n - 1.0);  // Bessel, as PyTorch stores it
-    running_mean[c] = static_cast<float>((1.0 - factor) * running_mean[c] + factor * mean[c]);
-    running_var[c] = static_cast<float>((1.0 - factor) * running_var[c] + factor * unbiased_var);
-  }
-}
 
 void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, double* sum0,
                 double* sum1) {
