@@ -2,9 +2,13 @@
 // Nothing is written before the last check has passed.
 #include "bnorm/batch_norm.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <new>
+#include <vector>
 
 #include "kernels.h"
 #include "util/check.h"
@@ -44,6 +48,195 @@ Status check_forward_common(const Args& a, Geometry* g) {
   return Status();
 }
 
+// Chunk k of a ghost pass: samples [k * G, min((k + 1) * G, N)), a contiguous memory range in
+// both layouts (a sample is C * S consecutive floats either way).
+struct Chunk {
+  Geometry g;
+  int64_t offset = 0;  // floats from the start of x
+};
+
+Chunk chunk_of(const Geometry& g, int64_t ghost, int64_t k) {
+  Chunk ch;
+  ch.g = g;
+  const int64_t first = k * ghost;
+  ch.g.n = std::min(ghost, g.n - first);
+  ch.offset = first * g.c * g.s;
+  return ch;
+}
+
+// y = a[c] * y + b[c] per channel, in place.
+void affine_in_place(const Geometry& g, const std::vector<double>& a, const std::vector<double>& b,
+                     float* y) {
+  if (g.layout == Layout::kChannelsFirst) {
+    for (int64_t i = 0; i < g.n; ++i)
+      for (int64_t c = 0; c < g.c; ++c) {
+        float* row = y + (i * g.c + c) * g.s;
+        const double ac = a[c], bc = b[c];
+        for (int64_t j = 0; j < g.s; ++j) row[j] = static_cast<float>(ac * row[j] + bc);
+      }
+  } else {
+    const double* pa = a.data();
+    const double* pb = b.data();
+    for (int64_t r = 0; r < g.n * g.s; ++r) {
+      float* row = y + r * g.c;
+      for (int64_t c = 0; c < g.c; ++c) row[c] = static_cast<float>(pa[c] * row[c] + pb[c]);
+    }
+  }
+}
+
+// The extensions' training forward (everything validated). The running statistics are updated
+// in working copies and written (in place or to the *_out buffers) after the last kernel, so a
+// failure leaves the state as it was; batch renorm reads mu and sigma from the untouched inputs.
+Status forward_train_extended(const ForwardTrainArgs& a, const Geometry& g, int64_t batches,
+                              int64_t chunks, const CallOptions& options) {
+  const bool tracking = !a.running_mean.empty();
+  const bool stateless = !a.running_mean_out.empty();
+  const auto c = static_cast<size_t>(g.c);
+  const int64_t ghost = a.ghost_batch != 0 ? a.ghost_batch : g.n;
+  std::vector<float> rm, rv, mean, invstd;
+  std::vector<double> scale, shift;
+  try {
+    if (tracking) {
+      rm.assign(a.running_mean.begin(), a.running_mean.end());
+      rv.assign(a.running_var.begin(), a.running_var.end());
+    }
+    if (a.batch_renorm) {
+      mean.resize(c);
+      invstd.resize(c);
+      scale.resize(c);
+      shift.resize(c);
+    }
+  } catch (const std::bad_alloc&) {
+    return Status::internal("out of memory");
+  }
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
+    for (int64_t k = 0; k < chunks; ++k) {
+      const Chunk ch = chunk_of(g, ghost, k);
+      detail::TrainCall call;
+      call.g = ch.g;
+      call.x = a.x.data() + ch.offset;
+      call.y = a.y.data() + ch.offset;
+      // Batch renorm: the kernel gives xhat; r, d and the affine follow.
+      call.weight = a.batch_renorm || a.weight.empty() ? nullptr : a.weight.data();
+      call.bias = a.batch_renorm || a.bias.empty() ? nullptr : a.bias.data();
+      call.running_mean = tracking ? rm.data() : nullptr;
+      call.running_var = tracking ? rv.data() : nullptr;
+      call.factor = a.momentum ? *a.momentum : 1.0 / static_cast<double>(batches + k + 1);
+      call.eps = a.eps;
+      if (a.batch_renorm) {
+        call.save_mean = mean.data();
+        call.save_invstd = invstd.data();
+      } else {
+        call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data() + k * g.c;
+        call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data() + k * g.c;
+      }
+      impl.forward_train(call);
+    }
+  }));
+  if (a.batch_renorm) {
+    for (size_t i = 0; i < c; ++i) {
+      // sigma from the running statistics as the call found them, sigma_B from the batch.
+      const double sigma = std::sqrt(static_cast<double>(a.running_var[i]) + a.eps);
+      const double sigma_b = 1.0 / static_cast<double>(invstd[i]);
+      const double r = std::clamp(sigma_b / sigma, 1.0 / a.rmax, a.rmax);
+      const double d = std::clamp((static_cast<double>(mean[i]) - a.running_mean[i]) / sigma,
+                                  -a.dmax, a.dmax);
+      const double w = a.weight.empty() ? 1.0 : a.weight[i];
+      const double b = a.bias.empty() ? 0.0 : a.bias[i];
+      scale[i] = w * r;
+      shift[i] = w * d + b;
+      if (!a.save_r.empty()) a.save_r[i] = static_cast<float>(r);
+      if (!a.save_d.empty()) a.save_d[i] = static_cast<float>(d);
+      if (!a.save_mean.empty()) a.save_mean[i] = mean[i];
+      if (!a.save_invstd.empty()) a.save_invstd[i] = invstd[i];
+    }
+    affine_in_place(g, scale, shift, a.y.data());
+  }
+  if (tracking) {
+    float* out_mean = stateless ? a.running_mean_out.data() : a.running_mean.data();
+    float* out_var = stateless ? a.running_var_out.data() : a.running_var.data();
+    std::memcpy(out_mean, rm.data(), c * sizeof(float));
+    std::memcpy(out_var, rv.data(), c * sizeof(float));
+    int64_t* counter = stateless ? a.num_batches_tracked_out : a.num_batches_tracked;
+    if (counter != nullptr) *counter = batches + chunks;
+  }
+  return Status();
+}
+
+// The extensions' backward (everything validated).
+Status backward_extended(const BackwardArgs& a, const detail::BackwardCall& base,
+                         const CallOptions& options) {
+  const Geometry& g = base.g;
+  const auto c = static_cast<size_t>(g.c);
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  const bool want = !a.dweight.empty() || !a.dbias.empty();
+  if (!a.renorm_r.empty()) {
+    // r and d constant: the batch-norm backward with weight * r; dweight from its sums.
+    std::vector<float> wr, sum_dy, sum_dy_xhat;
+    try {
+      wr.resize(c);
+      sum_dy.resize(c);
+      sum_dy_xhat.resize(c);
+    } catch (const std::bad_alloc&) {
+      return Status::internal("out of memory");
+    }
+    for (size_t i = 0; i < c; ++i)
+      wr[i] = static_cast<float>((a.weight.empty() ? 1.0 : static_cast<double>(a.weight[i])) *
+                                 a.renorm_r[i]);
+    detail::BackwardCall call = base;
+    call.weight = wr.data();
+    call.dweight = sum_dy_xhat.data();
+    call.dbias = sum_dy.data();
+    BNORM_RETURN_IF_ERROR(detail::run_kernels([&] { impl.backward(call); }));
+    for (size_t i = 0; i < c; ++i) {
+      if (!a.dweight.empty())
+        a.dweight[i] = static_cast<float>(static_cast<double>(a.renorm_r[i]) * sum_dy_xhat[i] +
+                                          static_cast<double>(a.renorm_d[i]) * sum_dy[i]);
+      if (!a.dbias.empty()) a.dbias[i] = sum_dy[i];
+    }
+    return Status();
+  }
+  // Ghost batch norm: the backward of each chunk with its statistics; parameter gradients summed.
+  const int64_t chunks = (g.n + a.ghost_batch - 1) / a.ghost_batch;
+  std::vector<float> part_w, part_b;
+  std::vector<double> acc_w, acc_b;
+  try {
+    if (want) {
+      part_w.resize(c);
+      part_b.resize(c);
+      acc_w.assign(c, 0.0);
+      acc_b.assign(c, 0.0);
+    }
+  } catch (const std::bad_alloc&) {
+    return Status::internal("out of memory");
+  }
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
+    for (int64_t k = 0; k < chunks; ++k) {
+      const Chunk ch = chunk_of(g, a.ghost_batch, k);
+      detail::BackwardCall call = base;
+      call.g = ch.g;
+      call.dy = base.dy + ch.offset;
+      call.x = base.x + ch.offset;
+      call.dx = base.dx + ch.offset;
+      call.save_mean = base.save_mean + k * g.c;
+      call.save_invstd = base.save_invstd + k * g.c;
+      call.dweight = want ? part_w.data() : nullptr;
+      call.dbias = want ? part_b.data() : nullptr;
+      impl.backward(call);
+      for (size_t i = 0; want && i < c; ++i) {
+        acc_w[i] += part_w[i];
+        acc_b[i] += part_b[i];
+      }
+    }
+  }));
+  for (size_t i = 0; i < c; ++i) {
+    if (!a.dweight.empty()) a.dweight[i] = static_cast<float>(acc_w[i]);
+    if (!a.dbias.empty()) a.dbias[i] = static_cast<float>(acc_b[i]);
+  }
+  return Status();
+}
+
 }  // namespace
 
 Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
@@ -53,8 +246,11 @@ Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
   double factor = 0;
   int64_t batches = 0;
   BNORM_RETURN_IF_ERROR(detail::check_train_args(a, g, &factor, &batches));
+  int64_t chunks = 1;
+  BNORM_RETURN_IF_ERROR(detail::check_train_extensions(a, g, batches, &chunks));
   BNORM_RETURN_IF_ERROR(detail::check_more_than_one_value_per_channel(a.x, g));
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+  if (detail::has_extensions(a)) return forward_train_extended(a, g, batches, chunks, options);
 
   detail::TrainCall call;
   call.g = g;
@@ -107,6 +303,7 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(
       detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
   BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
+  BNORM_RETURN_IF_ERROR(detail::check_backward_extensions(a, g));
   if (options.check_finite) {
     BNORM_RETURN_IF_ERROR(detail::check_finite("dy", a.dy, g));
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
@@ -129,6 +326,7 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
   call.dx = a.dx.data();
   call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
   call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
+  if (detail::has_extensions(a)) return backward_extended(a, call, options);
   const detail::Implementation& impl = detail::select_implementation(options.backend);
   return detail::run_kernels([&] { impl.backward(call); });
 }

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -70,6 +71,14 @@ bnorm::BasicTensorView<T> view(T* data, const bnorm_layout& layout, int64_t n, i
 template <class T>
 std::span<T> vec(T* p, int64_t c) {
   return p == nullptr ? std::span<T>() : std::span<T>(p, static_cast<size_t>(c));
+}
+
+// ceil(n / G) statistics chunks of a ghost pass; 1 when G is off or out of range, or when the
+// chunk vectors' size would overflow (the pass then rejects the call).
+int64_t ghost_chunks(int64_t n, int64_t c, int64_t ghost_batch) {
+  if (ghost_batch < 2 || n < ghost_batch) return 1;
+  const int64_t chunks = (n + ghost_batch - 1) / ghost_batch;
+  return c > std::numeric_limits<int64_t>::max() / chunks ? 1 : chunks;
 }
 
 template <class Fn>
@@ -168,6 +177,16 @@ int bnorm_forward_train(bnorm_layout layout, int64_t n, int64_t c, int64_t s, co
                         const float* weight, const float* bias, float* running_mean,
                         float* running_var, int64_t* num_batches_tracked, double momentum,
                         double eps, float* y, float* save_mean, float* save_invstd) {
+  return bnorm_forward_train_ext(layout, n, c, s, x, weight, bias, running_mean, running_var,
+                                 num_batches_tracked, momentum, eps, y, save_mean, save_invstd,
+                                 nullptr);
+}
+
+int bnorm_forward_train_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
+                            const float* weight, const float* bias, float* running_mean,
+                            float* running_var, int64_t* num_batches_tracked, double momentum,
+                            double eps, float* y, float* save_mean, float* save_invstd,
+                            const bnorm_train_extensions* ext) {
   return guard([&]() -> bnorm::Status {
     BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
     if ((running_mean == nullptr) != (running_var == nullptr))
@@ -190,8 +209,22 @@ int bnorm_forward_train(bnorm_layout layout, int64_t n, int64_t c, int64_t s, co
       a.momentum = momentum;
     a.eps = eps;
     a.y = view(y, layout, n, c, s);
-    a.save_mean = vec(save_mean, c);
-    a.save_invstd = vec(save_invstd, c);
+    int64_t chunks = 1;
+    if (ext != nullptr) {
+      BNORM_RETURN_IF_ERROR(bnorm::detail::check_ghost_batch(ext->ghost_batch));
+      chunks = ghost_chunks(n, c, ext->ghost_batch);
+      a.running_mean_out = vec(ext->running_mean_out, c);
+      a.running_var_out = vec(ext->running_var_out, c);
+      a.num_batches_tracked_out = ext->num_batches_tracked_out;
+      a.batch_renorm = ext->batch_renorm != 0;
+      a.rmax = ext->rmax;
+      a.dmax = ext->dmax;
+      a.save_r = vec(ext->save_r, c);
+      a.save_d = vec(ext->save_d, c);
+      a.ghost_batch = ext->ghost_batch;
+    }
+    a.save_mean = vec(save_mean, c * chunks);
+    a.save_invstd = vec(save_invstd, c * chunks);
     return bnorm::forward_train(a, options_from_environment());
   });
 }
@@ -222,6 +255,15 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
                    const float* x, const float* weight, const float* save_mean,
                    const float* save_invstd, const float* running_mean, const float* running_var,
                    double eps, int training, float* dx, float* dweight, float* dbias) {
+  return bnorm_backward_ext(layout, n, c, s, dy, x, weight, save_mean, save_invstd, running_mean,
+                            running_var, eps, training, dx, dweight, dbias, nullptr);
+}
+
+int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* dy,
+                       const float* x, const float* weight, const float* save_mean,
+                       const float* save_invstd, const float* running_mean,
+                       const float* running_var, double eps, int training, float* dx,
+                       float* dweight, float* dbias, const bnorm_backward_extensions* ext) {
   return guard([&]() -> bnorm::Status {
     BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
     const char* missing = nullptr;
@@ -240,12 +282,20 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
       return bnorm::Status::invalid_argument(
           std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
     bnorm::BackwardArgs a;
+    int64_t chunks = 1;
+    if (ext != nullptr) {
+      BNORM_RETURN_IF_ERROR(bnorm::detail::check_ghost_batch(ext->ghost_batch));
+      chunks = ghost_chunks(n, c, ext->ghost_batch);
+      a.renorm_r = vec(ext->renorm_r, c);
+      a.renorm_d = vec(ext->renorm_d, c);
+      a.ghost_batch = ext->ghost_batch;
+    }
     a.dy = view(dy, layout, n, c, s);
     a.x = view(x, layout, n, c, s);
     a.weight = vec(weight, c);
     a.training = training != 0;
-    a.save_mean = vec(save_mean, c);
-    a.save_invstd = vec(save_invstd, c);
+    a.save_mean = vec(save_mean, c * chunks);
+    a.save_invstd = vec(save_invstd, c * chunks);
     a.running_mean = vec(running_mean, c);
     a.running_var = vec(running_var, c);
     a.eps = eps;

@@ -1,5 +1,6 @@
 // The stateful layer: owns PyTorch's parameters and buffers and calls the functional passes.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <exception>
 
@@ -8,6 +9,57 @@
 #include "util/check.h"
 
 namespace bnorm {
+namespace {
+
+// The freeze, renorm and ghost options together (each one's range, and the combinations).
+Status check_extension_options(const BatchNormOptions& o) {
+  if (o.normalize_with_running_stats && !o.track_running_stats)
+    return Status::invalid_argument(
+        "normalize_with_running_stats: a frozen-statistics layer needs running statistics, but "
+        "track_running_stats is false");
+  if (o.batch_renorm) {
+    if (!o.track_running_stats)
+      return Status::invalid_argument(
+          "batch_renorm: needs running statistics (mu and sigma), but track_running_stats is "
+          "false");
+    if (o.normalize_with_running_stats)
+      return Status::invalid_argument(
+          "batch_renorm: cannot be combined with normalize_with_running_stats");
+    if (o.ghost_batch != 0)
+      return Status::invalid_argument("batch_renorm: cannot be combined with ghost_batch = " +
+                                      std::to_string(o.ghost_batch));
+  }
+  BNORM_RETURN_IF_ERROR(detail::check_renorm_limits(o.renorm_rmax, o.renorm_dmax));
+  return detail::check_ghost_batch(o.ghost_batch);
+}
+
+}  // namespace
+
+Status BatchNorm::set_freeze(bool normalize_with_running_stats, bool freeze_running_stats,
+                             bool freeze_affine) {
+  BatchNormOptions o = options_;
+  o.normalize_with_running_stats = normalize_with_running_stats;
+  o.freeze_running_stats = freeze_running_stats;
+  o.freeze_affine = freeze_affine;
+  BNORM_RETURN_IF_ERROR(check_extension_options(o));
+  options_ = o;
+  return Status();
+}
+
+Status BatchNorm::set_renorm_limits(double rmax, double dmax) {
+  BNORM_RETURN_IF_ERROR(detail::check_renorm_limits(rmax, dmax));
+  options_.renorm_rmax = rmax;
+  options_.renorm_dmax = dmax;
+  return Status();
+}
+
+Status BatchNorm::set_ghost_batch(int64_t ghost_batch) {
+  BatchNormOptions o = options_;
+  o.ghost_batch = ghost_batch;
+  BNORM_RETURN_IF_ERROR(check_extension_options(o));
+  options_ = o;
+  return Status();
+}
 
 Status BatchNorm::create(const BatchNormOptions& options, BatchNorm* out) {
   if (out == nullptr) return Status::invalid_argument("out: is null");
@@ -19,6 +71,7 @@ Status BatchNorm::create(const BatchNormOptions& options, BatchNorm* out) {
   if (options.backend != Backend::kAuto && options.backend != Backend::kReference)
     return Status::invalid_argument("backend: unknown value " +
                                     std::to_string(static_cast<int>(options.backend)));
+  BNORM_RETURN_IF_ERROR(check_extension_options(options));
   BatchNorm layer;
   layer.options_ = options;
   const auto c = static_cast<size_t>(options.num_features);
@@ -34,6 +87,12 @@ Status BatchNorm::create(const BatchNormOptions& options, BatchNorm* out) {
     if (options.track_running_stats) {
       layer.running_mean_.resize(c);
       layer.running_var_.resize(c);
+      layer.frozen_mean_.resize(c);
+      layer.frozen_var_.resize(c);
+      layer.new_mean_.resize(c);
+      layer.new_var_.resize(c);
+      layer.save_r_.resize(c);
+      layer.save_d_.resize(c);
     }
     layer.save_mean_.resize(c);
     layer.save_invstd_.resize(c);
@@ -102,23 +161,56 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     return Status::invalid_argument(
         "x: has C = " + std::to_string(x.channels()) + " channels (size " + x.size_string() +
         "), the layer has num_features = " + std::to_string(options_.num_features));
-  // Batch statistics in training mode, and in eval mode without running statistics.
-  const bool use_batch_stats = training_ || !options_.track_running_stats;
+  const bool tracking = options_.track_running_stats;
+  const bool frozen_stats = training_ && options_.normalize_with_running_stats;
+  // Batch statistics in training mode (unless frozen), and in eval mode without running
+  // statistics.
+  const bool use_batch_stats = (training_ && !frozen_stats) || !tracking;
+  const bool update = training_ && tracking && !options_.freeze_running_stats;
+  const bool renorm = training_ && options_.batch_renorm;
+  const int64_t ghost = training_ && !frozen_stats ? options_.ghost_batch : 0;
+  if (ghost != 0 || renorm) {
+    // K * C chunk statistics (a G the pass refuses keeps C: the pass names the problem).
+    const bool chunked = ghost != 0 && x.rank() >= 2 && x.batch() > 0 && ghost <= x.batch();
+    const auto chunks = static_cast<size_t>(chunked ? (x.batch() + ghost - 1) / ghost : 1);
+    try {
+      save_mean_.resize(chunks * static_cast<size_t>(options_.num_features));
+      save_invstd_.resize(save_mean_.size());
+    } catch (const std::exception& e) {
+      return Status::internal(std::string("ghost_batch: cannot allocate the chunk statistics (") +
+                              e.what() + ")");
+    }
+  } else if (save_mean_.size() != static_cast<size_t>(options_.num_features)) {
+    save_mean_.resize(static_cast<size_t>(options_.num_features));
+    save_invstd_.resize(save_mean_.size());
+  }
   if (use_batch_stats) {
     ForwardTrainArgs a;
     a.x = x;
     a.weight = weight_;
     a.bias = bias_;
-    if (training_ && options_.track_running_stats) {
+    if (update || renorm) {
       a.running_mean = running_mean_;
       a.running_var = running_var_;
       a.num_batches_tracked = &num_batches_tracked_;
+    }
+    if (renorm && !update) {  // mu and sigma read, not updated
+      a.running_mean_out = new_mean_;
+      a.running_var_out = new_var_;
     }
     a.momentum = options_.momentum;
     a.eps = options_.eps;
     a.y = y;
     a.save_mean = save_mean_;
     a.save_invstd = save_invstd_;
+    a.batch_renorm = renorm;
+    a.rmax = options_.renorm_rmax;
+    a.dmax = options_.renorm_dmax;
+    if (renorm) {
+      a.save_r = save_r_;
+      a.save_d = save_d_;
+    }
+    a.ghost_batch = ghost;
     if (comm_ != nullptr && training_) {
       SyncOptions sync;
       sync.mode = static_cast<SyncMode>(sync_mode_);
@@ -129,24 +221,74 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
       BNORM_RETURN_IF_ERROR(forward_train(a, call_options()));
     }
   } else {
+    // Running statistics: eval mode, or a frozen-statistics training forward, which keeps what
+    // it normalized with (the backward's constants) and may update them from the batch.
+    std::copy(running_mean_.begin(), running_mean_.end(), frozen_mean_.begin());
+    std::copy(running_var_.begin(), running_var_.end(), frozen_var_.begin());
+    int64_t new_count = num_batches_tracked_;
+    if (frozen_stats && update) {
+      // The update pass writes a y of its own: y itself unless it is x (then a scratch copy).
+      TensorView target = y;
+      if (y.data() == x.data() && x.rank() >= 2) {
+        int64_t numel = 1;
+        for (int i = 0; i < x.rank() && i < kMaxRank; ++i) numel *= std::max<int64_t>(x.dim(i), 0);
+        try {
+          y_scratch_.resize(static_cast<size_t>(numel));
+        } catch (const std::exception& e) {
+          return Status::internal(std::string("normalize_with_running_stats: cannot allocate the "
+                                              "update pass's output (") + e.what() + ")");
+        }
+        std::array<int64_t, kMaxRank> dims{};
+        for (int i = 0; i < x.rank() && i < kMaxRank; ++i) dims[i] = x.dim(i);
+        target = TensorView(y_scratch_.data(),
+                            std::span<const int64_t>(dims.data(), static_cast<size_t>(x.rank())),
+                            x.layout());
+      }
+      ForwardTrainArgs u;
+      u.x = x;
+      u.running_mean = running_mean_;
+      u.running_var = running_var_;
+      u.num_batches_tracked = &num_batches_tracked_;
+      u.running_mean_out = new_mean_;
+      u.running_var_out = new_var_;
+      u.num_batches_tracked_out = &new_count;
+      u.momentum = options_.momentum;
+      u.eps = options_.eps;
+      u.y = target;
+      if (comm_ != nullptr) {
+        SyncOptions sync;
+        sync.mode = static_cast<SyncMode>(sync_mode_);
+        BNORM_RETURN_IF_ERROR(sync_forward_train(*comm_, u, call_options(), sync));
+      } else {
+        BNORM_RETURN_IF_ERROR(forward_train(u, call_options()));
+      }
+    }
     ForwardEvalArgs a;
     a.x = x;
     a.weight = weight_;
     a.bias = bias_;
-    a.running_mean = running_mean_;
-    a.running_var = running_var_;
+    a.running_mean = frozen_mean_;
+    a.running_var = frozen_var_;
     a.eps = options_.eps;
     a.y = y;
     BNORM_RETURN_IF_ERROR(forward_eval(a, call_options()));
-    for (size_t c = 0; c < save_mean_.size(); ++c) {
-      save_mean_[c] = running_mean_[c];
+    if (frozen_stats && update) {
+      std::copy(new_mean_.begin(), new_mean_.end(), running_mean_.begin());
+      std::copy(new_var_.begin(), new_var_.end(), running_var_.begin());
+      num_batches_tracked_ = new_count;
+    }
+    for (size_t c = 0; c < frozen_mean_.size(); ++c) {
+      save_mean_[c] = frozen_mean_[c];
       save_invstd_[c] =
-          static_cast<float>(1.0 / std::sqrt(static_cast<double>(running_var_[c]) + options_.eps));
+          static_cast<float>(1.0 / std::sqrt(static_cast<double>(frozen_var_[c]) + options_.eps));
     }
   }
+  last_ghost_ = use_batch_stats ? ghost : 0;
+  last_renorm_ = use_batch_stats && renorm;
   have_forward_ = true;
   last_forward_training_ = use_batch_stats;
   last_forward_synced_ = use_batch_stats && comm_ != nullptr && training_;
+  last_freeze_affine_ = options_.freeze_affine;
   last_rank_ = x.rank();
   last_layout_ = x.layout();
   for (int i = 0; i < kMaxRank; ++i) last_dims_[i] = x.raw_dim(i);
@@ -169,13 +311,20 @@ Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx)
     a.save_mean = save_mean_;
     a.save_invstd = save_invstd_;
   } else {
-    a.running_mean = running_mean_;
-    a.running_var = running_var_;
+    a.running_mean = frozen_mean_;
+    a.running_var = frozen_var_;
   }
+  if (last_renorm_) {
+    a.renorm_r = save_r_;
+    a.renorm_d = save_d_;
+  }
+  a.ghost_batch = last_ghost_;
   a.eps = options_.eps;
   a.dx = dx;
-  a.dweight = dweight_scratch_;
-  a.dbias = dbias_scratch_;
+  if (!last_freeze_affine_) {
+    a.dweight = dweight_scratch_;
+    a.dbias = dbias_scratch_;
+  }
   if (last_forward_synced_) {
     SyncOptions sync;
     sync.mode = static_cast<SyncMode>(sync_mode_);
@@ -184,7 +333,7 @@ Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx)
   } else {
     BNORM_RETURN_IF_ERROR(bnorm::backward(a, call_options()));
   }
-  for (size_t c = 0; c < weight_grad_.size(); ++c) {
+  for (size_t c = 0; !last_freeze_affine_ && c < weight_grad_.size(); ++c) {
     weight_grad_[c] += dweight_scratch_[c];
     bias_grad_[c] += dbias_scratch_[c];
   }

@@ -91,6 +91,38 @@ struct ForwardTrainArgs {
   TensorView y;                  // required; same shape and layout as x; may alias x exactly
   std::span<float> save_mean;    // optional output: batch mean
   std::span<float> save_invstd;  // optional output: 1 / sqrt(biased var + eps)
+
+  // ---- Extensions (docs/batch_norm.md). Their defaults are PyTorch's batch norm above.
+
+  // Stateless update, for functional transforms that cannot mutate: when running_mean_out and
+  // running_var_out are given (both or neither, C values each, each equal to or disjoint from
+  // the other per-channel buffers), the updated running statistics are written there and
+  // running_mean / running_var are only read; num_batches_tracked_out (optional, only with
+  // them) receives the incremented counter and *num_batches_tracked is only read.
+  std::span<float> running_mean_out;
+  std::span<float> running_var_out;
+  int64_t* num_batches_tracked_out = nullptr;
+
+  // Batch renormalization (Ioffe 2017): with mu = running_mean, sigma = sqrt(running_var + eps)
+  // as the call finds them, and the batch's m and sigma_B = sqrt(v + eps),
+  //   r = clip(sigma_B / sigma, 1 / rmax, rmax), d = clip((m - mu) / sigma, -dmax, dmax),
+  //   y = weight * (xhat * r + d) + bias.
+  // The running statistics are then updated as in batch norm (PyTorch's running_mean and
+  // unbiased running_var). Requires running statistics. rmax >= 1 (inf: no clip), dmax >= 0;
+  // rmax = 1 and dmax = 0 is batch norm. The backward needs r and d (save_r, save_d).
+  bool batch_renorm = false;
+  double rmax = 3.0;
+  double dmax = 5.0;
+  std::span<float> save_r;  // optional output, C values: r
+  std::span<float> save_d;  // optional output, C values: d
+
+  // Ghost batch norm (Hoffer 2017): 0 is off; G >= 2 normalizes each chunk of G consecutive
+  // samples with its own statistics (the last chunk has N mod G samples when G does not divide
+  // N, and must hold more than one value per channel); G <= N. The running statistics get one
+  // update per chunk, in order (num_batches_tracked += the number of chunks K = ceil(N / G)).
+  // save_mean / save_invstd then hold K * C values, chunk k's at [k * C, (k + 1) * C).
+  // Cannot be combined with batch_renorm.
+  int64_t ghost_batch = 0;
 };
 
 // Training forward: normalizes x with its batch statistics, updates the running statistics.
@@ -125,6 +157,16 @@ struct BackwardArgs {
   TensorView dx;                        // required; may alias dy or x exactly
   std::span<float> dweight;             // optional output (overwritten, not accumulated)
   std::span<float> dbias;               // optional output (overwritten, not accumulated)
+
+  // Batch renormalization's backward (training only): both or neither, C values each, the
+  // forward's save_r and save_d. r and d are constants: dx is the batch-norm backward with
+  // weight * r, dweight = sum dy * (xhat * r + d), dbias = sum dy.
+  std::span<const float> renorm_r;
+  std::span<const float> renorm_d;
+  // Ghost batch norm's backward (training only): the forward's G (0: off); save_mean and
+  // save_invstd then hold the forward's K * C chunk statistics. dweight and dbias are the
+  // sums over the chunks.
+  int64_t ghost_batch = 0;
 };
 
 // Backward: dx and, when asked, dweight and dbias.
@@ -139,6 +181,30 @@ struct BatchNormOptions {
   bool track_running_stats = true;       // keep running_mean, running_var, num_batches_tracked
   bool check_finite = false;             // see CallOptions
   Backend backend = Backend::kAuto;
+
+  // Freeze switches, three orthogonal ones, each off by default (PyTorch); they act in
+  // training mode (eval mode is unchanged). Their functional equivalents: forward_eval with
+  // backward(training = false); no running_* in forward_train; no dweight / dbias in backward.
+  //   normalize_with_running_stats: normalize with the running statistics (as they were before
+  //     this forward), constants in the backward. Requires track_running_stats.
+  //   freeze_running_stats: leave running_mean, running_var, num_batches_tracked as they are.
+  //   freeze_affine: weight and bias get no gradients (weight_grad / bias_grad not touched).
+  // normalize_with_running_stats without freeze_running_stats still updates the running
+  // statistics from the batch (after using them). All three: PyTorch's FrozenBatchNorm2d.
+  bool normalize_with_running_stats = false;
+  bool freeze_running_stats = false;
+  bool freeze_affine = false;
+
+  // Batch renormalization (ForwardTrainArgs::batch_renorm) in training mode; rmax and dmax
+  // change per step with set_renorm_limits. Requires track_running_stats; not with
+  // normalize_with_running_stats or ghost_batch.
+  bool batch_renorm = false;
+  double renorm_rmax = 3.0;
+  double renorm_dmax = 5.0;
+
+  // Ghost batch norm (ForwardTrainArgs::ghost_batch) in training mode: 0 off, else G >= 2
+  // (checked against N at each forward).
+  int64_t ghost_batch = 0;
 };
 
 // The stateful layer, PyTorch's nn.BatchNorm1d/2d/3d in one class (the rank comes from x).
@@ -177,6 +243,15 @@ class BatchNorm {
   // The momentum of the next forwards (BatchNormOptions::momentum): in [0, 1], or nullopt for a
   // cumulative average. Fails (nothing changed) otherwise.
   Status set_momentum(std::optional<double> momentum);
+  // The freeze switches (BatchNormOptions), for the next forwards. Fails (nothing changed) if
+  // normalize_with_running_stats is asked without track_running_stats.
+  Status set_freeze(bool normalize_with_running_stats, bool freeze_running_stats,
+                    bool freeze_affine);
+  // Batch renorm's limits for the next forwards (a schedule sets them per step): rmax >= 1,
+  // dmax >= 0. Fails (nothing changed) otherwise.
+  Status set_renorm_limits(double rmax, double dmax);
+  // Ghost batch size for the next forwards: 0 (off) or >= 2. Fails (nothing changed) otherwise.
+  Status set_ghost_batch(int64_t ghost_batch);
 
   // Synchronized batch norm (bnorm/comm.h): in training mode, forward and backward normalize
   // over the global batch of every rank of comm (each rank passes its part), and the gradients
@@ -229,6 +304,13 @@ class BatchNorm {
   // What the last forward used, for backward.
   std::vector<float> save_mean_, save_invstd_;
   std::vector<float> dweight_scratch_, dbias_scratch_;
+  // Extensions: the running statistics a frozen-statistics forward used, their update, and
+  // batch renorm's r and d; the ghost batch size of the last forward.
+  std::vector<float> frozen_mean_, frozen_var_, new_mean_, new_var_, save_r_, save_d_;
+  std::vector<float> y_scratch_;  // an in-place frozen-statistics forward's update pass
+  int64_t last_ghost_ = 0;
+  bool last_renorm_ = false;
+  bool last_freeze_affine_ = false;
   Communicator* comm_ = nullptr;
   int sync_mode_ = 0;
   std::vector<int64_t> sync_split_;       // given by set_sync_split

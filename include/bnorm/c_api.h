@@ -73,6 +73,58 @@ BNORM_C_EXPORT int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int
                                   const float* running_mean, const float* running_var, double eps,
                                   int training, float* dx, float* dweight, float* dbias);
 
+/* ---- Extensions: stateless update, batch renormalization, ghost batch norm ----
+ *
+ * The bnorm::ForwardTrainArgs / BackwardArgs fields of the same names (bnorm/batch_norm.h and
+ * docs/batch_norm.md say what each computes). A zeroed struct, or NULL, is PyTorch's batch norm:
+ * the call is then bnorm_forward_train / bnorm_backward. */
+typedef struct bnorm_train_extensions {
+  /* Stateless update: both or neither (c floats each). When given, the updated running
+     statistics go there and running_mean / running_var are only read; *num_batches_tracked_out
+     (may be NULL) receives the incremented counter and *num_batches_tracked is only read. */
+  float* running_mean_out;
+  float* running_var_out;
+  int64_t* num_batches_tracked_out;
+  /* Batch renormalization when nonzero (needs running_mean / running_var): rmax >= 1 (INFINITY:
+     no clip), dmax >= 0; save_r / save_d (c floats each, may be NULL) receive r and d, which
+     the backward needs. */
+  int batch_renorm;
+  double rmax;
+  double dmax;
+  float* save_r;
+  float* save_d;
+  /* Ghost batch norm: 0 off, else G in [2, n], statistics per chunk of G consecutive samples;
+     save_mean / save_invstd then hold ceil(n / G) * c floats (chunk-major). Not with
+     batch_renorm. */
+  int64_t ghost_batch;
+} bnorm_train_extensions;
+
+typedef struct bnorm_backward_extensions {
+  /* Batch renorm's r and d from the forward (both or neither, c floats each; training only). */
+  const float* renorm_r;
+  const float* renorm_d;
+  /* The forward's ghost_batch (training only); save_mean / save_invstd hold its chunk
+     statistics. */
+  int64_t ghost_batch;
+} bnorm_backward_extensions;
+
+/* bnorm_forward_train with the extensions in ext (NULL: none). */
+BNORM_C_EXPORT int bnorm_forward_train_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                           const float* x, const float* weight, const float* bias,
+                                           float* running_mean, float* running_var,
+                                           int64_t* num_batches_tracked, double momentum,
+                                           double eps, float* y, float* save_mean,
+                                           float* save_invstd, const bnorm_train_extensions* ext);
+
+/* bnorm_backward with the extensions in ext (NULL: none). save_mean / save_invstd hold
+   ceil(n / G) * c floats with ext->ghost_batch = G. */
+BNORM_C_EXPORT int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                      const float* dy, const float* x, const float* weight,
+                                      const float* save_mean, const float* save_invstd,
+                                      const float* running_mean, const float* running_var,
+                                      double eps, int training, float* dx, float* dweight,
+                                      float* dbias, const bnorm_backward_extensions* ext);
+
 /* ---- Synchronized batch norm over the caller's communicator ----
  *
  * Batch norm over the global batch of a group of ranks (processes, or threads), each holding a

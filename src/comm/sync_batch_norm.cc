@@ -474,6 +474,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
           detail::check_no_partial_overlap("y", a.y.data(), "x", a.x.data(), g.numel()));
     BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
     BNORM_RETURN_IF_ERROR(detail::check_channel_vector("bias", a.bias.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(detail::check_no_extensions_for_sync(a));
     BNORM_RETURN_IF_ERROR(detail::check_train_args(a, g, &factor, &batches));
     if (sync.mode != SyncMode::kReproducible && sync.mode != SyncMode::kPerRank)
       return Status::invalid_argument("sync mode: unknown value " +
@@ -585,6 +586,7 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
       BNORM_RETURN_IF_ERROR(
           detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
     }
+    BNORM_RETURN_IF_ERROR(detail::check_no_extensions_for_sync(a));
     BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
     if (sync.mode != SyncMode::kReproducible && sync.mode != SyncMode::kPerRank)
       return Status::invalid_argument("sync mode: unknown value " +

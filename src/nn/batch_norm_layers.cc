@@ -86,13 +86,38 @@ Status BatchNormNd::backward(const Tensor& dy, Tensor* dx) {
 
 void BatchNormNd::zero_grad() { bn_.zero_grad(); }
 
+namespace {
+
+// The extensions' options, only those away from PyTorch's behaviour (so a plain layer prints
+// and serializes as before): ", name=value" (repr) or ",\"name\":value" (JSON).
+std::string extension_fields(const BatchNormOptions& o, bool json) {
+  std::string out;
+  auto add = [&](const char* name, const std::string& value) {
+    out += json ? std::string(",\"") + name + "\":" + value : std::string(", ") + name + "=" + value;
+  };
+  const std::string yes = json ? "true" : "True";
+  if (o.normalize_with_running_stats) add("normalize_with_running_stats", yes);
+  if (o.freeze_running_stats) add("freeze_running_stats", yes);
+  if (o.freeze_affine) add("freeze_affine", yes);
+  if (o.batch_renorm) {
+    add("batch_renorm", yes);
+    add("rmax", detail::format_double(o.renorm_rmax));
+    add("dmax", detail::format_double(o.renorm_dmax));
+  }
+  if (o.ghost_batch != 0) add("ghost_batch", std::to_string(o.ghost_batch));
+  return out;
+}
+
+}  // namespace
+
 std::string BatchNormNd::repr() const {
   const BatchNormOptions& o = bn_.options();
   return std::string(type_name_) + "(" + std::to_string(o.num_features) +
          ", eps=" + detail::format_double(o.eps) +
          ", momentum=" + (o.momentum ? detail::format_double(*o.momentum) : "None") +
          ", affine=" + (o.affine ? "True" : "False") +
-         ", track_running_stats=" + (o.track_running_stats ? "True" : "False") + ")";
+         ", track_running_stats=" + (o.track_running_stats ? "True" : "False") +
+         extension_fields(o, false) + ")";
 }
 
 std::string BatchNormNd::architecture() const {
@@ -101,7 +126,8 @@ std::string BatchNormNd::architecture() const {
          std::to_string(o.num_features) + ",\"eps\":" + detail::format_double(o.eps) +
          ",\"momentum\":" + (o.momentum ? detail::format_double(*o.momentum) : "null") +
          ",\"affine\":" + (o.affine ? "true" : "false") +
-         ",\"track_running_stats\":" + (o.track_running_stats ? "true" : "false") + "}";
+         ",\"track_running_stats\":" + (o.track_running_stats ? "true" : "false") +
+         extension_fields(o, true) + "}";
 }
 
 void BatchNormNd::append_state(const std::string& prefix, std::vector<StateEntry>* out) {
@@ -111,6 +137,8 @@ void BatchNormNd::append_state(const std::string& prefix, std::vector<StateEntry
     e.name = prefix + name;
     e.shape = {c};
     e.data = data;
+    // freeze_affine: weight and bias are state, not parameters (no gradient, no optimizer step).
+    if (bn_.options().freeze_affine) grad = nullptr;
     e.is_parameter = grad != nullptr;
     e.grad = grad;
     e.grad_is_global = grad != nullptr && bn_.sync_communicator() != nullptr;

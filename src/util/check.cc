@@ -146,8 +146,11 @@ Status check_train_args(const ForwardTrainArgs& a, const Geometry& g, double* fa
     BNORM_RETURN_IF_ERROR(check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
     BNORM_RETURN_IF_ERROR(check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
   }
-  BNORM_RETURN_IF_ERROR(check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
-  BNORM_RETURN_IF_ERROR(check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+  if (a.ghost_batch == 0) {  // ghost batch norm's K * C statistics: check_train_extensions
+    BNORM_RETURN_IF_ERROR(check_channel_vector("save_mean", a.save_mean.size(), g.c, false, a.x));
+    BNORM_RETURN_IF_ERROR(
+        check_channel_vector("save_invstd", a.save_invstd.size(), g.c, false, a.x));
+  }
   BNORM_RETURN_IF_ERROR(check_eps(a.eps));
   BNORM_RETURN_IF_ERROR(check_momentum(a.momentum));
   *factor = 0;
@@ -172,7 +175,9 @@ Status check_train_args(const ForwardTrainArgs& a, const Geometry& g, double* fa
 
 Status check_backward_args(const BackwardArgs& a, const Geometry& g) {
   BNORM_RETURN_IF_ERROR(check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
-  if (a.training) {
+  if (a.training && a.ghost_batch != 0) {
+    // K * C chunk statistics: check_backward_extensions.
+  } else if (a.training) {
     BNORM_RETURN_IF_ERROR(check_channel_vector("save_mean", a.save_mean.size(), g.c, true, a.x));
     BNORM_RETURN_IF_ERROR(check_channel_vector("save_invstd", a.save_invstd.size(), g.c, true, a.x));
   } else {
@@ -182,6 +187,180 @@ Status check_backward_args(const BackwardArgs& a, const Geometry& g) {
   BNORM_RETURN_IF_ERROR(check_channel_vector("dweight", a.dweight.size(), g.c, false, a.x));
   BNORM_RETURN_IF_ERROR(check_channel_vector("dbias", a.dbias.size(), g.c, false, a.x));
   return check_eps(a.eps);
+}
+
+namespace {
+
+// Per-chunk statistics of ghost batch norm: K * C values (required or optional).
+Status check_chunk_vector(const char* name, size_t size, int64_t c, int64_t chunks, bool required,
+                          ConstTensorView x, int64_t ghost_batch) {
+  if (size == 0 && !required) return Status();
+  if (static_cast<int64_t>(size) != c * chunks)
+    return Status::invalid_argument(
+        std::string(name) + ": must hold one value per chunk and channel with ghost_batch = " +
+        std::to_string(ghost_batch) + ", K * C = " + std::to_string(chunks) + " * " +
+        std::to_string(c) + " = " + std::to_string(chunks * c) + " (x size " + x.size_string() +
+        "), got " + std::to_string(size));
+  return Status();
+}
+
+// G against the batch: 2 <= G <= N, the last chunk more than one value per channel.
+Status check_ghost_against_batch(int64_t ghost_batch, const Geometry& g, ConstTensorView x,
+                                 int64_t* chunks) {
+  BNORM_RETURN_IF_ERROR(check_ghost_batch(ghost_batch));
+  if (ghost_batch > g.n)
+    return Status::invalid_argument("ghost_batch: must be <= N = " + std::to_string(g.n) +
+                                    " in training (x size " + x.size_string() + "), got " +
+                                    std::to_string(ghost_batch));
+  const int64_t rest = g.n % ghost_batch;
+  if (rest != 0 && rest * g.s < 2)
+    return Status::invalid_argument(
+        "ghost_batch: " + std::to_string(ghost_batch) + " leaves a last chunk of N mod G = " +
+        std::to_string(rest) + " sample with 1 value per channel (x size " + x.size_string() +
+        "); expected more than 1 value per channel when training");
+  *chunks = (g.n + ghost_batch - 1) / ghost_batch;
+  return Status();
+}
+
+}  // namespace
+
+Status check_renorm_limits(double rmax, double dmax) {
+  if (!(rmax >= 1.0))
+    return Status::invalid_argument("rmax: must be >= 1 (1: no rescaling), got " +
+                                    format_number(rmax));
+  if (!(dmax >= 0.0))
+    return Status::invalid_argument("dmax: must be >= 0 (0: no shift), got " +
+                                    format_number(dmax));
+  return Status();
+}
+
+Status check_ghost_batch(int64_t ghost_batch) {
+  if (ghost_batch != 0 && ghost_batch < 2)
+    return Status::invalid_argument("ghost_batch: must be 0 (off) or >= 2, got " +
+                                    std::to_string(ghost_batch));
+  return Status();
+}
+
+bool has_extensions(const ForwardTrainArgs& a) {
+  return !a.running_mean_out.empty() || !a.running_var_out.empty() ||
+         a.num_batches_tracked_out != nullptr || a.batch_renorm || !a.save_r.empty() ||
+         !a.save_d.empty() || a.ghost_batch != 0;
+}
+
+bool has_extensions(const BackwardArgs& a) {
+  return !a.renorm_r.empty() || !a.renorm_d.empty() || a.ghost_batch != 0;
+}
+
+Status check_train_extensions(const ForwardTrainArgs& a, const Geometry& g, int64_t batches,
+                              int64_t* chunks) {
+  *chunks = 1;
+  const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+  if (a.running_mean_out.empty() != a.running_var_out.empty())
+    return Status::invalid_argument(
+        std::string("running_mean_out and running_var_out: give both (stateless update) or "
+                    "neither, got only ") +
+        (a.running_mean_out.empty() ? "running_var_out" : "running_mean_out"));
+  const bool stateless = !a.running_mean_out.empty();
+  if (stateless) {
+    if (!tracking)
+      return Status::invalid_argument(
+          "running_mean_out: a stateless update needs the running statistics it starts from "
+          "(running_mean, running_var), got none");
+    BNORM_RETURN_IF_ERROR(
+        check_channel_vector("running_mean_out", a.running_mean_out.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(
+        check_channel_vector("running_var_out", a.running_var_out.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(check_no_partial_overlap("running_var_out", a.running_var_out.data(),
+                                                   "running_mean_out", a.running_mean_out.data(),
+                                                   g.c));
+    if (a.running_var_out.data() == a.running_mean_out.data())
+      return Status::invalid_argument("running_var_out: is the same buffer as running_mean_out");
+  } else if (a.num_batches_tracked_out != nullptr) {
+    return Status::invalid_argument(
+        "num_batches_tracked_out: only with running_mean_out and running_var_out (stateless "
+        "update), which are absent");
+  }
+  if (a.batch_renorm) {
+    if (!tracking)
+      return Status::invalid_argument(
+          "batch_renorm: requires running_mean and running_var (mu and sigma^2), got none");
+    BNORM_RETURN_IF_ERROR(check_renorm_limits(a.rmax, a.dmax));
+    if (a.ghost_batch != 0)
+      return Status::invalid_argument("ghost_batch: " + std::to_string(a.ghost_batch) +
+                                      " cannot be combined with batch_renorm");
+  } else if (!a.save_r.empty() || !a.save_d.empty()) {
+    return Status::invalid_argument(std::string(a.save_r.empty() ? "save_d" : "save_r") +
+                                    ": only with batch_renorm, which is off");
+  }
+  BNORM_RETURN_IF_ERROR(check_channel_vector("save_r", a.save_r.size(), g.c, false, a.x));
+  BNORM_RETURN_IF_ERROR(check_channel_vector("save_d", a.save_d.size(), g.c, false, a.x));
+  if (a.ghost_batch != 0) {
+    BNORM_RETURN_IF_ERROR(check_ghost_against_batch(a.ghost_batch, g, a.x, chunks));
+    BNORM_RETURN_IF_ERROR(check_chunk_vector("save_mean", a.save_mean.size(), g.c, *chunks, false,
+                                             a.x, a.ghost_batch));
+    BNORM_RETURN_IF_ERROR(check_chunk_vector("save_invstd", a.save_invstd.size(), g.c, *chunks,
+                                             false, a.x, a.ghost_batch));
+  }
+  const bool counted = tracking && (stateless ? a.num_batches_tracked_out != nullptr
+                                              : a.num_batches_tracked != nullptr);
+  if (counted && batches > std::numeric_limits<int64_t>::max() - *chunks)
+    return Status::invalid_argument("num_batches_tracked: cannot be incremented by " +
+                                    std::to_string(*chunks) + ", got " + std::to_string(batches));
+  return Status();
+}
+
+Status check_backward_extensions(const BackwardArgs& a, const Geometry& g) {
+  if (a.renorm_r.empty() != a.renorm_d.empty())
+    return Status::invalid_argument(
+        std::string("renorm_r and renorm_d: give both (batch renorm) or neither, got only ") +
+        (a.renorm_r.empty() ? "renorm_d" : "renorm_r"));
+  if (!a.renorm_r.empty()) {
+    if (!a.training)
+      return Status::invalid_argument(
+          "renorm_r: batch renorm's backward is a training-mode backward, got training = false");
+    BNORM_RETURN_IF_ERROR(check_channel_vector("renorm_r", a.renorm_r.size(), g.c, true, a.x));
+    BNORM_RETURN_IF_ERROR(check_channel_vector("renorm_d", a.renorm_d.size(), g.c, true, a.x));
+    if (a.ghost_batch != 0)
+      return Status::invalid_argument("ghost_batch: " + std::to_string(a.ghost_batch) +
+                                      " cannot be combined with batch renorm (renorm_r)");
+  }
+  if (a.ghost_batch != 0) {
+    if (!a.training)
+      return Status::invalid_argument("ghost_batch: " + std::to_string(a.ghost_batch) +
+                                      " is for a training-mode backward, got training = false");
+    int64_t chunks = 1;
+    BNORM_RETURN_IF_ERROR(check_ghost_against_batch(a.ghost_batch, g, a.x, &chunks));
+    BNORM_RETURN_IF_ERROR(check_chunk_vector("save_mean", a.save_mean.size(), g.c, chunks, true,
+                                             a.x, a.ghost_batch));
+    BNORM_RETURN_IF_ERROR(check_chunk_vector("save_invstd", a.save_invstd.size(), g.c, chunks,
+                                             true, a.x, a.ghost_batch));
+  }
+  return Status();
+}
+
+Status check_no_extensions_for_sync(const ForwardTrainArgs& a) {
+  const char* what = nullptr;
+  if (!a.running_mean_out.empty() || !a.running_var_out.empty() ||
+      a.num_batches_tracked_out != nullptr)
+    what = "running_mean_out (stateless update)";
+  else if (a.batch_renorm || !a.save_r.empty() || !a.save_d.empty())
+    what = "batch_renorm";
+  else if (a.ghost_batch != 0)
+    what = "ghost_batch";
+  if (what == nullptr) return Status();
+  return Status::invalid_argument(std::string(what) +
+                                  ": not supported by synchronized batch norm");
+}
+
+Status check_no_extensions_for_sync(const BackwardArgs& a) {
+  const char* what = nullptr;
+  if (!a.renorm_r.empty() || !a.renorm_d.empty())
+    what = "renorm_r (batch renorm)";
+  else if (a.ghost_batch != 0)
+    what = "ghost_batch";
+  if (what == nullptr) return Status();
+  return Status::invalid_argument(std::string(what) +
+                                  ": not supported by synchronized batch norm");
 }
 
 }  // namespace bnorm::detail

@@ -53,6 +53,24 @@ Status check_train_args(const ForwardTrainArgs& a, const Geometry& g, double* fa
 // What a backward checks beyond its three tensors: the per-channel vectors and eps.
 Status check_backward_args(const BackwardArgs& a, const Geometry& g);
 
+// The extensions of a training forward (stateless outputs, batch renorm, ghost batch norm),
+// after check_train_args: batches is the counter's value. Sets *chunks to the number of
+// statistics chunks (1 without ghost batch norm).
+Status check_train_extensions(const ForwardTrainArgs& a, const Geometry& g, int64_t batches,
+                              int64_t* chunks);
+// The extensions of a backward (batch renorm's r and d, ghost batch norm).
+Status check_backward_extensions(const BackwardArgs& a, const Geometry& g);
+// Whether a call uses any extension (else it is PyTorch's pass as it always was).
+bool has_extensions(const ForwardTrainArgs& a);
+bool has_extensions(const BackwardArgs& a);
+// Synchronized batch norm runs none of the extensions: an error naming the first one used.
+Status check_no_extensions_for_sync(const ForwardTrainArgs& a);
+Status check_no_extensions_for_sync(const BackwardArgs& a);
+// rmax >= 1 (inf allowed), dmax >= 0 (inf allowed), not NaN.
+Status check_renorm_limits(double rmax, double dmax);
+// ghost_batch: 0 (off) or >= 2.
+Status check_ghost_batch(int64_t ghost_batch);
+
 }  // namespace bnorm::detail
 
 #endif  // BNORM_SRC_UTIL_CHECK_H_

@@ -329,6 +329,58 @@ TEST(BatchNorm2d, TrainAndEvalGradients) {
   check_gradients(*m, random_tensor({2, 3, 3, 4}, rng, -2.0, 2.0), 0.01, 18);
 }
 
+// The extensions (issue 15) through the nn layers, against the finite differences of
+// check_gradients: every freeze combination, ghost chunks (even and uneven), and batch renorm
+// where every channel's r and d sit on their clips (there they are locally constant, so the
+// treated-as-constant backward is the true gradient).
+TEST(BatchNorm2d, ExtensionGradients) {
+  Rng rng(31);
+  for (int combo = 0; combo < 8; ++combo) {
+    SCOPED_TRACE("freeze combination " + std::to_string(combo));
+    BatchNormOptions o = bn_options(3);
+    o.normalize_with_running_stats = combo & 1;
+    o.freeze_running_stats = combo & 2;
+    o.freeze_affine = combo & 4;
+    std::unique_ptr<BatchNorm2d> m;
+    ASSERT_TRUE(BatchNorm2d::create(o, &m).ok());
+    normal_(m->layer().weight(), 1.0, 0.5, rng);
+    normal_(m->layer().running_mean(), 0.0, 0.5, rng);
+    uniform_(m->layer().running_var(), 0.5, 2.0, rng);
+    EXPECT_EQ(m->parameters().size(), o.freeze_affine ? 0u : 2u);
+    if (!o.normalize_with_running_stats || o.freeze_running_stats)  // output constant per x
+      check_gradients(*m, random_tensor({4, 3, 2, 3}, rng, -2.0, 2.0), 0.01, 32 + combo);
+  }
+  for (int64_t ghost : {2, 3}) {
+    BatchNormOptions o = bn_options(3);
+    o.ghost_batch = ghost;
+    std::unique_ptr<BatchNorm2d> m;
+    ASSERT_TRUE(BatchNorm2d::create(o, &m).ok());
+    EXPECT_NE(m->repr().find("ghost_batch=" + std::to_string(ghost)), std::string::npos);
+    normal_(m->layer().weight(), 1.0, 0.5, rng);
+    check_gradients(*m, random_tensor({7, 3, 2, 2}, rng, -2.0, 2.0), 0.01, 40 + ghost);
+  }
+  BatchNormOptions o = bn_options(3);
+  o.batch_renorm = true;
+  o.renorm_rmax = 1.5;
+  o.renorm_dmax = 0.25;
+  o.freeze_running_stats = true;  // mu and sigma fixed across the finite differences
+  std::unique_ptr<BatchNorm2d> m;
+  ASSERT_TRUE(BatchNorm2d::create(o, &m).ok());
+  EXPECT_NE(m->repr().find("batch_renorm=True, rmax=1.5, dmax=0.25"), std::string::npos);
+  EXPECT_NE(m->architecture().find("\"batch_renorm\":true"), std::string::npos);
+  normal_(m->layer().weight(), 1.0, 0.5, rng);
+  // x in [-2, 2]: sigma_B ~ 1.15, so sigma = 10 and 0.1 put r on 1 / rmax and rmax, and
+  // mu = +-5 puts d on -dmax and dmax.
+  const float mu[] = {5, -5, 5}, var[] = {100, 0.01f, 0.01f};
+  std::copy(mu, mu + 3, m->layer().running_mean().begin());
+  std::copy(var, var + 3, m->layer().running_var().begin());
+  check_gradients(*m, random_tensor({4, 3, 2, 3}, rng, -2.0, 2.0), 0.01, 45);
+  // A plain layer prints and serializes as before.
+  ASSERT_TRUE(BatchNorm2d::create(bn_options(3), &m).ok());
+  EXPECT_EQ(m->repr(),
+            "BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)");
+}
+
 TEST(BatchNorm1d, TrainingUpdatesRunningStatsAndEvalUsesThem) {
   std::unique_ptr<BatchNorm1d> m;
   ASSERT_TRUE(BatchNorm1d::create(bn_options(2), &m).ok());
