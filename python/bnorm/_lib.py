@@ -85,6 +85,21 @@ def candidates():
         yield ("find_library('bnorm')", found)
 
 
+class TrainExtensions(ctypes.Structure):
+    """bnorm_train_extensions (bnorm/c_api.h); zeroed: none."""
+    _fields_ = [("running_mean_out", ctypes.c_void_p), ("running_var_out", ctypes.c_void_p),
+                ("num_batches_tracked_out", ctypes.c_void_p), ("batch_renorm", ctypes.c_int),
+                ("rmax", ctypes.c_double), ("dmax", ctypes.c_double),
+                ("save_r", ctypes.c_void_p), ("save_d", ctypes.c_void_p),
+                ("ghost_batch", ctypes.c_int64)]
+
+
+class BackwardExtensions(ctypes.Structure):
+    """bnorm_backward_extensions (bnorm/c_api.h); zeroed: none."""
+    _fields_ = [("renorm_r", ctypes.c_void_p), ("renorm_d", ctypes.c_void_p),
+                ("ghost_batch", ctypes.c_int64)]
+
+
 def _declare(cdll):
     c_int, c_i64, c_double, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     cdll.bnorm_forward_train.restype = c_int
@@ -112,6 +127,12 @@ def _declare(cdll):
         c_double, c_int,             # eps, training
         vp, vp, vp,                  # dx, dweight, dbias
     ]
+    cdll.bnorm_forward_train_ext.restype = c_int
+    cdll.bnorm_forward_train_ext.argtypes = cdll.bnorm_forward_train.argtypes + [
+        ctypes.POINTER(TrainExtensions)]
+    cdll.bnorm_backward_ext.restype = c_int
+    cdll.bnorm_backward_ext.argtypes = cdll.bnorm_backward.argtypes + [
+        ctypes.POINTER(BackwardExtensions)]
     cdll.bnorm_last_error.restype = ctypes.c_char_p
     cdll.bnorm_last_error.argtypes = []
     cdll.bnorm_version.restype = ctypes.c_char_p

@@ -27,6 +27,7 @@ is not a plain torch.Tensor, and double backward (create_graph=True: the gradien
 computed by torch's batch norm, so that it is differentiable again).
 """
 
+import ctypes
 import os
 import threading
 import warnings
@@ -183,7 +184,7 @@ class _Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                use_batch_stats, momentum, eps):
+                use_batch_stats, momentum, eps, ext=None):
         _sync_threads()
         layout = _layout_of(x)
         x_mem = x if layout is not None else x.contiguous()
@@ -202,13 +203,21 @@ class _Function(torch.autograd.Function):
             rm_mem = None if rm is None else (rm if rm.is_contiguous() else rm.contiguous())
             rv_mem = None if rv is None else (rv if rv.is_contiguous() else rv.contiguous())
             nbt = num_batches_tracked
-            _lib.check(lib.bnorm_forward_train(
-                layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
-                _ptr(nbt), momentum, eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd)), x.shape)
+            if ext is None:
+                _lib.check(lib.bnorm_forward_train(
+                    layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
+                    _ptr(nbt), momentum, eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd)),
+                    x.shape)
+                save_r = save_d = None
+            else:
+                save_mean, save_invstd, save_r, save_d = _forward_ext(
+                    ext, layout, n, c, s, x_mem, w, b, rm_mem, rv_mem, nbt, momentum, eps, y)
             if rm is not None and rm_mem is not rm:
                 rm.copy_(rm_mem)
             if rv is not None and rv_mem is not rv:
                 rv.copy_(rv_mem)
+            if save_r is not None:
+                save_invstd = torch.stack([save_invstd, save_r, save_d])
             ctx.save_for_backward(x, x_mem, weight, bias, save_mean, save_invstd)
         else:
             rm, rv = _vec(running_mean), _vec(running_var)
@@ -219,6 +228,7 @@ class _Function(torch.autograd.Function):
         ctx.layout = layout
         ctx.use_batch_stats = use_batch_stats
         ctx.eps = eps
+        ctx.ext = ext
         return y
 
     @staticmethod
@@ -244,20 +254,71 @@ class _Function(torch.autograd.Function):
             save_mean, save_invstd, rm, rv, training = stat_a, stat_b, None, None, 1
         else:
             save_mean, save_invstd, rm, rv, training = None, None, _vec(stat_a), _vec(stat_b), 0
-        _lib.check(_lib.lib().bnorm_backward(
-            layout, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(w), _ptr(save_mean), _ptr(save_invstd),
-            _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx), _ptr(dweight), _ptr(dbias)), x.shape)
+        bext = None
+        if ctx.ext is not None:
+            bext = _lib.BackwardExtensions()
+            bext.ghost_batch = ctx.ext.ghost_batch
+            if ctx.ext.batch_renorm:
+                save_invstd, r, d = stat_b[0], stat_b[1], stat_b[2]
+                bext.renorm_r, bext.renorm_d = _ptr(r), _ptr(d)
+        args = (layout, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(w), _ptr(save_mean),
+                _ptr(save_invstd), _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx),
+                _ptr(dweight), _ptr(dbias))
+        if bext is None:
+            _lib.check(_lib.lib().bnorm_backward(*args), x.shape)
+        else:
+            _lib.check(_lib.lib().bnorm_backward_ext(*args, ctypes.byref(bext)), x.shape)
         return (dx if need_x else None,
                 dweight if need_w else None,
                 dbias if need_b and bias is not None else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+def _forward_ext(ext, layout, n, c, s, x_mem, w, b, rm, rv, nbt, momentum, eps, y):
+    """The training forward with the extensions (ghost chunks, batch renorm, stateless
+    outputs): returns save_mean, save_invstd, save_r, save_d."""
+    chunks = -(-n // ext.ghost_batch) if 2 <= ext.ghost_batch <= n else 1
+    save_mean = torch.empty(chunks * c, dtype=torch.float32)
+    save_invstd = torch.empty(chunks * c, dtype=torch.float32)
+    save_r = save_d = None
+    e = _lib.TrainExtensions()
+    e.ghost_batch = ext.ghost_batch
+    if ext.batch_renorm:
+        save_r = torch.empty(c, dtype=torch.float32)
+        save_d = torch.empty(c, dtype=torch.float32)
+        e.batch_renorm, e.rmax, e.dmax = 1, ext.rmax, ext.dmax
+        e.save_r, e.save_d = _ptr(save_r), _ptr(save_d)
+    if ext.running_out is not None:
+        e.running_mean_out = _ptr(ext.running_out[0])
+        e.running_var_out = _ptr(ext.running_out[1])
+        e.num_batches_tracked_out = _ptr(ext.running_out[2])
+    _lib.check(_lib.lib().bnorm_forward_train_ext(
+        layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), _ptr(nbt), momentum,
+        eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd), ctypes.byref(e)), x_mem.shape)
+    return save_mean, save_invstd, save_r, save_d
+
+
+class _Ext:
+    """The extensions of one training call (None of it: PyTorch's batch norm)."""
+    __slots__ = ("ghost_batch", "batch_renorm", "rmax", "dmax", "running_out")
+
+    def __init__(self, ghost_batch=0, batch_renorm=False, rmax=3.0, dmax=5.0, running_out=None):
+        self.ghost_batch = int(ghost_batch)
+        self.batch_renorm = bool(batch_renorm)
+        self.rmax = float(rmax)
+        self.dmax = float(dmax)
+        self.running_out = running_out
 
 
 def _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b):
     need = ctx.needs_input_grad[:3]
     with torch.enable_grad():
         xs = x if x.requires_grad else x.detach().requires_grad_(need[0])
-        if ctx.use_batch_stats:
+        if ctx.use_batch_stats and ctx.ext is not None and (ctx.ext.ghost_batch or
+                                                            ctx.ext.batch_renorm):
+            rd = (stat_b[1], stat_b[2]) if ctx.ext.batch_renorm else None
+            y = _torch_composed(xs, weight, bias, ctx.eps, ctx.ext.ghost_batch, rd)
+        elif ctx.use_batch_stats:
             y = F.batch_norm(xs, None, None, weight, bias, True, 0.0, ctx.eps)
         else:
             y = F.batch_norm(xs, stat_a, stat_b, weight, bias, False, 0.0, ctx.eps)
@@ -265,7 +326,39 @@ def _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b):
         grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
     out = [next(grads) if nd and t is not None else None
            for t, nd in zip((xs, weight, bias), need)]
-    return tuple(out) + (None,) * 6
+    return tuple(out) + (None,) * 7
+
+
+def _renorm_constants(x, running_mean, running_var, eps, rmax, dmax):
+    """Batch renorm's r and d (no gradient), from x's batch statistics and mu = running_mean,
+    sigma = sqrt(running_var + eps)."""
+    with torch.no_grad():
+        dims = [0] + list(range(2, x.dim()))
+        xd = x.detach().double()
+        mean = xd.mean(dims)
+        sigma_b = (xd.var(dims, unbiased=False) + eps).sqrt()
+        sigma = (running_var.double() + eps).sqrt()
+        r = (sigma_b / sigma).clamp(1.0 / rmax, rmax)
+        d = ((mean - running_mean.double()) / sigma).clamp(-dmax, dmax)
+    return r.float(), d.float()
+
+
+def _torch_composed(x, weight, bias, eps, ghost_batch, renorm_rd):
+    """The extensions' training output in torch ops (no running-statistics update): ghost
+    batch norm as torch's batch norm on contiguous chunks, batch renorm as
+    weight * (xhat * r + d) + bias with r, d constants.  For the fallback and double backward."""
+    if ghost_batch:
+        return torch.cat([F.batch_norm(chunk, None, None, weight, bias, True, 0.0, eps)
+                          for chunk in torch.split(x, ghost_batch)])
+    r, d = renorm_rd
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xhat = F.batch_norm(x, None, None, None, None, True, 0.0, eps)
+    y = xhat * r.view(shape) + d.view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
 
 
 def _fallback_reason(x, tensors):
@@ -300,11 +393,47 @@ def _verify_batch_size(size):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, num_batches_tracked=None):
+               momentum=0.1, eps=1e-5, num_batches_tracked=None, *, ghost_batch=0,
+               batch_renorm=False, rmax=3.0, dmax=5.0, running_mean_out=None,
+               running_var_out=None, num_batches_tracked_out=None):
     """torch.nn.functional.batch_norm computed by the library (same arguments; momentum None
     with num_batches_tracked: the cumulative average, num_batches_tracked incremented in
     place, as the modules do).  Falls back to torch's F.batch_norm as the module docstring
-    says."""
+    says.
+
+    Extensions (training only; the defaults are torch's batch norm; README "Beyond PyTorch's
+    batch norm"): ghost_batch=G normalizes each chunk of G consecutive samples with its own
+    statistics (one running-statistics update per chunk, in order); batch_renorm=True is
+    batch renormalization with r clipped to [1/rmax, rmax] and d to [-dmax, dmax] (needs the
+    running statistics); running_mean_out / running_var_out (and num_batches_tracked_out)
+    receive the updated running statistics, and running_mean / running_var /
+    num_batches_tracked are then only read (a stateless update, for functional transforms)."""
+    ext = None
+    if ghost_batch or batch_renorm or running_mean_out is not None or running_var_out is not None:
+        if not training:
+            raise ValueError("ghost_batch, batch_renorm and running_*_out are for training")
+        if (running_mean_out is None) != (running_var_out is None):
+            raise _lib.BnormError(1, "running_mean_out and running_var_out: give both "
+                                  "(stateless update) or neither")
+        if running_mean_out is not None and running_mean is None:
+            raise _lib.BnormError(1, "running_mean_out: a stateless update needs the running "
+                                  "statistics it starts from (running_mean, running_var), got "
+                                  "none")
+        if batch_renorm and running_mean is None:
+            raise _lib.BnormError(1, "batch_renorm: requires running_mean and running_var (mu "
+                                  "and sigma^2), got none")
+        out = None
+        if running_mean_out is not None:
+            for name, t in (("running_mean_out", running_mean_out),
+                            ("running_var_out", running_var_out)):
+                if (t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu or
+                        t.numel() != int(input.shape[1])):
+                    raise _lib.BnormError(1, "%s: must be a contiguous float32 CPU tensor of C = "
+                                          "%d values" % (name, int(input.shape[1])))
+            if num_batches_tracked_out is not None and num_batches_tracked_out.dtype != torch.int64:
+                raise _lib.BnormError(1, "num_batches_tracked_out: must be int64")
+            out = (running_mean_out, running_var_out, num_batches_tracked_out)
+        ext = _Ext(ghost_batch, batch_renorm, rmax, dmax, out)
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0  # what torch's module passes when it has no counter
     track = training and running_mean is not None
@@ -316,6 +445,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if reason is None and nbt is not None and (nbt.dtype != torch.int64 or nbt.numel() != 1):
         reason = "num_batches_tracked of dtype %s and shape %s (int64, one element)" % (
             nbt.dtype, tuple(nbt.shape))
+    if reason is not None and ext is not None:
+        _fallback_warning(reason)
+        return _extended_fallback(input, running_mean, running_var, weight, bias, momentum, eps,
+                                  nbt, ext)
     if reason is not None:
         _fallback_warning(reason)
         if nbt is not None:
@@ -344,27 +477,150 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                                   "got %d" % (name, c, list(input.shape), t.numel()))
     mom = -1.0 if momentum is None else float(momentum)
     return _Function.apply(input, weight, bias, running[0], running[1], nbt, bool(training),
-                           mom, float(eps))
+                           mom, float(eps), ext)
+
+
+def _extended_fallback(input, running_mean, running_var, weight, bias, momentum, eps, nbt, ext):
+    """The extensions in torch ops, for inputs the library does not take (another device or
+    dtype): the same conventions (contiguous chunks, one update per chunk, r and d from the
+    statistics before the update, stateless outputs)."""
+    if 2 > ext.ghost_batch != 0:
+        raise _lib.BnormError(1, "ghost_batch: must be 0 (off) or >= 2, got %d" % ext.ghost_batch)
+    if ext.batch_renorm and (not ext.rmax >= 1 or not ext.dmax >= 0):
+        raise _lib.BnormError(1, "rmax: must be >= 1 and dmax >= 0, got %r, %r" % (ext.rmax,
+                                                                                   ext.dmax))
+    rm, rv, count = running_mean, running_var, nbt
+    if ext.running_out is not None and rm is not None:
+        rm, rv = running_mean.clone(), running_var.clone()
+        count = None if nbt is None else nbt.clone()
+    rd = None
+    if ext.batch_renorm:
+        rd = _renorm_constants(input, rm, rv, eps, ext.rmax, ext.dmax)
+    chunks = torch.split(input, ext.ghost_batch) if ext.ghost_batch else (input,)
+    if rm is not None:
+        with torch.no_grad():
+            for chunk in chunks:
+                f = momentum
+                if count is not None:
+                    count.add_(1)
+                    if momentum is None:
+                        f = 1.0 / float(count)
+                F.batch_norm(chunk.detach(), rm, rv, None, None, True,
+                             0.0 if f is None else f, eps)
+    if ext.running_out is not None and rm is not None:
+        ext.running_out[0].copy_(rm)
+        ext.running_out[1].copy_(rv)
+        if ext.running_out[2] is not None and count is not None:
+            ext.running_out[2].copy_(count)
+    return _torch_composed(input, weight, bias, eps, ext.ghost_batch, rd)
 
 
 # ----------------------------------------------------------------------------- modules
 
+_EXTENSION_DEFAULTS = {"normalize_with_running_stats": False, "freeze_running_stats": False,
+                       "freeze_affine": False, "batch_renorm": False, "rmax": 3.0, "dmax": 5.0,
+                       "ghost_batch": 0}
+
+
 class _BnormForward:
-    """forward() of torch's _BatchNorm (1.13 and later), computed by the library."""
+    """forward() of torch's _BatchNorm (1.13 and later), computed by the library, with the
+    extensions as keyword-only constructor arguments and attributes (class-level defaults are
+    torch's behaviour, so a module made by convert() has them too):
+
+      normalize_with_running_stats  training normalizes with the running statistics (as they
+                                    were before the step; constants in the backward)
+      freeze_running_stats          training leaves running_mean/var, num_batches_tracked alone
+      freeze_affine                 weight and bias get no gradient (their .grad stays as is)
+      batch_renorm, rmax, dmax      batch renormalization (rmax/dmax may change every step)
+      ghost_batch                   statistics per chunk of G consecutive samples in training
+
+    All three freeze switches together are torchvision's FrozenBatchNorm2d.  Eval mode is
+    torch's whatever the switches say.
+    """
+
+    normalize_with_running_stats = False
+    freeze_running_stats = False
+    freeze_affine = False
+    batch_renorm = False
+    rmax = 3.0
+    dmax = 5.0
+    ghost_batch = 0
+
+    def __init__(self, *args, **kwargs):
+        ext = {k: kwargs.pop(k) for k in list(kwargs) if k in _EXTENSION_DEFAULTS}
+        super().__init__(*args, **kwargs)
+        for k, v in ext.items():
+            setattr(self, k, v)
+        self._check_extensions()
+
+    def _check_extensions(self):
+        """The library's rules for the switches, checked before a forward writes anything."""
+        if self.normalize_with_running_stats and not self.track_running_stats:
+            raise _lib.BnormError(1, "normalize_with_running_stats: a frozen-statistics layer "
+                                  "needs running statistics, but track_running_stats is false")
+        if self.batch_renorm:
+            if not self.track_running_stats:
+                raise _lib.BnormError(1, "batch_renorm: needs running statistics (mu and sigma), "
+                                      "but track_running_stats is false")
+            if self.normalize_with_running_stats:
+                raise _lib.BnormError(1, "batch_renorm: cannot be combined with "
+                                      "normalize_with_running_stats")
+            if self.ghost_batch:
+                raise _lib.BnormError(1, "batch_renorm: cannot be combined with ghost_batch = %d"
+                                      % self.ghost_batch)
+        if not float(self.rmax) >= 1:
+            raise _lib.BnormError(1, "rmax: must be >= 1 (1: no rescaling), got %r" % self.rmax)
+        if not float(self.dmax) >= 0:
+            raise _lib.BnormError(1, "dmax: must be >= 0 (0: no shift), got %r" % self.dmax)
+        if self.ghost_batch != 0 and self.ghost_batch < 2:
+            raise _lib.BnormError(1, "ghost_batch: must be 0 (off) or >= 2, got %d"
+                                  % self.ghost_batch)
+
+    def extra_repr(self):
+        out = super().extra_repr()
+        for k, default in _EXTENSION_DEFAULTS.items():
+            v = getattr(self, k)
+            if v != default and (k not in ("rmax", "dmax") or self.batch_renorm):
+                out += ", %s=%s" % (k, v)
+        return out
 
     def forward(self, input):
         self._check_input_dim(input)
+        self._check_extensions()
         training = self.training
-        track = training and self.track_running_stats
+        weight, bias = self.weight, self.bias
+        if self.freeze_affine and weight is not None:
+            weight, bias = weight.detach(), bias.detach()
+        if training and self.normalize_with_running_stats:
+            # Normalized with the statistics as they are (copies: the update below writes the
+            # buffers, and the backward needs the values used), then updated from the batch.
+            y = batch_norm(input, self.running_mean.detach().clone(),
+                           self.running_var.detach().clone(), weight, bias, False, 0.0, self.eps)
+            if not self.freeze_running_stats:
+                momentum = self.momentum
+                with torch.no_grad():
+                    batch_norm(input.detach(), self.running_mean, self.running_var, None, None,
+                               True, momentum, self.eps,
+                               num_batches_tracked=self.num_batches_tracked)
+            return y
+        track = training and self.track_running_stats and not self.freeze_running_stats
         use_batch_stats = training or (self.running_mean is None and self.running_var is None)
-        running_mean = self.running_mean if not training or self.track_running_stats else None
-        running_var = self.running_var if not training or self.track_running_stats else None
+        running_mean = self.running_mean if not training or track else None
+        running_var = self.running_var if not training or track else None
         nbt = self.num_batches_tracked if track else None
         momentum = self.momentum
         if momentum is None and nbt is None:
             momentum = 0.0  # torch: exponential_average_factor 0 without a counter
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                          use_batch_stats, momentum, self.eps, num_batches_tracked=nbt)
+        ext = {}
+        if training and (self.ghost_batch or self.batch_renorm):
+            ext = {"ghost_batch": self.ghost_batch, "batch_renorm": self.batch_renorm,
+                   "rmax": float(self.rmax), "dmax": float(self.dmax)}
+            if self.batch_renorm and not track:  # mu and sigma read, not updated
+                running_mean, running_var = self.running_mean, self.running_var
+                ext["running_mean_out"] = torch.empty_like(running_mean)
+                ext["running_var_out"] = torch.empty_like(running_var)
+        return batch_norm(input, running_mean, running_var, weight, bias,
+                          use_batch_stats, momentum, self.eps, num_batches_tracked=nbt, **ext)
 
 
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
