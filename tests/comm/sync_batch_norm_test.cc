@@ -409,6 +409,54 @@ TEST(SyncBatchNorm, OneValuePerChannelOverAllRanksIsAnError) {
   }
 }
 
+// The extensions (ghost batch norm, batch renorm, the stateless update) are not implemented in
+// synchronized batch norm: refused on every rank, naming the extension, nothing written.
+TEST(SyncBatchNorm, ExtensionsAreRefused) {
+  for (int which = 0; which < 4; ++which) {
+    SCOPED_TRACE("extension " + std::to_string(which));
+    const char* names[] = {"ghost_batch", "batch_renorm", "running_mean_out", "renorm_r"};
+    const std::vector<Status> statuses = RunEach(2, [&](Communicator& comm) -> Status {
+      std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8}, y(8, -1.0f), rm(2, 0.0f), rv(2, 1.0f);
+      std::vector<float> out_m(2, -1.0f), out_v(2, -1.0f), sm(2, 0.0f), si(2, 1.0f);
+      const std::vector<float> y0 = y, rm0 = rm;
+      Status s;
+      if (which < 3) {
+        bnorm::ForwardTrainArgs f;
+        f.x = bnorm::ConstTensorView(x.data(), {4, 2});
+        f.y = bnorm::TensorView(y.data(), {4, 2});
+        f.running_mean = rm;
+        f.running_var = rv;
+        if (which == 0) f.ghost_batch = 2;
+        if (which == 1) f.batch_renorm = true;
+        if (which == 2) {
+          f.running_mean_out = out_m;
+          f.running_var_out = out_v;
+        }
+        s = bnorm::sync_forward_train(comm, f);
+      } else {
+        bnorm::BackwardArgs b;
+        b.dy = bnorm::ConstTensorView(x.data(), {4, 2});
+        b.x = bnorm::ConstTensorView(x.data(), {4, 2});
+        b.save_mean = sm;
+        b.save_invstd = si;
+        b.renorm_r = si;
+        b.renorm_d = sm;
+        b.dx = bnorm::TensorView(y.data(), {4, 2});
+        s = bnorm::sync_backward(comm, b);
+      }
+      if (y != y0 || rm != rm0 || out_m[0] != -1.0f) return Status::internal("something written");
+      return s;
+    });
+    for (const Status& s : statuses) {
+      ASSERT_FALSE(s.ok());
+      EXPECT_NE(s.message().find("something written"), 0u) << s.message();
+      EXPECT_NE(s.message().find(names[which]), std::string::npos) << s.message();
+      EXPECT_NE(s.message().find("not supported by synchronized batch norm"), std::string::npos)
+          << s.message();
+    }
+  }
+}
+
 TEST(SyncBatchNorm, EvalModeBackwardIsRejected) {
   const std::vector<Status> statuses = RunEach(2, [&](Communicator& comm) {
     std::vector<float> x(6, 1.0f), dy(6, 1.0f), dx(6), rm(3, 0.0f), rv(3, 1.0f);
