@@ -513,7 +513,7 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < r.call_bytes_bwd.size(); ++i)
         r.bare_bwd += bare_doubles(r.call_bytes_bwd[i], r.call_what_bwd[i], o).t.median;
     }
-  // The cnn preset's fused gradient buffer (tools/training.cc: the gradients the ranks must sum,
+  // The cnn preset's fused gradient buffer (nn::DataParallel: the gradients the ranks must sum,
   // then the loss and the number correct), from the architecture of nn::cnn(true, seed):
   //   conv1 1*32*3*3 = 288, conv2 32*64*3*3 = 18,432, conv3 64*128*3*3 = 73,728 (no biases
   //   before BN), hidden Linear 6272*256 = 1,605,632 (no bias), head Linear 256*10 + 10 = 2,570:

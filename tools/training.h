@@ -1,5 +1,8 @@
-// What `bnorm train` and `bnorm eval` do, separated from the command line: configurations of the
-// presets, one training run, test-set evaluation, and the report and checkpoint files.
+// What `bnorm train` and `bnorm eval` do, separated from the command line (bnorm_cli.cc parses
+// the options and calls these): the presets' configurations (train_config.cc), the training runs
+// on the nn library's data-parallel loop (training.cc, train_loop.cc; the loop, the gradient
+// all-reduce, the replica checks and the sharding are include/bnorm/nn/data_parallel.h and
+// train_loop.h), the report (train_report.cc), and test-set evaluation and checkpoints.
 #ifndef BNORM_TOOLS_TRAINING_H_
 #define BNORM_TOOLS_TRAINING_H_
 
@@ -10,6 +13,7 @@
 #include <vector>
 
 #include "bnorm/comm.h"
+#include "bnorm/nn/data_parallel.h"
 #include "bnorm/nn/layers.h"
 #include "bnorm/status.h"
 #include "bnorm/io/idx.h"
@@ -59,10 +63,8 @@ Status build_model(const std::string& preset, bool batch_norm, uint64_t seed, nn
 // The input shape a preset's network takes for a batch of n images.
 std::vector<int64_t> input_shape(const std::string& preset, int64_t n);
 
-struct EvalResult {
-  double loss = 0;
-  double accuracy = 0;
-};
+// Loss (mean cross-entropy) and accuracy.
+using EvalResult = nn::EvalResult;
 
 // Loss and accuracy of model on data, in batches of batch_size, in the model's current mode.
 // In training mode the running statistics would move: the caller saves and restores them
