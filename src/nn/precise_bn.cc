@@ -92,36 +92,59 @@ Status update_bn_stats(Sequential& model, const std::function<Status(int64_t, Te
     return Status::invalid_argument(fn + "aggregation: unknown value " +
                                     std::to_string(static_cast<int>(options.aggregation)));
   if (!next_batch) return Status::invalid_argument(fn + "next_batch: is empty");
-  std::vector<Site> sites;
-  find_layers(model, "", &sites);
-  if (sites.empty()) return Status::invalid_argument(fn + "the model has no batch-norm layer");
-  for (const Site& s : sites)
-    if (!s.bn->layer().options().track_running_stats)
+  std::vector<Site> all_sites, sites;
+  std::vector<ptrdiff_t> input_of;  // sites[l]'s position in all_sites (and in find_inputs')
+  find_layers(model, "", &all_sites);
+  if (all_sites.empty()) return Status::invalid_argument(fn + "the model has no batch-norm layer");
+  for (const Site& s : all_sites) {
+    const BatchNormOptions& o = s.bn->layer().options();
+    if (!o.track_running_stats)
       return Status::invalid_argument(fn + s.where +
                                       ": keeps no running statistics (track_running_stats=false)");
+    // A layer whose running statistics are frozen keeps them: it runs as configured.
+    if (!o.freeze_running_stats) {
+      sites.push_back(s);
+      input_of.push_back(&s - all_sites.data());
+    }
+  }
+  if (sites.empty())
+    return Status::invalid_argument(fn + "every batch-norm layer has frozen running statistics "
+                                         "(freeze_running_stats): nothing to update");
 
   // Everything to put back: the state, each layer's mode and momentum, the model's mode.
   const Snapshot snapshot(model);
   const bool model_training = model.is_training();
   std::vector<bool> layer_training;
-  std::vector<std::optional<double>> momentum;
-  for (const Site& s : sites) {
-    layer_training.push_back(s.bn->is_training());
-    momentum.push_back(s.bn->layer().options().momentum);
-  }
+  std::vector<BatchNormOptions> saved_options;
+  for (const Site& s : all_sites) layer_training.push_back(s.bn->is_training());
+  for (const Site& s : sites) saved_options.push_back(s.bn->layer().options());
   auto restore = [&] {
     snapshot.restore();
     model.train(model_training);
-    for (size_t l = 0; l < sites.size(); ++l) {
-      sites[l].bn->train(layer_training[l]);
-      (void)sites[l].bn->layer().set_momentum(momentum[l]);  // valid: it was the layer's
+    for (size_t l = 0; l < all_sites.size(); ++l) all_sites[l].bn->train(layer_training[l]);
+    for (size_t l = 0; l < sites.size(); ++l) {  // each value was the layer's: valid
+      bnorm::BatchNorm& layer = sites[l].bn->layer();
+      const BatchNormOptions& o = saved_options[l];
+      (void)layer.set_momentum(o.momentum);
+      (void)layer.set_freeze(o.normalize_with_running_stats, o.freeze_running_stats,
+                             o.freeze_affine);
+      (void)layer.set_ghost_batch(o.ghost_batch);
+      (void)layer.set_renorm_limits(o.renorm_rmax, o.renorm_dmax);
     }
   };
 
-  // Momentum 1: after each training forward the running statistics are that batch's mean and
-  // unbiased variance (the global batch's for a synchronized layer).
+  // Each layer as plain batch norm in training mode with momentum 1: after each forward its
+  // running statistics are that batch's mean and unbiased variance (the global batch's for a
+  // synchronized layer). Ghost batches off (the statistics of the whole batch), batch renorm's
+  // limits 1 and 0 (r = 1, d = 0: batch norm), normalization with the batch statistics.
   model.train(true);
-  for (const Site& s : sites) (void)s.bn->layer().set_momentum(1.0);
+  for (const Site& s : sites) {
+    bnorm::BatchNorm& layer = s.bn->layer();
+    (void)layer.set_momentum(1.0);
+    (void)layer.set_freeze(false, false, layer.options().freeze_affine);
+    (void)layer.set_ghost_batch(0);
+    (void)layer.set_renorm_limits(1.0, 0.0);
+  }
 
   Communicator* comm = options.comm;
   const bool rank0 = comm == nullptr || comm->rank() == 0;
@@ -150,7 +173,8 @@ Status update_bn_stats(Sequential& model, const std::function<Status(int64_t, Te
     inputs.clear();
     find_inputs(model, &x, &inputs);
     for (size_t l = 0; l < sites.size(); ++l)
-      counts[l] = static_cast<double>(inputs[l]->numel() / sites[l].bn->num_features());
+      counts[l] = static_cast<double>(inputs[static_cast<size_t>(input_of[l])]->numel() /
+                                      sites[l].bn->num_features());
     if (comm != nullptr) {
       // A synchronized layer's statistics are the global batch's: its count is the ranks' sum.
       st = comm->allreduce_sum(std::span<double>(counts));
@@ -159,7 +183,8 @@ Status update_bn_stats(Sequential& model, const std::function<Status(int64_t, Te
         return prefixed(st, fn + "batch " + std::to_string(k) + ": ");
       }
       for (size_t l = 0; l < sites.size(); ++l)
-        if (!synced(l)) counts[l] = static_cast<double>(inputs[l]->numel() / sites[l].bn->num_features());
+        if (!synced(l)) counts[l] = static_cast<double>(inputs[static_cast<size_t>(input_of[l])]->numel() /
+                                      sites[l].bn->num_features());
     }
     if (k == 0) {
       // The shift p, the same on every rank: rank 0's first batch means.

@@ -152,6 +152,46 @@ TEST(PreciseBn, BothAggregationsMatchTheFp64OracleAndOnlyRunningStatsChange) {
   }
 }
 
+// Ghost batches are turned off for the K forwards (the whole batch's statistics) and restored;
+// a layer with frozen running statistics keeps them.
+TEST(PreciseBn, GhostOffDuringTheForwardsFrozenLayersKept) {
+  const std::vector<Tensor> batches = {batch(0, 16), batch(1, 16)};
+  Sequential m = paper_mlp(true, 5);
+  auto& bn1 = dynamic_cast<BatchNormNd&>(m.at(1)).layer();
+  auto& bn7 = dynamic_cast<BatchNormNd&>(m.at(7)).layer();
+  ASSERT_TRUE(bn1.set_ghost_batch(4).ok());
+  ASSERT_TRUE(bn7.set_freeze(false, true, false).ok());
+  const std::vector<float> frozen_var(bn7.running_var().begin(), bn7.running_var().end());
+  PreciseBnOptions o;
+  o.batches = 2;
+  PreciseBnReport report;
+  ASSERT_TRUE(update_bn_stats(m, [&](int64_t k, Tensor* x) {
+                *x = batches[static_cast<size_t>(k)];
+                return Status();
+              }, o, &report).ok());
+  EXPECT_EQ(report.layers, 2);
+  EXPECT_EQ(bn1.options().ghost_batch, 4);
+  EXPECT_TRUE(bn7.options().freeze_running_stats);
+  EXPECT_EQ(std::vector<float>(bn7.running_var().begin(), bn7.running_var().end()), frozen_var);
+  // Layers 1 and 4 as the plain model's (the oracle has no ghost batches and no frozen layer; a
+  // frozen layer 7 normalizes with batch statistics like the oracle's, so the inputs agree).
+  const Expected want = oracle(batches, PreciseBnAggregation::kMeanOfBatches, 5);
+  const size_t idx[2] = {1, 4};
+  for (size_t l = 0; l < 2; ++l) {
+    auto& layer = dynamic_cast<BatchNormNd&>(m.at(idx[l])).layer();
+    for (size_t c = 0; c < 100; ++c)
+      EXPECT_NEAR(layer.running_var()[c], want.var[l][c], 2e-6 * want.var[l][c]) << l << " " << c;
+  }
+  Sequential all_frozen = paper_mlp(true, 5);
+  for (size_t i : {1, 4, 7})
+    ASSERT_TRUE(dynamic_cast<BatchNormNd&>(all_frozen.at(i)).layer().set_freeze(false, true, false).ok());
+  EXPECT_TRUE(fails_with(update_bn_stats(all_frozen, [&](int64_t k, Tensor* x) {
+                           *x = batches[static_cast<size_t>(k)];
+                           return Status();
+                         }, o),
+                         {"every batch-norm layer has frozen running statistics"}));
+}
+
 TEST(PreciseBn, TheTwoAggregationsDifferWhenBatchMeansMove) {
   // Batches with shifted inputs: the population variance includes the spread of the batch means,
   // the mean of batch variances does not.

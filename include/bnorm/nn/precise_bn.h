@@ -19,6 +19,9 @@
 // are pooled (kPopulation: their counts add; kMeanOfBatches: the mean over K * ranks batches), in
 // fp64 by one all-reduce. Every rank ends with the same running statistics.
 //
+// During the K forwards each layer runs as plain batch norm: ghost batches off (the whole
+// batch's statistics), batch renorm with r = 1 and d = 0, normalization with the batch
+// statistics. A layer with freeze_running_stats keeps its statistics and runs as configured.
 // Afterwards everything but running_mean and running_var is as before: the model's and each
 // layer's mode, momentum and the other switches, num_batches_tracked, the parameters. On error
 // (a failing batch, a forward error, a collective failure) the model is entirely unchanged.
@@ -52,7 +55,8 @@ struct PreciseBnReport {
 
 // next_batch(k, &x) fills x with the k-th input batch (k = 0 .. K-1), any size N >= 1 the model
 // accepts; an error it returns ends the call. Errors also: K < 1, an unknown aggregation, a model
-// without batch-norm layers, a layer without running statistics (track_running_stats = false).
+// without batch-norm layers or with only frozen ones, a layer without running statistics
+// (track_running_stats = false).
 Status update_bn_stats(Sequential& model, const std::function<Status(int64_t, Tensor*)>& next_batch,
                        const PreciseBnOptions& options, PreciseBnReport* report = nullptr);
 
