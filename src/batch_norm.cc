@@ -331,4 +331,150 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
   return detail::run_kernels([&] { impl.backward(call); });
 }
 
+namespace {
+
+// An output that must not share any element with another array.
+Status check_disjoint(const char* out_name, const float* out, const char* in_name,
+                      const float* in, int64_t numel) {
+  if (out + numel <= in || in + numel <= out) return Status();
+  return Status::invalid_argument(std::string(out_name) + ": overlaps " + in_name +
+                                  "; it must be a separate buffer");
+}
+
+}  // namespace
+
+Status forward_train_relu(const ForwardTrainArgs& a, ConstTensorView z,
+                          const CallOptions& options) {
+  if (a.batch_renorm || a.ghost_batch != 0 || !a.running_mean_out.empty() ||
+      !a.running_var_out.empty() || a.num_batches_tracked_out != nullptr)
+    return Status::invalid_argument(
+        "forward_train_relu: batch_renorm, ghost_batch and the *_out outputs are not supported "
+        "by the fused forms (call forward_train, then the ReLU)");
+  Geometry g;
+  BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
+  const bool add = z.data() != nullptr;
+  if (add) {
+    BNORM_RETURN_IF_ERROR(detail::check_same_shape("z", z, "x", a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::check_no_partial_overlap("y", a.y.data(), "z", z.data(), g.numel()));
+  }
+  const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+  double factor = 0;
+  int64_t batches = 0;
+  BNORM_RETURN_IF_ERROR(detail::check_train_args(a, g, &factor, &batches));
+  BNORM_RETURN_IF_ERROR(detail::check_more_than_one_value_per_channel(a.x, g));
+  if (options.check_finite) {
+    BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+    if (add) BNORM_RETURN_IF_ERROR(detail::check_finite("z", z, g));
+  }
+
+  detail::TrainCall call;
+  call.g = g;
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.bias = a.bias.empty() ? nullptr : a.bias.data();
+  call.running_mean = tracking ? a.running_mean.data() : nullptr;
+  call.running_var = tracking ? a.running_var.data() : nullptr;
+  call.factor = factor;
+  call.eps = a.eps;
+  call.y = a.y.data();
+  call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
+  call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
+  call.relu = true;
+  call.z = add ? z.data() : nullptr;
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] { impl.forward_train(call); }));
+  if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
+  return Status();
+}
+
+Status forward_eval_relu(const ForwardEvalArgs& a, ConstTensorView z, const CallOptions& options) {
+  Geometry g;
+  BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
+  const bool add = z.data() != nullptr;
+  if (add) {
+    BNORM_RETURN_IF_ERROR(detail::check_same_shape("z", z, "x", a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::check_no_partial_overlap("y", a.y.data(), "z", z.data(), g.numel()));
+  }
+  BNORM_RETURN_IF_ERROR(
+      detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(
+      detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
+  if (options.check_finite) {
+    BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+    if (add) BNORM_RETURN_IF_ERROR(detail::check_finite("z", z, g));
+  }
+
+  detail::EvalCall call;
+  call.g = g;
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.bias = a.bias.empty() ? nullptr : a.bias.data();
+  call.running_mean = a.running_mean.data();
+  call.running_var = a.running_var.data();
+  call.eps = a.eps;
+  call.y = a.y.data();
+  call.relu = true;
+  call.z = add ? z.data() : nullptr;
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  return detail::run_kernels([&] { impl.forward_eval(call); });
+}
+
+Status backward_relu(const BackwardArgs& a, ConstTensorView y, TensorView dz,
+                     const CallOptions& options) {
+  if (!a.renorm_r.empty() || !a.renorm_d.empty() || a.ghost_batch != 0)
+    return Status::invalid_argument(
+        "backward_relu: renorm_r, renorm_d and ghost_batch are not supported by the fused forms");
+  Geometry g;
+  BNORM_RETURN_IF_ERROR(detail::check_tensor("x", a.x, &g));
+  BNORM_RETURN_IF_ERROR(detail::check_same_shape("dy", a.dy, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_same_shape("y", y, "x", a.x));
+  BNORM_RETURN_IF_ERROR(detail::check_same_shape("dx", a.dx, "x", a.x));
+  const int64_t numel = g.numel();
+  BNORM_RETURN_IF_ERROR(
+      detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), numel));
+  BNORM_RETURN_IF_ERROR(
+      detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), numel));
+  BNORM_RETURN_IF_ERROR(detail::check_no_partial_overlap("dx", a.dx.data(), "y", y.data(), numel));
+  const bool want_dz = dz.data() != nullptr;
+  if (want_dz) {
+    BNORM_RETURN_IF_ERROR(detail::check_same_shape("dz", dz, "x", a.x));
+    BNORM_RETURN_IF_ERROR(
+        detail::check_no_partial_overlap("dz", dz.data(), "dy", a.dy.data(), numel));
+    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.data(), "x", a.x.data(), numel));
+    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.data(), "y", y.data(), numel));
+    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.data(), "dx", a.dx.data(), numel));
+  }
+  BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
+  if (options.check_finite) {
+    BNORM_RETURN_IF_ERROR(detail::check_finite("dy", a.dy, g));
+    BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+    BNORM_RETURN_IF_ERROR(detail::check_finite("y", y, g));
+  }
+
+  detail::BackwardCall call;
+  call.g = g;
+  call.dy = a.dy.data();
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.training = a.training;
+  if (a.training) {
+    call.save_mean = a.save_mean.data();
+    call.save_invstd = a.save_invstd.data();
+  } else {
+    call.running_mean = a.running_mean.data();
+    call.running_var = a.running_var.data();
+  }
+  call.eps = a.eps;
+  call.dx = a.dx.data();
+  call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
+  call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
+  call.y = y.data();
+  call.dz = want_dz ? dz.data() : nullptr;
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  return detail::run_kernels([&] { impl.backward(call); });
+}
+
 }  // namespace bnorm

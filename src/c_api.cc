@@ -306,6 +306,105 @@ int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, con
   });
 }
 
+int bnorm_forward_train_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
+                             const float* weight, const float* bias, float* running_mean,
+                             float* running_var, int64_t* num_batches_tracked, double momentum,
+                             double eps, const float* z, float* y, float* save_mean,
+                             float* save_invstd) {
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+    if ((running_mean == nullptr) != (running_var == nullptr))
+      return bnorm::Status::invalid_argument(
+          std::string("running_mean and running_var: give both (tracking) or neither, got ") +
+          (running_mean ? "running_var NULL" : "running_mean NULL"));
+    if (std::isnan(momentum))
+      return bnorm::Status::invalid_argument(
+          "momentum: must be in [0, 1], or < 0 for none, got nan");
+    bnorm::ForwardTrainArgs a;
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.bias = vec(bias, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
+    a.num_batches_tracked = num_batches_tracked;
+    if (momentum < 0)
+      a.momentum = std::nullopt;
+    else
+      a.momentum = momentum;
+    a.eps = eps;
+    a.y = view(y, layout, n, c, s);
+    a.save_mean = vec(save_mean, c);
+    a.save_invstd = vec(save_invstd, c);
+    const bnorm::ConstTensorView zv = z ? view(z, layout, n, c, s) : bnorm::ConstTensorView();
+    return bnorm::forward_train_relu(a, zv, options_from_environment());
+  });
+}
+
+int bnorm_forward_eval_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
+                            const float* weight, const float* bias, const float* running_mean,
+                            const float* running_var, double eps, const float* z, float* y) {
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+    if (running_mean == nullptr || running_var == nullptr)
+      return bnorm::Status::invalid_argument(
+          std::string(running_mean == nullptr ? "running_mean" : "running_var") +
+          ": is NULL; eval needs running statistics (with track_running_stats=false, call "
+          "bnorm_forward_train_relu with running_* NULL)");
+    bnorm::ForwardEvalArgs a;
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.bias = vec(bias, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
+    a.eps = eps;
+    a.y = view(y, layout, n, c, s);
+    const bnorm::ConstTensorView zv = z ? view(z, layout, n, c, s) : bnorm::ConstTensorView();
+    return bnorm::forward_eval_relu(a, zv, options_from_environment());
+  });
+}
+
+int bnorm_backward_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* dy,
+                        const float* x, const float* y, const float* weight,
+                        const float* save_mean, const float* save_invstd,
+                        const float* running_mean, const float* running_var, double eps,
+                        int training, float* dx, float* dweight, float* dbias, float* dz) {
+  return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+    const char* missing = nullptr;
+    if (y == nullptr) {
+      missing = "y";
+    } else if (training) {
+      if (save_mean == nullptr)
+        missing = "save_mean";
+      else if (save_invstd == nullptr)
+        missing = "save_invstd";
+    } else {
+      if (running_mean == nullptr)
+        missing = "running_mean";
+      else if (running_var == nullptr)
+        missing = "running_var";
+    }
+    if (missing != nullptr)
+      return bnorm::Status::invalid_argument(
+          std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
+    bnorm::BackwardArgs a;
+    a.dy = view(dy, layout, n, c, s);
+    a.x = view(x, layout, n, c, s);
+    a.weight = vec(weight, c);
+    a.training = training != 0;
+    a.save_mean = vec(save_mean, c);
+    a.save_invstd = vec(save_invstd, c);
+    a.running_mean = vec(running_mean, c);
+    a.running_var = vec(running_var, c);
+    a.eps = eps;
+    a.dx = view(dx, layout, n, c, s);
+    a.dweight = vec(dweight, c);
+    a.dbias = vec(dbias, c);
+    const bnorm::TensorView dzv = dz ? view(dz, layout, n, c, s) : bnorm::TensorView();
+    return bnorm::backward_relu(a, view(y, layout, n, c, s), dzv, options_from_environment());
+  });
+}
+
 int bnorm_sync_forward_train(const bnorm_comm* comm, const bnorm_sync_options* options,
                              bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
                              const float* weight, const float* bias, float* running_mean,

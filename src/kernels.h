@@ -49,6 +49,9 @@ struct TrainCall {
   float* y = nullptr;            // may equal x
   float* save_mean = nullptr;    // optional
   float* save_invstd = nullptr;  // optional
+  // Fused activation: y = relu(bn(x) [+ z]). z (optional, only with relu) may equal y.
+  bool relu = false;
+  const float* z = nullptr;
 };
 
 struct EvalCall {
@@ -60,6 +63,8 @@ struct EvalCall {
   const float* running_var = nullptr;
   double eps = 0;
   float* y = nullptr;  // may equal x
+  bool relu = false;   // fused activation, as TrainCall
+  const float* z = nullptr;
 };
 
 struct BackwardCall {
@@ -76,6 +81,11 @@ struct BackwardCall {
   float* dx = nullptr;       // may equal dy or x
   float* dweight = nullptr;  // optional
   float* dbias = nullptr;    // optional
+  // Fused ReLU: y is the forward's output (dy is masked by y > 0; dx may equal y) and dz
+  // (optional) receives the masked dy, the gradient of the added tensor; dz may equal dy and
+  // overlaps nothing else.
+  const float* y = nullptr;
+  float* dz = nullptr;
 };
 
 // finalize: invstd = 1 / sqrt(var + eps); when running_mean is not null, the running statistics

@@ -218,7 +218,8 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
       sync.split_out = &last_split_;
       BNORM_RETURN_IF_ERROR(sync_forward_train(*comm_, a, call_options(), sync));
     } else {
-      BNORM_RETURN_IF_ERROR(forward_train(a, call_options()));
+      BNORM_RETURN_IF_ERROR(fused_.on ? forward_train_relu(a, fused_.z, call_options())
+                                      : forward_train(a, call_options()));
     }
   } else {
     // Running statistics: eval mode, or a frozen-statistics training forward, which keeps what
@@ -271,7 +272,8 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     a.running_var = frozen_var_;
     a.eps = options_.eps;
     a.y = y;
-    BNORM_RETURN_IF_ERROR(forward_eval(a, call_options()));
+    BNORM_RETURN_IF_ERROR(fused_.on ? forward_eval_relu(a, fused_.z, call_options())
+                                    : forward_eval(a, call_options()));
     if (frozen_stats && update) {
       std::copy(new_mean_.begin(), new_mean_.end(), running_mean_.begin());
       std::copy(new_var_.begin(), new_var_.end(), running_var_.begin());
@@ -331,13 +333,37 @@ Status BatchNorm::backward(ConstTensorView dy, ConstTensorView x, TensorView dx)
     sync.split = last_split_;
     BNORM_RETURN_IF_ERROR(sync_backward(*comm_, a, call_options(), sync));
   } else {
-    BNORM_RETURN_IF_ERROR(bnorm::backward(a, call_options()));
+    BNORM_RETURN_IF_ERROR(fused_.on ? bnorm::backward_relu(a, fused_.y, fused_.dz, call_options())
+                                    : bnorm::backward(a, call_options()));
   }
   for (size_t c = 0; !last_freeze_affine_ && c < weight_grad_.size(); ++c) {
     weight_grad_[c] += dweight_scratch_[c];
     bias_grad_[c] += dbias_scratch_[c];
   }
   return Status();
+}
+
+Status BatchNorm::forward_relu(ConstTensorView x, TensorView y, ConstTensorView z) {
+  if (comm_ != nullptr && training_)
+    return Status::invalid_argument(
+        "forward_relu: the fused forms do not run synchronized (set_sync); call forward, then "
+        "the ReLU");
+  fused_ = Fused{true, z, {}, {}};
+  const Status status = forward(x, y);
+  fused_ = Fused();
+  return status;
+}
+
+Status BatchNorm::backward_relu(ConstTensorView dy, ConstTensorView x, ConstTensorView y,
+                                TensorView dx, TensorView dz) {
+  if (have_forward_ && last_forward_synced_)
+    return Status::invalid_argument(
+        "backward_relu: the last forward was synchronized; the fused forms do not run "
+        "synchronized");
+  fused_ = Fused{true, {}, y, dz};
+  const Status status = backward(dy, x, dx);
+  fused_ = Fused();
+  return status;
 }
 
 }  // namespace bnorm

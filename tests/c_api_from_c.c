@@ -44,6 +44,25 @@ int main(void) {
   expect(rc == BNORM_OK && db[0] == 4.0f && fabsf(dx[0]) < 1e-6f,
          "backward: a constant dy gives dx = 0 and dbias = N");
 
+  /* Fused BN + add + ReLU: channel 0's xhat is (-1.34, -0.45, 0.45, 1.34); with z = 0.5 the
+     first element is clamped, the others pass; channel 1 is 0 + z. */
+  const float z[8] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, -0.5f, 0.5f, 0.5f};
+  float yf[8], mf[2], sf[2];
+  rc = bnorm_forward_train_relu(BNORM_CHANNELS_FIRST, 4, 2, 1, x, NULL, NULL, NULL, NULL, NULL,
+                                0.1, 1e-5, z, yf, mf, sf);
+  expect(rc == BNORM_OK && yf[0] == 0.0f && fabsf(yf[2] - (y[2] + 0.5f)) < 1e-6f,
+         "forward_train_relu: relu(bn(x) + z)");
+  expect(yf[1] == 0.5f && yf[5] == 0.0f, "a constant channel gives relu(z)");
+  float dxf[8], dwf[2], dbf[2], dzf[8];
+  rc = bnorm_backward_relu(BNORM_CHANNELS_FIRST, 4, 2, 1, dy, x, yf, NULL, mf, sf, NULL, NULL,
+                           1e-5, 1, dxf, dwf, dbf, dzf);
+  expect(rc == BNORM_OK && dzf[0] == 0.0f && dzf[2] == 1.0f && dzf[5] == 0.0f && dbf[0] == 3.0f,
+         "backward_relu: dz = dy * (y > 0), dbias = sum of it");
+  rc = bnorm_backward_relu(BNORM_CHANNELS_FIRST, 4, 2, 1, dy, x, NULL, NULL, mf, sf, NULL, NULL,
+                           1e-5, 1, dxf, dwf, dbf, dzf);
+  expect(rc == BNORM_ERROR_INVALID_ARGUMENT && strstr(bnorm_last_error(), "y") != NULL,
+         "backward_relu without y is refused");
+
   /* One value per channel in training: refused, nothing written. */
   float y1[2] = {-7, -7};
   rc = bnorm_forward_train(BNORM_CHANNELS_FIRST, 1, 2, 1, x, NULL, NULL, rm, rv, &batches, 0.1,

@@ -172,6 +172,32 @@ struct BackwardArgs {
 // Backward: dx and, when asked, dweight and dbias.
 Status backward(const BackwardArgs& args, const CallOptions& options = {});
 
+// ---- Fused activations: y = relu(bn(x)) and y = relu(bn(x) + z) ----
+//
+// What a ResNet runs after every convolution (BN then ReLU) and at the end of every residual
+// block (BN, add the shortcut z, ReLU), in one pass over the data instead of two or three: no
+// intermediate tensor is written or read. relu(v) = max(v, 0) with NaN kept, as torch.relu.
+//
+// z: the added tensor, optional: a view with null data means no add (y = relu(bn(x))). When
+// given, same shape and layout as x; it may alias y exactly (the sum written over the shortcut)
+// or x, but must not partially overlap y. Everything else (arguments, validation, statistics,
+// running-stat updates, aliasing of y and x, errors with nothing written) is as forward_train /
+// forward_eval. With options.check_finite, z is checked too. The extensions (batch_renorm,
+// ghost_batch, the *_out outputs; renorm_r, renorm_d, ghost_batch in the backward) are refused.
+Status forward_train_relu(const ForwardTrainArgs& args, ConstTensorView z = {},
+                          const CallOptions& options = {});
+Status forward_eval_relu(const ForwardEvalArgs& args, ConstTensorView z = {},
+                         const CallOptions& options = {});
+
+// Backward of the fused forms, from dy and the forward's output y: the ReLU's mask is y > 0, so
+// nothing but y is kept between the passes. g = dy * (y > 0) is the gradient of bn(x) + z, and
+// the call returns what backward() returns for g (dx, dweight, dbias; args as backward()), and,
+// when dz has data, dz = g, the gradient of z. y: required, same shape and layout as x; dx may
+// alias dy, x or y exactly. dz: optional output; it may alias dy exactly and must not overlap x,
+// y or dx.
+Status backward_relu(const BackwardArgs& args, ConstTensorView y, TensorView dz = {},
+                     const CallOptions& options = {});
+
 // Options of the layer, PyTorch's names and defaults.
 struct BatchNormOptions {
   int64_t num_features = 0;              // C, > 0
@@ -236,6 +262,15 @@ class BatchNorm {
   // bias_grad() when affine, as PyTorch accumulates .grad. Fails if no forward ran yet or the
   // shape differs from the last forward's.
   Status backward(ConstTensorView dy, ConstTensorView x, TensorView dx);
+
+  // The fused forms (forward_train_relu, forward_eval_relu, backward_relu): forward gives
+  // y = relu(bn(x)), or y = relu(bn(x) + z) when z has data, and backward takes the forward's
+  // output y (the ReLU's mask y > 0) and writes dz = dy * (y > 0) when dz has data. Otherwise
+  // as forward and backward. Not on a synchronized layer in training (set_sync): fails, nothing
+  // written.
+  Status forward_relu(ConstTensorView x, TensorView y, ConstTensorView z = {});
+  Status backward_relu(ConstTensorView dy, ConstTensorView x, ConstTensorView y, TensorView dx,
+                       TensorView dz = {});
 
   // Sets the gradients to zero.
   void zero_grad();
@@ -321,6 +356,12 @@ class BatchNorm {
   std::array<int64_t, kMaxRank> last_dims_{};
   int last_rank_ = 0;
   Layout last_layout_ = Layout::kChannelsFirst;
+  // Set by forward_relu / backward_relu for the duration of the call they delegate to.
+  struct Fused {
+    bool on = false;
+    ConstTensorView z, y;
+    TensorView dz;
+  } fused_;
 };
 
 }  // namespace bnorm

@@ -125,6 +125,34 @@ BNORM_C_EXPORT int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c,
                                       double eps, int training, float* dx, float* dweight,
                                       float* dbias, const bnorm_backward_extensions* ext);
 
+/* ---- Fused activations: y = relu(bn(x)) and y = relu(bn(x) + z) ----
+ *
+ * As bnorm_forward_train / bnorm_forward_eval, then y = max(bn(x) + z, 0) in the same pass
+ * (NaN kept, as torch.relu). z NULL: no add (y = relu(bn(x))); else z has x's shape and layout
+ * and may alias y or x exactly. */
+BNORM_C_EXPORT int bnorm_forward_train_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                            const float* x, const float* weight,
+                                            const float* bias, float* running_mean,
+                                            float* running_var, int64_t* num_batches_tracked,
+                                            double momentum, double eps, const float* z, float* y,
+                                            float* save_mean, float* save_invstd);
+
+BNORM_C_EXPORT int bnorm_forward_eval_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                           const float* x, const float* weight, const float* bias,
+                                           const float* running_mean, const float* running_var,
+                                           double eps, const float* z, float* y);
+
+/* Backward of the fused forms from dy and the forward's output y (the mask is y > 0; nothing
+   else is kept): as bnorm_backward for g = dy * (y > 0), and dz = g (the gradient of z) when dz
+   is not NULL. y is required; dx may alias dy, x or y exactly; dz may alias dy exactly and must
+   not overlap x, y or dx. */
+BNORM_C_EXPORT int bnorm_backward_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s,
+                                       const float* dy, const float* x, const float* y,
+                                       const float* weight, const float* save_mean,
+                                       const float* save_invstd, const float* running_mean,
+                                       const float* running_var, double eps, int training,
+                                       float* dx, float* dweight, float* dbias, float* dz);
+
 /* ---- Synchronized batch norm over the caller's communicator ----
  *
  * Batch norm over the global batch of a group of ranks (processes, or threads), each holding a

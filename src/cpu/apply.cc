@@ -26,25 +26,65 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 namespace {
 
-inline float apply_one(float x, float mhi, float mlo, float a, float b) {
-  return std::fma((x - mhi) - mlo, a, b);
+// The fused activations after y = ((x - mhi) - mlo) * a + b: none, ReLU, add z then ReLU.
+// ReLU is max(v, 0) with NaN kept (v <= 0 gives +0), as torch.relu.
+enum Act : int { kNone = 0, kRelu = 1, kAddRelu = 2 };
+
+// z[k] is read only for kAddRelu (z is null otherwise).
+template <int kAct, class DF, class V>
+HWY_INLINE V activate(DF df, V v, const float* z, int64_t k) {
+  if constexpr (kAct == kNone) {
+    return v;
+  } else {
+    if constexpr (kAct == kAddRelu) v = hn::Add(v, hn::LoadU(df, z + k));
+    return hn::IfThenZeroElse(hn::Le(v, hn::Zero(df)), v);
+  }
 }
 
-// One contiguous run of one channel.
-void apply_row(const float* x, float* y, int64_t len, float mhi, float mlo, float a, float b,
-               bool stream) {
+template <int kAct, class DF, class M, class V>
+HWY_INLINE V activate_masked(DF df, M mk, V v, const float* z, int64_t k) {
+  if constexpr (kAct == kNone) {
+    return v;
+  } else {
+    if constexpr (kAct == kAddRelu) v = hn::Add(v, hn::MaskedLoad(mk, df, z + k));
+    return hn::IfThenZeroElse(hn::Le(v, hn::Zero(df)), v);
+  }
+}
+
+template <int kAct>
+inline float apply_one(float x, float mhi, float mlo, float a, float b, const float* z,
+                       int64_t k) {
+  float v = std::fma((x - mhi) - mlo, a, b);
+  if constexpr (kAct == kNone) {
+    return v;
+  } else {
+    if constexpr (kAct == kAddRelu) v += z[k];
+    return v <= 0.0f ? 0.0f : v;
+  }
+}
+
+// One contiguous run of one channel (z: the same run of the added tensor).
+template <int kAct>
+void apply_row(const float* x, const float* z, float* y, int64_t len, float mhi, float mlo,
+               float a, float b, bool stream) {
   const hn::ScalableTag<float> df;
   const auto vh = hn::Set(df, mhi), vl = hn::Set(df, mlo), va = hn::Set(df, a), vb = hn::Set(df, b);
   write_row(
       df, y, len, stream,
-      [&](int64_t k) { return hn::MulAdd(hn::Sub(hn::Sub(hn::LoadU(df, x + k), vh), vl), va, vb); },
-      [&](auto mk, int64_t k) {
-        return hn::MulAdd(hn::Sub(hn::Sub(hn::MaskedLoad(mk, df, x + k), vh), vl), va, vb);
+      [&](int64_t k) {
+        return activate<kAct>(
+            df, hn::MulAdd(hn::Sub(hn::Sub(hn::LoadU(df, x + k), vh), vl), va, vb), z, k);
       },
-      [&](int64_t k) { return apply_one(x[k], mhi, mlo, a, b); });
+      [&](auto mk, int64_t k) {
+        return activate_masked<kAct>(
+            df, mk, hn::MulAdd(hn::Sub(hn::Sub(hn::MaskedLoad(mk, df, x + k), vh), vl), va, vb), z,
+            k);
+      },
+      [&](int64_t k) { return apply_one<kAct>(x[k], mhi, mlo, a, b, z, k); });
 }
 
 // Channels-last, row by row: the parameters loaded per vector.
+template <int kAct>
 void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyParams& q,
                      float* y, bool stream) {
   const hn::ScalableTag<float> df;
@@ -56,41 +96,45 @@ void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyP
   const float* const mlo = q.mlo;
   const float* const qa = q.a;
   const float* const qb = q.b;
+  const float* const z = q.z;
   for (int64_t r = b.i0; r < b.i1; ++r) {
     const float* xr = x + r * p.c;
+    const float* zr = kAct == kAddRelu ? z + r * p.c : nullptr;
     float* yr = y + r * p.c;
     int64_t k = b.c0;
     if (stream && reinterpret_cast<uintptr_t>(yr + k) % align == 0) {
       for (; k < vec_end; k += nf) {
         const auto t =
             hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-        hn::Stream(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+        const auto v = hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k));
+        hn::Stream(activate<kAct>(df, v, zr, k), df, yr + k);
       }
     }
     for (; k < vec_end; k += nf) {
       const auto t =
           hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-      hn::StoreU(hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), df, yr + k);
+      const auto v = hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k));
+      hn::StoreU(activate<kAct>(df, v, zr, k), df, yr + k);
     }
-    for (; k < b.c1; ++k) yr[k] = apply_one(xr[k], mhi[k], mlo[k], qa[k], qb[k]);
+    for (; k < b.c1; ++k) yr[k] = apply_one<kAct>(xr[k], mhi[k], mlo[k], qa[k], qb[k], zr, k);
   }
 }
 
-}  // namespace
-
-void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
-                 bool stream) {
+template <int kAct>
+void apply_block_act(const Plan& p, const float* x, const Block& b, const ApplyParams& q,
+                     float* y, bool stream) {
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
     for (int64_t c = b.c0; c < b.c1; ++c)
       for (int64_t i = b.i0; i < b.i1; ++i) {
         const int64_t at = (i * p.c + c) * p.s + b.j0;
-        apply_row(x + at, y + at, len, q.mhi[c], q.mlo[c], q.a[c], q.b[c], stream);
+        apply_row<kAct>(x + at, kAct == kAddRelu ? q.z + at : nullptr, y + at, len, q.mhi[c],
+                        q.mlo[c], q.a[c], q.b[c], stream);
       }
     return;
   }
   if (p.c > kTileApplyMaxChannels) {
-    apply_rows_last(p, x, b, q, y, stream);
+    apply_rows_last<kAct>(p, x, b, q, y, stream);
     return;
   }
   // Channels-last: a tile of channels at a time down the block's rows, its parameters in
@@ -111,12 +155,16 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
     }
     for (int64_t r = b.i0; r < b.i1; ++r) {
       const float* xr = x + r * p.c + k0;
+      const float* zr = kAct == kAddRelu ? q.z + r * p.c + k0 : nullptr;
       float* yr = y + r * p.c + k0;
-      if (k0 == b.c0 && r + kPrefetchRows < b.i1) prefetch_row(xr + kPrefetchRows * p.c, width);
+      if (k0 == b.c0 && r + kPrefetchRows < b.i1) {
+        prefetch_row(xr + kPrefetchRows * p.c, width);
+        if constexpr (kAct == kAddRelu) prefetch_row(zr + kPrefetchRows * p.c, width);
+      }
       const bool nt = stream && reinterpret_cast<uintptr_t>(yr) % align == 0;
       for (int v = 0; v < kVecs; ++v) {
         const auto t = hn::Sub(hn::Sub(hn::LoadU(df, xr + v * nf), vh[v]), vl[v]);
-        const auto out = hn::MulAdd(t, va[v], vb[v]);
+        const auto out = activate<kAct>(df, hn::MulAdd(t, va[v], vb[v]), zr, v * nf);
         if (nt) {
           hn::Stream(out, df, yr + v * nf);
         } else {
@@ -131,7 +179,20 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
   if (k < b.c1) {  // the last channels, fewer than a vector
     Block rest = b;
     rest.c0 = k;
-    apply_rows_last(p, x, rest, q, y, stream);
+    apply_rows_last<kAct>(p, x, rest, q, y, stream);
+  }
+}
+
+}  // namespace
+
+void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
+                 bool stream) {
+  if (!q.relu) {
+    apply_block_act<kNone>(p, x, b, q, y, stream);
+  } else if (q.z == nullptr) {
+    apply_block_act<kRelu>(p, x, b, q, y, stream);
+  } else {
+    apply_block_act<kAddRelu>(p, x, b, q, y, stream);
   }
 }
 

@@ -30,33 +30,73 @@ inline float dx_one(float g, float x, float m, float alpha, float beta, float ga
   return std::fma(alpha, g, std::fma(beta, x - m, gamma));
 }
 
-// One contiguous run of one channel.
-void backward_apply_row(const float* dy, const float* x, float* dx, int64_t len, float m,
-                        float alpha, float beta, float gamma, bool training, bool stream) {
+// The gradient the batch norm sees at element k: dy, or with the fused ReLU g = dy * (y > 0),
+// then also stored to dz when dz is set (dz may be dy: g is formed before it is stored).
+template <bool kRelu, class DF>
+HWY_INLINE hn::Vec<DF> grad(DF df, const float* dy, const float* y, float* dz, int64_t k) {
+  auto g = hn::LoadU(df, dy + k);
+  if constexpr (kRelu) {
+    g = hn::IfThenElseZero(hn::Gt(hn::LoadU(df, y + k), hn::Zero(df)), g);
+    if (dz != nullptr) hn::StoreU(g, df, dz + k);
+  }
+  return g;
+}
+
+template <bool kRelu, class DF, class M>
+HWY_INLINE hn::Vec<DF> grad_masked(DF df, M mk, const float* dy, const float* y, float* dz,
+                                   int64_t k) {
+  auto g = hn::MaskedLoad(mk, df, dy + k);
+  if constexpr (kRelu) {
+    g = hn::IfThenElseZero(hn::Gt(hn::MaskedLoad(mk, df, y + k), hn::Zero(df)), g);
+    if (dz != nullptr) hn::BlendedStore(g, mk, df, dz + k);
+  }
+  return g;
+}
+
+template <bool kRelu>
+inline float grad_one(const float* dy, const float* y, float* dz, int64_t k) {
+  float g = dy[k];
+  if constexpr (kRelu) {
+    g = y[k] > 0.0f ? g : 0.0f;
+    if (dz != nullptr) dz[k] = g;
+  }
+  return g;
+}
+
+// One contiguous run of one channel (y, dz: the same run of the fused ReLU's output and of dz).
+template <bool kRelu>
+void backward_apply_row(const float* dy, const float* x, const float* y, float* dz, float* dx,
+                        int64_t len, float m, float alpha, float beta, float gamma, bool training,
+                        bool stream) {
   const hn::ScalableTag<float> df;
   const auto vm = hn::Set(df, m), va = hn::Set(df, alpha), vb = hn::Set(df, beta),
              vg = hn::Set(df, gamma);
   if (!training) {
     write_row(
-        df, dx, len, stream, [&](int64_t k) { return hn::Mul(va, hn::LoadU(df, dy + k)); },
-        [&](auto mk, int64_t k) { return hn::Mul(va, hn::MaskedLoad(mk, df, dy + k)); },
-        [&](int64_t k) { return alpha * dy[k]; });
+        df, dx, len, stream,
+        [&](int64_t k) { return hn::Mul(va, grad<kRelu>(df, dy, y, dz, k)); },
+        [&](auto mk, int64_t k) { return hn::Mul(va, grad_masked<kRelu>(df, mk, dy, y, dz, k)); },
+        [&](int64_t k) { return alpha * grad_one<kRelu>(dy, y, dz, k); });
     return;
   }
   write_row(
       df, dx, len, stream,
       [&](int64_t k) {
         const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
-        return hn::MulAdd(va, hn::LoadU(df, dy + k), t);
+        return hn::MulAdd(va, grad<kRelu>(df, dy, y, dz, k), t);
       },
       [&](auto mk, int64_t k) {
         const auto t = hn::MulAdd(vb, hn::Sub(hn::MaskedLoad(mk, df, x + k), vm), vg);
-        return hn::MulAdd(va, hn::MaskedLoad(mk, df, dy + k), t);
+        return hn::MulAdd(va, grad_masked<kRelu>(df, mk, dy, y, dz, k), t);
       },
-      [&](int64_t k) { return dx_one(dy[k], x[k], m, alpha, beta, gamma); });
+      [&](int64_t k) {
+        const float g = grad_one<kRelu>(dy, y, dz, k);
+        return dx_one(g, x[k], m, alpha, beta, gamma);
+      });
 }
 
 // Channels-last, row by row: the parameters loaded per vector.
+template <bool kRelu>
 void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, const Block& b,
                               const BackwardParams& q, bool training, float* dx, bool stream) {
   const hn::ScalableTag<float> df;
@@ -68,55 +108,62 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
   const float* const qalpha = q.alpha;
   const float* const qbeta = q.beta;
   const float* const qgamma = q.gamma;
+  const float* const qy = q.y;
+  float* const qdz = q.dz;
   for (int64_t r = b.i0; r < b.i1; ++r) {
     const float* gr = dy + r * p.c;
     const float* xr = x + r * p.c;
+    const float* yr = kRelu ? qy + r * p.c : nullptr;
+    float* zr = kRelu && qdz != nullptr ? qdz + r * p.c : nullptr;
     float* out = dx + r * p.c;
     const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
     int64_t k = b.c0;
     if (!training) {
       for (; k < vec_end; k += nf) {
-        const auto v = hn::Mul(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k));
+        const auto v = hn::Mul(hn::LoadU(df, qalpha + k), grad<kRelu>(df, gr, yr, zr, k));
         if (nt) {
           hn::Stream(v, df, out + k);
         } else {
           hn::StoreU(v, df, out + k);
         }
       }
-      for (; k < b.c1; ++k) out[k] = qalpha[k] * gr[k];
+      for (; k < b.c1; ++k) out[k] = qalpha[k] * grad_one<kRelu>(gr, yr, zr, k);
       continue;
     }
     for (; k < vec_end; k += nf) {
       const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
                                 hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
                                 hn::LoadU(df, qgamma + k));
-      const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), hn::LoadU(df, gr + k), t);
+      const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), grad<kRelu>(df, gr, yr, zr, k), t);
       if (nt) {
         hn::Stream(v, df, out + k);
       } else {
         hn::StoreU(v, df, out + k);
       }
     }
-    for (; k < b.c1; ++k) out[k] = dx_one(gr[k], xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
+    for (; k < b.c1; ++k) {
+      const float g = grad_one<kRelu>(gr, yr, zr, k);
+      out[k] = dx_one(g, xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
+    }
   }
 }
 
-}  // namespace
-
-void backward_apply_block(const Plan& p, const float* dy, const float* x, const Block& b,
-                          const BackwardParams& q, bool training, float* dx, bool stream) {
+template <bool kRelu>
+void backward_apply_block_act(const Plan& p, const float* dy, const float* x, const Block& b,
+                              const BackwardParams& q, bool training, float* dx, bool stream) {
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
     for (int64_t c = b.c0; c < b.c1; ++c)
       for (int64_t i = b.i0; i < b.i1; ++i) {
         const int64_t at = (i * p.c + c) * p.s + b.j0;
-        backward_apply_row(dy + at, x + at, dx + at, len, q.m[c], q.alpha[c], q.beta[c], q.gamma[c],
-                           training, stream);
+        backward_apply_row<kRelu>(dy + at, x + at, kRelu ? q.y + at : nullptr,
+                                  kRelu && q.dz != nullptr ? q.dz + at : nullptr, dx + at, len,
+                                  q.m[c], q.alpha[c], q.beta[c], q.gamma[c], training, stream);
       }
     return;
   }
   if (p.c > kTileApplyMaxChannels) {
-    backward_apply_rows_last(p, dy, x, b, q, training, dx, stream);
+    backward_apply_rows_last<kRelu>(p, dy, x, b, q, training, dx, stream);
     return;
   }
   // Channels-last: a tile of channels at a time down the block's rows, its parameters in
@@ -137,19 +184,22 @@ void backward_apply_block(const Plan& p, const float* dy, const float* x, const 
     for (int64_t r = b.i0; r < b.i1; ++r) {
       const float* gr = dy + r * p.c + k0;
       const float* xr = x + r * p.c + k0;
+      const float* yr = kRelu ? q.y + r * p.c + k0 : nullptr;
+      float* zr = kRelu && q.dz != nullptr ? q.dz + r * p.c + k0 : nullptr;
       float* out = dx + r * p.c + k0;
       if (k0 == b.c0 && r + kPrefetchRows < b.i1) {
         prefetch_row(gr + kPrefetchRows * p.c, width);
         if (training) prefetch_row(xr + kPrefetchRows * p.c, width);
+        if constexpr (kRelu) prefetch_row(yr + kPrefetchRows * p.c, width);
       }
       const bool nt = stream && reinterpret_cast<uintptr_t>(out) % align == 0;
       for (int v = 0; v < kVecs; ++v) {
         hn::Vec<decltype(df)> d;
         if (training) {
           const auto t = hn::MulAdd(vb[v], hn::Sub(hn::LoadU(df, xr + v * nf), vm[v]), vg[v]);
-          d = hn::MulAdd(va[v], hn::LoadU(df, gr + v * nf), t);
+          d = hn::MulAdd(va[v], grad<kRelu>(df, gr, yr, zr, v * nf), t);
         } else {
-          d = hn::Mul(va[v], hn::LoadU(df, gr + v * nf));
+          d = hn::Mul(va[v], grad<kRelu>(df, gr, yr, zr, v * nf));
         }
         if (nt) {
           hn::Stream(d, df, out + v * nf);
@@ -165,7 +215,18 @@ void backward_apply_block(const Plan& p, const float* dy, const float* x, const 
   if (k < b.c1) {  // the last channels, fewer than a vector
     Block rest = b;
     rest.c0 = k;
-    backward_apply_rows_last(p, dy, x, rest, q, training, dx, stream);
+    backward_apply_rows_last<kRelu>(p, dy, x, rest, q, training, dx, stream);
+  }
+}
+
+}  // namespace
+
+void backward_apply_block(const Plan& p, const float* dy, const float* x, const Block& b,
+                          const BackwardParams& q, bool training, float* dx, bool stream) {
+  if (q.y != nullptr) {
+    backward_apply_block_act<true>(p, dy, x, b, q, training, dx, stream);
+  } else {
+    backward_apply_block_act<false>(p, dy, x, b, q, training, dx, stream);
   }
 }
 

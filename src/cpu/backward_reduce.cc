@@ -68,9 +68,46 @@ struct BackwardReduceTerms {
   }
 };
 
-void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
-                           const float* m, double* partials) {
-  reduce_block(p, BackwardReduceTerms{dy, x, m}, b, partials);
+// The fused ReLU's terms: u = dy * (y > 0), v = x - m. Masked-off lanes load y = 0.
+struct BackwardReduceReluTerms : BackwardReduceTerms {
+  const float* y;
+
+  template <class DF, class V>
+  void terms32(DF df, int64_t at, V vc, V* u, V* v) const {
+    *u = hn::IfThenElseZero(hn::Gt(hn::LoadU(df, y + at), hn::Zero(df)), hn::LoadU(df, dy + at));
+    *v = hn::Sub(hn::LoadU(df, x + at), vc);
+  }
+  template <class DF, class M, class V>
+  void terms32_masked(DF df, M mk, int64_t at, V vc, V* u, V* v) const {
+    *u = hn::IfThenElseZero(hn::Gt(hn::MaskedLoad(mk, df, y + at), hn::Zero(df)),
+                            hn::MaskedLoad(mk, df, dy + at));
+    *v = hn::Sub(hn::MaskedLoad(mk, df, x + at), vc);
+  }
+  template <class DD, class V>
+  void terms64(DD dd, int64_t at, V vc, V* u, V* v) const {
+    const hn::Rebind<float, DD> dh;
+    const auto g = hn::IfThenElseZero(hn::Gt(hn::LoadU(dh, y + at), hn::Zero(dh)),
+                                      hn::LoadU(dh, dy + at));
+    *u = hn::PromoteTo(dd, g);
+    *v = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, x + at)), vc);
+  }
+  void terms_scalar(int64_t at, double centre, double* u, double* v) const {
+    *u = y[at] > 0 ? static_cast<double>(dy[at]) : 0.0;
+    *v = static_cast<double>(x[at]) - centre;
+  }
+  void prefetch(int64_t at, int64_t count) const {
+    BackwardReduceTerms::prefetch(at, count);
+    prefetch_row(y + at, count);
+  }
+};
+
+void backward_reduce_block(const Plan& p, const float* dy, const float* x, const float* y,
+                           const Block& b, const float* m, double* partials) {
+  if (y != nullptr) {
+    reduce_block(p, BackwardReduceReluTerms{{dy, x, m}, y}, b, partials);
+  } else {
+    reduce_block(p, BackwardReduceTerms{dy, x, m}, b, partials);
+  }
 }
 
 namespace {
@@ -91,15 +128,15 @@ void reduce_task(void* ctx, int t, int n) {
   int64_t begin, end;
   split_range(0, static_cast<int64_t>(p.blocks.size()), t, n, &begin, &end);
   for (int64_t k = begin; k < end; ++k)
-    backward_reduce_block(p, job.dy, job.x, p.blocks[k], job.m, job.partials);
+    backward_reduce_block(p, job.dy, job.x, nullptr, p.blocks[k], job.m, job.partials);
 }
 
 void merge_task(void* ctx, int t, int n) {
   const ReduceJob& job = *static_cast<const ReduceJob*>(ctx);
   int64_t begin, end;
   split_range(0, job.plan->c, t, n, &begin, &end);
-  merge_backward_sums(*job.plan, job.dy, job.x, job.m, job.partials, begin, end, true, job.sum0,
-                      job.sum1);
+  merge_backward_sums(*job.plan, job.dy, job.x, nullptr, job.m, job.partials, begin, end, true,
+                      job.sum0, job.sum1);
 }
 
 }  // namespace

@@ -13,19 +13,26 @@ namespace bnorm::cpu {
 // y = ((x - mhi) - mlo) * a + b per channel. mhi + mlo is the fp64 mean split into two floats,
 // so x - mean keeps its fp64 accuracy, and a constant channel (x == mhi, mlo == 0) gives exactly
 // y = b. Eval passes the running mean as mhi, mlo = 0.
+// Fused activation (`relu`): y = max(((x - mhi) - mlo) * a + b [+ z], 0), z null for none.
 struct ApplyParams {
   const float* mhi;
   const float* mlo;
   const float* a;
   const float* b;
+  const float* z = nullptr;
+  bool relu = false;
 };
 
-// dx = alpha * dy + (beta * (x - m) + gamma) per channel (eval: beta = gamma = 0).
+// dx = alpha * dy + (beta * (x - m) + gamma) per channel (eval: beta = gamma = 0). With `y`
+// (the fused ReLU's output) dy is replaced by g = dy * (y > 0), and g is written to dz when
+// dz is set.
 struct BackwardParams {
   const float* m;
   const float* alpha;
   const float* beta;
   const float* gamma;
+  const float* y = nullptr;
+  float* dz = nullptr;
 };
 
 // The channel's pivot: its first element. Every block shifts by it, so the merge needs no
@@ -39,11 +46,13 @@ inline double channel_pivot(const Plan& p, const float* x, int64_t c) {
 void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, double* sum0,
                 double* sum1);
 
-// merge_sums of the backward_reduce partials (sum dy, sum dy * (x - m)); with `resum`, a
+// merge_sums of the backward_reduce partials (sum dy, sum dy * (x - m); with y not null, dy
+// masked by y > 0, the fused ReLU's gradient); with `resum`, a
 // channel whose sums are not finite is summed again from dy and x in fp64 (scalar, batched as
 // merge_stats batches), so fp32 overflow of dy * (x - m) cannot make a finite result infinite. `resum`
 // must be false when dx may already have overwritten dy or x.
-void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* m,
+void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* y,
+                         const float* m,
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
                          double* sum1);
 

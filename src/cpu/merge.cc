@@ -69,7 +69,8 @@ void resum_channels(const Plan& p, int64_t c0, int64_t c1, const Select& select,
 
 }  // namespace
 
-void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* m,
+void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* y,
+                         const float* m,
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
                          double* sum1) {
   merge_sums(p, partials, c0, c1, sum0, sum1);
@@ -84,7 +85,7 @@ void merge_backward_sums(const Plan& p, const float* dy, const float* x, const f
         return true;
       },
       [&](int j, int64_t k) {
-        const double g = dy[k];
+        const double g = (y == nullptr || y[k] > 0) ? static_cast<double>(dy[k]) : 0.0;
         t0[j] += g;
         t1[j] += g * (static_cast<double>(x[k]) - mc[j]);
       },

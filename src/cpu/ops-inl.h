@@ -97,7 +97,8 @@ HWY_INLINE void write_row(DF df, float* out, int64_t len, bool stream, const Vec
 void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
                  double* partials);
 
-// y = ((x - mhi) - mlo) * a + b over the block; streaming stores when `stream`.
+// y = ((x - mhi) - mlo) * a + b over the block (fused: q.relu, q.z); streaming stores when
+// `stream`.
 void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
                  bool stream);
 
@@ -105,12 +106,13 @@ void apply_block(const Plan& p, const float* x, const Block& b, const ApplyParam
 void apply_with_params(const Geometry& g, const float* x, const ApplyParams& q, float* y);
 
 // Per channel of the block: sum dy and sum dy * (x - m[c]) into the partial slots, summed as
-// stats_block sums.
-void backward_reduce_block(const Plan& p, const float* dy, const float* x, const Block& b,
-                           const float* m, double* partials);
+// stats_block sums. With y not null (the fused ReLU's output), dy masked by y > 0.
+void backward_reduce_block(const Plan& p, const float* dy, const float* x, const float* y,
+                           const Block& b, const float* m, double* partials);
 
 // dx = alpha * dy + beta * (x - m) + gamma over the block; streaming stores when `stream`.
-// Eval (`training` false): dx = alpha * dy, x unread.
+// Eval (`training` false): dx = alpha * dy, x unread. With q.y, dy masked by y > 0 (and written
+// to q.dz when set).
 void backward_apply_block(const Plan& p, const float* dy, const float* x, const Block& b,
                           const BackwardParams& q, bool training, float* dx, bool stream);
 

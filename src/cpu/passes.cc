@@ -127,7 +127,7 @@ void train_task(void* ctx, int t, int n) {
     for (int64_t k = begin; k < end; ++k) reduce(k);
     return;
   }
-  const ApplyParams q{job.mhi, job.mlo, job.a, job.b};
+  const ApplyParams q{job.mhi, job.mlo, job.a, job.b, call.z, call.relu};
   auto apply = [&](int64_t k) { apply_block(p, call.x, p.blocks[k], q, call.y, job.stream); };
   if (job.phase == Phase::kApplyThenReduce) {
     int64_t r0, r1;
@@ -164,10 +164,11 @@ void backward_task(void* ctx, int t, int n) {
   int64_t begin, end;
   if (job.phase == Phase::kMerge) {
     split_range(w.c0, w.c1, t, n, &begin, &end);
-    // Eval's single sweep may have written dx over dy or x already.
-    const bool resum = call.training || (call.dx != call.dy && call.dx != call.x);
-    merge_backward_sums(p, call.dy, call.x, job.m, job.partials, begin, end, resum, job.sum0,
-                        job.sum1);
+    // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already.
+    const bool resum = call.training || (call.dx != call.dy && call.dx != call.x &&
+                                         call.dx != call.y && call.dz != call.dy);
+    merge_backward_sums(p, call.dy, call.x, call.y, job.m, job.partials, begin, end, resum,
+                        job.sum0, job.sum1);
     const double count = static_cast<double>(call.g.count());
     for (int64_t c = begin; c < end; ++c) {
       const double invstd = job.invstd[c];
@@ -183,7 +184,7 @@ void backward_task(void* ctx, int t, int n) {
     return;
   }
   split_range(w.b0, w.b1, t, n, &begin, &end);
-  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma};
+  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
   if (job.phase == Phase::kApplyThenReduce) {
     int64_t r0, r1;
     split_range(job.next->b0, job.next->b1, t, n, &r0, &r1);
@@ -193,11 +194,11 @@ void backward_task(void* ctx, int t, int n) {
           backward_apply_block(p, call.dy, call.x, p.blocks[k], q, true, call.dx, job.stream);
         },
         [&](int64_t k) {
-          backward_reduce_block(p, call.dy, call.x, p.blocks[k], job.m, job.partials);
+          backward_reduce_block(p, call.dy, call.x, call.y, p.blocks[k], job.m, job.partials);
         });
   } else if (job.phase != Phase::kApply) {
     for (int64_t k = begin; k < end; ++k) {
-      backward_reduce_block(p, call.dy, call.x, p.blocks[k], job.m, job.partials);
+      backward_reduce_block(p, call.dy, call.x, call.y, p.blocks[k], job.m, job.partials);
       if (job.phase == Phase::kReduceApply)
         backward_apply_block(p, call.dy, call.x, p.blocks[k], q, false, call.dx, job.stream);
     }
@@ -245,7 +246,7 @@ void forward_eval_pass(const detail::EvalCall& call) {
     set_apply_params(call.running_mean[c], invstd, call.weight ? call.weight[c] : 1.0,
                      call.bias ? call.bias[c] : 0.0, c, mhi, mlo, a, b);
   }
-  apply_with_params(g, call.x, ApplyParams{mhi, mlo, a, b}, call.y);
+  apply_with_params(g, call.x, ApplyParams{mhi, mlo, a, b, call.z, call.relu}, call.y);
 }
 
 void backward_pass(const detail::BackwardCall& call) {
@@ -277,7 +278,7 @@ void backward_pass(const detail::BackwardCall& call) {
     job.beta[c] = 0;
     job.gamma[c] = 0;
   }
-  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma};
+  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
   if (!call.training && call.dweight == nullptr && call.dbias == nullptr) {
     backward_apply_with_params(g, call.dy, call.x, q, false, call.dx);
     return;

@@ -84,6 +84,40 @@ Status BatchNormNd::backward(const Tensor& dy, Tensor* dx) {
   return Status();
 }
 
+Status BatchNormNd::forward_relu(const Tensor& x, Tensor* y) {
+  if (y == nullptr) return Status::invalid_argument(repr() + ": y: is null");
+  if (x.rank() < min_rank_ || x.rank() > max_rank_ || x.dim(1) != bn_.num_features()) {
+    std::string expected = min_rank_ == 4 ? "[N, C, H, W]" : "[N, C] or [N, C, L]";
+    return detail::shape_error(repr(), "x",
+                               expected + " with C = " + std::to_string(bn_.num_features()), x);
+  }
+  if (y == &x) return Status::invalid_argument(repr() + ": y: must not be x");
+  y->resize(x.shape());
+  bn_.set_num_batches_tracked(num_batches_tracked_);
+  Status s = bn_.forward_relu(x.view(), y->view());
+  if (!s.ok()) return with_context(repr(), s);
+  num_batches_tracked_ = bn_.num_batches_tracked();
+  x_ = &x;
+  out_shape_ = x.shape();
+  return Status();
+}
+
+Status BatchNormNd::backward_relu(const Tensor& dy, const Tensor& y, Tensor* dx) {
+  if (x_ == nullptr) return Status::invalid_argument(repr() + ": backward: no forward before it");
+  if (dy.shape() != out_shape_)
+    return detail::shape_error(repr(), "dy",
+                               "the forward's output shape " + shape_string(out_shape_), dy);
+  if (y.shape() != out_shape_)
+    return detail::shape_error(repr(), "y",
+                               "the forward's output shape " + shape_string(out_shape_), y);
+  if (dx == &dy) return Status::invalid_argument(repr() + ": dx: must not be dy");
+  Tensor* target = dx != nullptr ? dx : &scratch_;
+  target->resize(out_shape_);
+  Status s = bn_.backward_relu(dy.view(), x_->view(), y.view(), target->view());
+  if (!s.ok()) return with_context(repr(), s);
+  return Status();
+}
+
 void BatchNormNd::zero_grad() { bn_.zero_grad(); }
 
 namespace {

@@ -33,11 +33,31 @@ Status Sequential::add(std::unique_ptr<Module> module) {
   return Status();
 }
 
+bool Sequential::fusable(size_t i) const {
+  if (!fuse_bn_relu_ || i + 1 >= modules_.size()) return false;
+  const auto* bn = dynamic_cast<const BatchNormNd*>(modules_[i].get());
+  return bn != nullptr && bn->layer().sync_communicator() == nullptr &&
+         dynamic_cast<const ReLU*>(modules_[i + 1].get()) != nullptr;
+}
+
 Status Sequential::forward(const Tensor& x, Tensor* y) {
   if (y == nullptr) return Status::invalid_argument("Sequential: y: is null");
   if (y == &x) return Status::invalid_argument("Sequential: y: must not be x");
   const Tensor* in = &x;
+  fused_.assign(modules_.size(), 0);
   for (size_t i = 0; i < modules_.size(); ++i) {
+    if (fusable(i)) {
+      // The batch norm writes the ReLU's output; its own output stays empty.
+      Status s = static_cast<BatchNormNd&>(*modules_[i]).forward_relu(*in, &outputs_[i + 1]);
+      if (!s.ok()) {
+        x_ = nullptr;
+        return prefixed(i, s);
+      }
+      outputs_[i].resize({0});
+      fused_[i] = 1;
+      in = &outputs_[++i];
+      continue;
+    }
     Status s = modules_[i]->forward(*in, &outputs_[i]);
     if (!s.ok()) {
       x_ = nullptr;
@@ -66,6 +86,14 @@ Status Sequential::backward(const Tensor& dy, Tensor* dx) {
                                "the forward's output shape " + outputs_.back().size_string(), dy);
   const Tensor* g = &dy;
   for (size_t i = modules_.size(); i-- > 0;) {
+    if (i > 0 && fused_[i - 1]) {  // the ReLU at i and the batch norm at i - 1, fused
+      --i;
+      Tensor* target = i == 0 ? dx : &grads_[i];
+      Status s = static_cast<BatchNormNd&>(*modules_[i]).backward_relu(*g, outputs_[i + 1], target);
+      if (!s.ok()) return prefixed(i, s);
+      g = target;
+      continue;
+    }
     Tensor* target = i == 0 ? dx : &grads_[i];
     Status s = modules_[i]->backward(*g, target);
     if (!s.ok()) return prefixed(i, s);

@@ -1,5 +1,6 @@
 // The reference's three whole passes: the kernels of reference.h in order, on fp64 per-channel
 // vectors, so that nothing is rounded to fp32 before it is stored.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -36,7 +37,12 @@ void forward_train(const detail::TrainCall& call) {
   stats(g, call.x, mean.data(), var.data());
   finalize(g, mean.data(), var.data(), call.eps, call.factor, invstd.data(), call.running_mean,
            call.running_var);
-  apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
+  if (call.relu) {
+    apply_relu(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias),
+               call.z, call.y);
+  } else {
+    apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
+  }
   store(mean, call.save_mean);
   store(invstd, call.save_invstd);
 }
@@ -46,7 +52,12 @@ void forward_eval(const detail::EvalCall& call) {
   const std::vector<double> mean = widen(call.running_mean, g.c);
   const std::vector<double> weight = widen(call.weight, g.c), bias = widen(call.bias, g.c);
   const std::vector<double> invstd = running_invstd(call.running_var, g.c, call.eps);
-  apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
+  if (call.relu) {
+    apply_relu(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias),
+               call.z, call.y);
+  } else {
+    apply(g, call.x, mean.data(), invstd.data(), data_or_null(weight), data_or_null(bias), call.y);
+  }
 }
 
 void backward(const detail::BackwardCall& call) {
@@ -61,11 +72,20 @@ void backward(const detail::BackwardCall& call) {
   }
   const std::vector<double> weight = widen(call.weight, g.c);
   std::vector<double> sum_dy(g.c), sum_dy_xhat(g.c);
-  backward_reduce(g, call.dy, call.x, mean.data(), invstd.data(), sum_dy.data(),
-                  sum_dy_xhat.data());
+  // The fused ReLU: the batch norm's gradient is dy masked by y > 0 (a copy, so that dx and dz
+  // may alias the inputs).
+  std::vector<float> masked;
+  const float* dy = call.dy;
+  if (call.y != nullptr) {
+    masked.resize(static_cast<size_t>(g.numel()));
+    relu_mask(g, call.dy, call.y, masked.data());
+    dy = masked.data();
+  }
+  backward_reduce(g, dy, call.x, mean.data(), invstd.data(), sum_dy.data(), sum_dy_xhat.data());
   // The reductions read all of x and dy before dx is written, so dx may alias either.
-  backward_apply(g, call.dy, call.x, mean.data(), invstd.data(), data_or_null(weight),
-                 sum_dy.data(), sum_dy_xhat.data(), call.training, call.dx);
+  backward_apply(g, dy, call.x, mean.data(), invstd.data(), data_or_null(weight), sum_dy.data(),
+                 sum_dy_xhat.data(), call.training, call.dx);
+  if (call.dz != nullptr) std::copy(masked.begin(), masked.end(), call.dz);
   store(sum_dy_xhat, call.dweight);
   store(sum_dy, call.dbias);
 }

@@ -28,6 +28,17 @@ template <class T>
 void apply(const Geometry& g, const T* x, const double* mean, const double* invstd,
            const double* weight, const double* bias, T* y);
 
+// apply_relu: the fused activation, y = max(weight * (x - mean) * invstd + bias [+ z], 0) in
+// fp64, rounded once (z null: no add; NaN is kept, as torch.relu). y may equal x or z.
+template <class T>
+void apply_relu(const Geometry& g, const T* x, const double* mean, const double* invstd,
+                const double* weight, const double* bias, const T* z, T* y);
+
+// relu_mask: the gradient through the fused ReLU, out = dy where y > 0, else 0 (exact). out may
+// equal dy.
+template <class T>
+void relu_mask(const Geometry& g, const T* dy, const T* y, T* out);
+
 // backward_reduce: sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd.
 template <class T>
 void backward_reduce(const Geometry& g, const T* dy, const T* x, const double* mean,

@@ -2,6 +2,7 @@
 // gradients through a small network, determinism, and a short training run.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -240,4 +241,48 @@ TEST(Presets, PaperMlpLearns) {
 }
 
 }  // namespace
+// Sequential runs the cnn preset's BN + ReLU pairs fused (BatchNormNd::forward_relu): the
+// output, every gradient and the running statistics are bitwise those of the unfused pairs, in
+// training and eval, and the state_dict names are unchanged.
+TEST(Models, CnnFusedBatchNormReluIsBitwiseTheUnfusedPairs) {
+  Sequential fused = cnn(true, 5), plain = cnn(true, 5);
+  plain.set_fuse_batch_norm_relu(false);
+  EXPECT_TRUE(fused.fuse_batch_norm_relu());
+  Rng rng(3);
+  const Tensor x = random_tensor({3, 1, 28, 28}, rng);
+  const Tensor dy = random_tensor({3, 10}, rng);
+  for (bool training : {true, false}) {
+    SCOPED_TRACE(training ? "train" : "eval");
+    fused.train(training);
+    plain.train(training);
+    fused.zero_grad();
+    plain.zero_grad();
+    Tensor y1, y2, dx1, dx2;
+    ASSERT_TRUE(fused.forward(x, &y1).ok());
+    ASSERT_TRUE(plain.forward(x, &y2).ok());
+    ASSERT_TRUE(fused.backward(dy, &dx1).ok());
+    ASSERT_TRUE(plain.backward(dy, &dx2).ok());
+    ASSERT_EQ(y1.numel(), y2.numel());
+    EXPECT_EQ(0, std::memcmp(y1.data(), y2.data(), sizeof(float) * y1.numel()));
+    EXPECT_EQ(0, std::memcmp(dx1.data(), dx2.data(), sizeof(float) * dx1.numel()));
+    const auto s1 = fused.state_dict(), s2 = plain.state_dict();
+    ASSERT_EQ(s1.size(), s2.size());
+    for (size_t k = 0; k < s1.size(); ++k) {
+      EXPECT_EQ(s1[k].name, s2[k].name);
+      const size_t bytes = static_cast<size_t>(s1[k].numel()) *
+                           (s1[k].dtype == DType::kI64 ? sizeof(int64_t) : sizeof(float));
+      EXPECT_EQ(0, std::memcmp(s1[k].data, s2[k].data, bytes)) << s1[k].name;
+      if (s1[k].grad != nullptr)
+        EXPECT_EQ(0, std::memcmp(s1[k].grad, s2[k].grad, bytes)) << s1[k].name << ".grad";
+    }
+    // The fused batch norms have no output of their own; the others match.
+    for (size_t i = 0; i < fused.size(); ++i)
+      if (dynamic_cast<BatchNormNd*>(&fused.at(i)) != nullptr) {
+        EXPECT_EQ(fused.output(i).numel(), 0) << i;
+      } else {
+        EXPECT_EQ(fused.output(i).shape(), plain.output(i).shape()) << i;
+      }
+  }
+}
+
 }  // namespace bnorm::nn

@@ -197,6 +197,12 @@ class BatchNormNd : public Module {
   // The counter as state_dict exposes it (the entry points here; kept in step with layer()).
   int64_t num_batches_tracked() const { return num_batches_tracked_; }
 
+  // Batch norm and ReLU in one pass (bnorm::forward_train_relu / backward_relu): y = relu(bn(x)),
+  // and the backward from the output y of that forward. What Sequential runs for a batch norm
+  // followed by a ReLU. Not on a synchronized layer (fails).
+  Status forward_relu(const Tensor& x, Tensor* y);
+  Status backward_relu(const Tensor& dy, const Tensor& y, Tensor* dx);
+
  protected:
   BatchNormNd(const char* type_name, int min_rank, int max_rank)
       : type_name_(type_name), min_rank_(min_rank), max_rank_(max_rank) {}
@@ -256,14 +262,27 @@ class Sequential final : public Module {
   void zero_grad() override;
 
   // Module i's output from the last forward (e.g. the input of a sigmoid is output(i - 1));
-  // requires i < size() and a forward having run. Valid until the next forward.
+  // requires i < size() and a forward having run. Valid until the next forward. A batch norm
+  // fused with the ReLU after it (below) has no output of its own: empty.
   const Tensor& output(size_t i) const { return outputs_[i]; }
 
+  // A BatchNorm1d/2d followed by a ReLU runs as one fused pass (BatchNormNd::forward_relu),
+  // which saves a write and a read of the tensor each way; the modules, their state and the
+  // results are the same (bitwise: the fused kernels round as the pair does). On by default;
+  // never for a synchronized batch norm. Takes effect at the next forward.
+  void set_fuse_batch_norm_relu(bool on) { fuse_bn_relu_ = on; }
+  bool fuse_batch_norm_relu() const { return fuse_bn_relu_; }
+
  private:
+  // Whether modules i (a batch norm) and i + 1 (a ReLU) run fused.
+  bool fusable(size_t i) const;
+
   std::vector<std::unique_ptr<Module>> modules_;
   std::vector<Tensor> outputs_;  // outputs_[i]: module i's output
   std::vector<Tensor> grads_;    // grads_[i]: dL / d(input of module i), i >= 1
   const Tensor* x_ = nullptr;
+  bool fuse_bn_relu_ = true;
+  std::vector<char> fused_;  // fused_[i]: modules i and i + 1 ran fused in the last forward
 };
 
 }  // namespace bnorm::nn
