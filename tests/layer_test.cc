@@ -5,11 +5,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "bnorm/batch_norm.h"
+#include "bnorm/comm.h"
 #include "test_util.h"
 
 namespace bnorm_test {
@@ -529,6 +531,100 @@ TEST(LayerOptions, CheckFiniteIsHonoured) {
                bnorm::StatusCode::kNonFinite, "x: nan at index [1, 0] (channel 0)"));
   EXPECT_TRUE(snap.Unchanged());
   EXPECT_EQ(layer.num_batches_tracked(), nbt);
+}
+
+// The layer's fused forms are the functional ones on the layer's state: bitwise, training and
+// eval, gradients accumulated; a synchronized layer refuses them with nothing written.
+TEST(LayerFused, ForwardReluAndBackwardReluAreTheFunctionalPasses) {
+  BNORM_SEEDED_RNG(rng, 91);
+  const std::vector<int64_t> dims{4, 3, 5};
+  const Tensor x = RandomTensor(rng, dims, Layout::kChannelsLast);
+  const Tensor z = RandomTensor(rng, dims, Layout::kChannelsLast);
+  const Tensor dy = RandomTensor(rng, dims, Layout::kChannelsLast);
+  BatchNormOptions o;
+  o.num_features = 3;
+  BatchNorm layer;
+  ASSERT_TRUE(IsOk(BatchNorm::create(o, &layer)));
+  for (float& v : layer.weight()) v = 0.5f + static_cast<float>(Uniform(rng, 0, 1));
+  for (bool training : {true, false}) {
+    SCOPED_TRACE(training ? "train" : "eval");
+    layer.train(training);
+    const std::vector<float> rm(layer.running_mean().begin(), layer.running_mean().end());
+    const std::vector<float> rv(layer.running_var().begin(), layer.running_var().end());
+    Tensor y(dims, Layout::kChannelsLast), want(dims, Layout::kChannelsLast);
+    ASSERT_TRUE(IsOk(layer.forward_relu(x.cview(), y.view(), z.cview())));
+    std::vector<float> sm(3), si(3), rm2 = rm, rv2 = rv;
+    if (training) {
+      bnorm::ForwardTrainArgs a;
+      a.x = x.cview();
+      a.weight = layer.weight();
+      a.bias = layer.bias();
+      a.running_mean = rm2;
+      a.running_var = rv2;
+      a.y = want.view();
+      a.save_mean = sm;
+      a.save_invstd = si;
+      ASSERT_TRUE(IsOk(bnorm::forward_train_relu(a, z.cview())));
+      EXPECT_TRUE(BitIdentical(layer.running_mean(), rm2));
+    } else {
+      bnorm::ForwardEvalArgs a;
+      a.x = x.cview();
+      a.weight = layer.weight();
+      a.bias = layer.bias();
+      a.running_mean = rm;
+      a.running_var = rv;
+      a.y = want.view();
+      ASSERT_TRUE(IsOk(bnorm::forward_eval_relu(a, z.cview())));
+    }
+    EXPECT_TRUE(BitIdentical(y.data, want.data));
+    layer.zero_grad();
+    Tensor dx(dims, Layout::kChannelsLast), dz(dims, Layout::kChannelsLast);
+    Tensor dx2(dims, Layout::kChannelsLast), dz2(dims, Layout::kChannelsLast);
+    ASSERT_TRUE(IsOk(layer.backward_relu(dy.cview(), x.cview(), y.cview(), dx.view(), dz.view())));
+    ASSERT_TRUE(IsOk(layer.backward_relu(dy.cview(), x.cview(), y.cview(), dx2.view(), dz2.view())));
+    bnorm::BackwardArgs b;
+    b.dy = dy.cview();
+    b.x = x.cview();
+    b.weight = layer.weight();
+    b.training = training;
+    b.save_mean = layer.saved_mean();
+    b.save_invstd = layer.saved_invstd();
+    b.running_mean = rm;
+    b.running_var = rv;
+    Tensor dx3(dims, Layout::kChannelsLast), dz3(dims, Layout::kChannelsLast);
+    std::vector<float> dw(3), db(3);
+    b.dx = dx3.view();
+    b.dweight = dw;
+    b.dbias = db;
+    ASSERT_TRUE(IsOk(bnorm::backward_relu(b, y.cview(), dz3.view())));
+    EXPECT_TRUE(BitIdentical(dx.data, dx3.data));
+    EXPECT_TRUE(BitIdentical(dz.data, dz3.data));
+    for (int c = 0; c < 3; ++c) {  // accumulated twice
+      EXPECT_EQ(layer.weight_grad()[c], dw[c] + dw[c]);
+      EXPECT_EQ(layer.bias_grad()[c], db[c] + db[c]);
+    }
+  }
+  // The plain backward after a fused forward still works (the fused state is per call).
+  Tensor dx(dims, Layout::kChannelsLast);
+  EXPECT_TRUE(IsOk(layer.backward(dy.cview(), x.cview(), dx.view())));
+}
+
+TEST(LayerFused, SynchronizedLayerRefusesTheFusedForms) {
+  std::unique_ptr<bnorm::InProcessGroup> group;
+  ASSERT_TRUE(IsOk(bnorm::InProcessGroup::create(1, &group)));
+  BatchNormOptions o;
+  o.num_features = 2;
+  BatchNorm layer;
+  ASSERT_TRUE(IsOk(BatchNorm::create(o, &layer)));
+  layer.set_sync(&group->rank(0), bnorm::SyncMode::kReproducible);
+  Tensor x({3, 2}, Layout::kChannelsFirst, 1.0f), y({3, 2}, Layout::kChannelsFirst);
+  x.data[0] = 2.0f;
+  FillSentinel(y.data);
+  Snapshot s;
+  s.Add("y", y.data).Add("running_mean", std::span<const float>(layer.running_mean()));
+  EXPECT_TRUE(IsInvalid(layer.forward_relu(x.cview(), y.view()), "synchronized"));
+  EXPECT_TRUE(s.Unchanged());
+  EXPECT_EQ(layer.num_batches_tracked(), 0);
 }
 
 }  // namespace
