@@ -48,6 +48,58 @@ Status check_forward_common(const Args& a, Geometry* g) {
   return Status();
 }
 
+// The kernel call of each pass's (validated) arguments; the fused forms set relu, z, y and dz.
+detail::TrainCall train_call(const ForwardTrainArgs& a, const Geometry& g, double factor) {
+  const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+  detail::TrainCall call;
+  call.g = g;
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.bias = a.bias.empty() ? nullptr : a.bias.data();
+  call.running_mean = tracking ? a.running_mean.data() : nullptr;
+  call.running_var = tracking ? a.running_var.data() : nullptr;
+  call.factor = factor;
+  call.eps = a.eps;
+  call.y = a.y.data();
+  call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
+  call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
+  return call;
+}
+
+detail::EvalCall eval_call(const ForwardEvalArgs& a, const Geometry& g) {
+  detail::EvalCall call;
+  call.g = g;
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.bias = a.bias.empty() ? nullptr : a.bias.data();
+  call.running_mean = a.running_mean.data();
+  call.running_var = a.running_var.data();
+  call.eps = a.eps;
+  call.y = a.y.data();
+  return call;
+}
+
+detail::BackwardCall backward_call(const BackwardArgs& a, const Geometry& g) {
+  detail::BackwardCall call;
+  call.g = g;
+  call.dy = a.dy.data();
+  call.x = a.x.data();
+  call.weight = a.weight.empty() ? nullptr : a.weight.data();
+  call.training = a.training;
+  if (a.training) {
+    call.save_mean = a.save_mean.data();
+    call.save_invstd = a.save_invstd.data();
+  } else {
+    call.running_mean = a.running_mean.data();
+    call.running_var = a.running_var.data();
+  }
+  call.eps = a.eps;
+  call.dx = a.dx.data();
+  call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
+  call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
+  return call;
+}
+
 // Chunk k of a ghost pass: samples [k * G, min((k + 1) * G, N)), a contiguous memory range in
 // both layouts (a sample is C * S consecutive floats either way).
 struct Chunk {
@@ -252,18 +304,7 @@ Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
   if (detail::has_extensions(a)) return forward_train_extended(a, g, batches, chunks, options);
 
-  detail::TrainCall call;
-  call.g = g;
-  call.x = a.x.data();
-  call.weight = a.weight.empty() ? nullptr : a.weight.data();
-  call.bias = a.bias.empty() ? nullptr : a.bias.data();
-  call.running_mean = tracking ? a.running_mean.data() : nullptr;
-  call.running_var = tracking ? a.running_var.data() : nullptr;
-  call.factor = factor;
-  call.eps = a.eps;
-  call.y = a.y.data();
-  call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
-  call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
+  detail::TrainCall call = train_call(a, g, factor);
   const detail::Implementation& impl = detail::select_implementation(options.backend);
   BNORM_RETURN_IF_ERROR(detail::run_kernels([&] { impl.forward_train(call); }));
   if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
@@ -280,15 +321,7 @@ Status forward_eval(const ForwardEvalArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
 
-  detail::EvalCall call;
-  call.g = g;
-  call.x = a.x.data();
-  call.weight = a.weight.empty() ? nullptr : a.weight.data();
-  call.bias = a.bias.empty() ? nullptr : a.bias.data();
-  call.running_mean = a.running_mean.data();
-  call.running_var = a.running_var.data();
-  call.eps = a.eps;
-  call.y = a.y.data();
+  detail::EvalCall call = eval_call(a, g);
   const detail::Implementation& impl = detail::select_implementation(options.backend);
   return detail::run_kernels([&] { impl.forward_eval(call); });
 }
@@ -309,23 +342,7 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
   }
 
-  detail::BackwardCall call;
-  call.g = g;
-  call.dy = a.dy.data();
-  call.x = a.x.data();
-  call.weight = a.weight.empty() ? nullptr : a.weight.data();
-  call.training = a.training;
-  if (a.training) {
-    call.save_mean = a.save_mean.data();
-    call.save_invstd = a.save_invstd.data();
-  } else {
-    call.running_mean = a.running_mean.data();
-    call.running_var = a.running_var.data();
-  }
-  call.eps = a.eps;
-  call.dx = a.dx.data();
-  call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
-  call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
+  detail::BackwardCall call = backward_call(a, g);
   if (detail::has_extensions(a)) return backward_extended(a, call, options);
   const detail::Implementation& impl = detail::select_implementation(options.backend);
   return detail::run_kernels([&] { impl.backward(call); });
@@ -368,18 +385,7 @@ Status forward_train_relu(const ForwardTrainArgs& a, ConstTensorView z,
     if (add) BNORM_RETURN_IF_ERROR(detail::check_finite("z", z, g));
   }
 
-  detail::TrainCall call;
-  call.g = g;
-  call.x = a.x.data();
-  call.weight = a.weight.empty() ? nullptr : a.weight.data();
-  call.bias = a.bias.empty() ? nullptr : a.bias.data();
-  call.running_mean = tracking ? a.running_mean.data() : nullptr;
-  call.running_var = tracking ? a.running_var.data() : nullptr;
-  call.factor = factor;
-  call.eps = a.eps;
-  call.y = a.y.data();
-  call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
-  call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
+  detail::TrainCall call = train_call(a, g, factor);
   call.relu = true;
   call.z = add ? z.data() : nullptr;
   const detail::Implementation& impl = detail::select_implementation(options.backend);
@@ -407,15 +413,7 @@ Status forward_eval_relu(const ForwardEvalArgs& a, ConstTensorView z, const Call
     if (add) BNORM_RETURN_IF_ERROR(detail::check_finite("z", z, g));
   }
 
-  detail::EvalCall call;
-  call.g = g;
-  call.x = a.x.data();
-  call.weight = a.weight.empty() ? nullptr : a.weight.data();
-  call.bias = a.bias.empty() ? nullptr : a.bias.data();
-  call.running_mean = a.running_mean.data();
-  call.running_var = a.running_var.data();
-  call.eps = a.eps;
-  call.y = a.y.data();
+  detail::EvalCall call = eval_call(a, g);
   call.relu = true;
   call.z = add ? z.data() : nullptr;
   const detail::Implementation& impl = detail::select_implementation(options.backend);
@@ -454,23 +452,7 @@ Status backward_relu(const BackwardArgs& a, ConstTensorView y, TensorView dz,
     BNORM_RETURN_IF_ERROR(detail::check_finite("y", y, g));
   }
 
-  detail::BackwardCall call;
-  call.g = g;
-  call.dy = a.dy.data();
-  call.x = a.x.data();
-  call.weight = a.weight.empty() ? nullptr : a.weight.data();
-  call.training = a.training;
-  if (a.training) {
-    call.save_mean = a.save_mean.data();
-    call.save_invstd = a.save_invstd.data();
-  } else {
-    call.running_mean = a.running_mean.data();
-    call.running_var = a.running_var.data();
-  }
-  call.eps = a.eps;
-  call.dx = a.dx.data();
-  call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
-  call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
+  detail::BackwardCall call = backward_call(a, g);
   call.y = y.data();
   call.dz = want_dz ? dz.data() : nullptr;
   const detail::Implementation& impl = detail::select_implementation(options.backend);

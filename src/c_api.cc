@@ -81,6 +81,102 @@ int64_t ghost_chunks(int64_t n, int64_t c, int64_t ghost_batch) {
   return c > std::numeric_limits<int64_t>::max() / chunks ? 1 : chunks;
 }
 
+// A view of an optional tensor (the fused passes' z and dz): empty when p is NULL.
+template <class T>
+bnorm::BasicTensorView<T> optional_view(T* p, const bnorm_layout& layout, int64_t n, int64_t c,
+                                        int64_t s) {
+  return p == nullptr ? bnorm::BasicTensorView<T>() : view(p, layout, n, c, s);
+}
+
+// The arguments of every training forward but save_mean and save_invstd (whose size depends on
+// the ghost batch), checked as far as the C API can: the pass checks the rest.
+bnorm::Status train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s,
+                         const float* x, const float* weight, const float* bias,
+                         float* running_mean, float* running_var, int64_t* num_batches_tracked,
+                         double momentum, double eps, float* y, bnorm::ForwardTrainArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+  if ((running_mean == nullptr) != (running_var == nullptr))
+    return bnorm::Status::invalid_argument(
+        std::string("running_mean and running_var: give both (tracking) or neither, got ") +
+        (running_mean ? "running_var NULL" : "running_mean NULL"));
+  if (std::isnan(momentum))
+    return bnorm::Status::invalid_argument(
+        "momentum: must be in [0, 1], or < 0 for none, got nan");
+  a.x = view(x, layout, n, c, s);
+  a.weight = vec(weight, c);
+  a.bias = vec(bias, c);
+  a.running_mean = vec(running_mean, c);
+  a.running_var = vec(running_var, c);
+  a.num_batches_tracked = num_batches_tracked;
+  if (momentum < 0)
+    a.momentum = std::nullopt;
+  else
+    a.momentum = momentum;
+  a.eps = eps;
+  a.y = view(y, layout, n, c, s);
+  return bnorm::Status();
+}
+
+// The arguments of an eval forward; train_entry names the entry point to call instead when
+// there are no running statistics.
+bnorm::Status eval_args(const char* train_entry, const bnorm_layout& layout, int64_t n,
+                        int64_t c, int64_t s, const float* x, const float* weight,
+                        const float* bias, const float* running_mean, const float* running_var,
+                        double eps, float* y, bnorm::ForwardEvalArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+  if (running_mean == nullptr || running_var == nullptr)
+    return bnorm::Status::invalid_argument(
+        std::string(running_mean == nullptr ? "running_mean" : "running_var") +
+        ": is NULL; eval needs running statistics (with track_running_stats=false, call " +
+        train_entry + " with running_* NULL)");
+  a.x = view(x, layout, n, c, s);
+  a.weight = vec(weight, c);
+  a.bias = vec(bias, c);
+  a.running_mean = vec(running_mean, c);
+  a.running_var = vec(running_var, c);
+  a.eps = eps;
+  a.y = view(y, layout, n, c, s);
+  return bnorm::Status();
+}
+
+// The arguments of every backward: save_* are required in training, running_* in eval.
+bnorm::Status backward_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s,
+                            const float* dy, const float* x, const float* weight,
+                            const float* save_mean, const float* save_invstd,
+                            const float* running_mean, const float* running_var, double eps,
+                            int training, float* dx, float* dweight, float* dbias,
+                            bnorm::BackwardArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+  const char* missing = nullptr;
+  if (training) {
+    if (save_mean == nullptr)
+      missing = "save_mean";
+    else if (save_invstd == nullptr)
+      missing = "save_invstd";
+  } else {
+    if (running_mean == nullptr)
+      missing = "running_mean";
+    else if (running_var == nullptr)
+      missing = "running_var";
+  }
+  if (missing != nullptr)
+    return bnorm::Status::invalid_argument(
+        std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
+  a.dy = view(dy, layout, n, c, s);
+  a.x = view(x, layout, n, c, s);
+  a.weight = vec(weight, c);
+  a.training = training != 0;
+  a.save_mean = vec(save_mean, c);
+  a.save_invstd = vec(save_invstd, c);
+  a.running_mean = vec(running_mean, c);
+  a.running_var = vec(running_var, c);
+  a.eps = eps;
+  a.dx = view(dx, layout, n, c, s);
+  a.dweight = vec(dweight, c);
+  a.dbias = vec(dbias, c);
+  return bnorm::Status();
+}
+
 template <class Fn>
 int guard(Fn&& fn) {
   try {
@@ -188,27 +284,9 @@ int bnorm_forward_train_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s
                             double eps, float* y, float* save_mean, float* save_invstd,
                             const bnorm_train_extensions* ext) {
   return guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
-    if ((running_mean == nullptr) != (running_var == nullptr))
-      return bnorm::Status::invalid_argument(
-          std::string("running_mean and running_var: give both (tracking) or neither, got ") +
-          (running_mean ? "running_var NULL" : "running_mean NULL"));
     bnorm::ForwardTrainArgs a;
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.bias = vec(bias, c);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.num_batches_tracked = num_batches_tracked;
-    if (std::isnan(momentum))
-      return bnorm::Status::invalid_argument(
-          "momentum: must be in [0, 1], or < 0 for none, got nan");
-    if (momentum < 0)
-      a.momentum = std::nullopt;
-    else
-      a.momentum = momentum;
-    a.eps = eps;
-    a.y = view(y, layout, n, c, s);
+    BNORM_RETURN_IF_ERROR(train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps, y, a));
     int64_t chunks = 1;
     if (ext != nullptr) {
       BNORM_RETURN_IF_ERROR(bnorm::detail::check_ghost_batch(ext->ghost_batch));
@@ -233,20 +311,9 @@ int bnorm_forward_eval(bnorm_layout layout, int64_t n, int64_t c, int64_t s, con
                        const float* weight, const float* bias, const float* running_mean,
                        const float* running_var, double eps, float* y) {
   return guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
-    if (running_mean == nullptr || running_var == nullptr)
-      return bnorm::Status::invalid_argument(
-          std::string(running_mean == nullptr ? "running_mean" : "running_var") +
-          ": is NULL; eval needs running statistics (with track_running_stats=false, call "
-          "bnorm_forward_train with running_* NULL)");
     bnorm::ForwardEvalArgs a;
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.bias = vec(bias, c);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.eps = eps;
-    a.y = view(y, layout, n, c, s);
+    BNORM_RETURN_IF_ERROR(eval_args("bnorm_forward_train", layout, n, c, s, x, weight, bias,
+                                    running_mean, running_var, eps, y, a));
     return bnorm::forward_eval(a, options_from_environment());
   });
 }
@@ -265,43 +332,19 @@ int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, con
                        const float* running_var, double eps, int training, float* dx,
                        float* dweight, float* dbias, const bnorm_backward_extensions* ext) {
   return guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
-    const char* missing = nullptr;
-    if (training) {
-      if (save_mean == nullptr)
-        missing = "save_mean";
-      else if (save_invstd == nullptr)
-        missing = "save_invstd";
-    } else {
-      if (running_mean == nullptr)
-        missing = "running_mean";
-      else if (running_var == nullptr)
-        missing = "running_var";
-    }
-    if (missing != nullptr)
-      return bnorm::Status::invalid_argument(
-          std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
     bnorm::BackwardArgs a;
-    int64_t chunks = 1;
+    BNORM_RETURN_IF_ERROR(backward_args(layout, n, c, s, dy, x, weight, save_mean, save_invstd,
+                                        running_mean, running_var, eps, training, dx, dweight,
+                                        dbias, a));
     if (ext != nullptr) {
       BNORM_RETURN_IF_ERROR(bnorm::detail::check_ghost_batch(ext->ghost_batch));
-      chunks = ghost_chunks(n, c, ext->ghost_batch);
+      const int64_t chunks = ghost_chunks(n, c, ext->ghost_batch);
       a.renorm_r = vec(ext->renorm_r, c);
       a.renorm_d = vec(ext->renorm_d, c);
       a.ghost_batch = ext->ghost_batch;
+      a.save_mean = vec(save_mean, c * chunks);
+      a.save_invstd = vec(save_invstd, c * chunks);
     }
-    a.dy = view(dy, layout, n, c, s);
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.training = training != 0;
-    a.save_mean = vec(save_mean, c * chunks);
-    a.save_invstd = vec(save_invstd, c * chunks);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.eps = eps;
-    a.dx = view(dx, layout, n, c, s);
-    a.dweight = vec(dweight, c);
-    a.dbias = vec(dbias, c);
     return bnorm::backward(a, options_from_environment());
   });
 }
@@ -312,31 +355,13 @@ int bnorm_forward_train_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t 
                              double eps, const float* z, float* y, float* save_mean,
                              float* save_invstd) {
   return guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
-    if ((running_mean == nullptr) != (running_var == nullptr))
-      return bnorm::Status::invalid_argument(
-          std::string("running_mean and running_var: give both (tracking) or neither, got ") +
-          (running_mean ? "running_var NULL" : "running_mean NULL"));
-    if (std::isnan(momentum))
-      return bnorm::Status::invalid_argument(
-          "momentum: must be in [0, 1], or < 0 for none, got nan");
     bnorm::ForwardTrainArgs a;
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.bias = vec(bias, c);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.num_batches_tracked = num_batches_tracked;
-    if (momentum < 0)
-      a.momentum = std::nullopt;
-    else
-      a.momentum = momentum;
-    a.eps = eps;
-    a.y = view(y, layout, n, c, s);
+    BNORM_RETURN_IF_ERROR(train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps, y, a));
     a.save_mean = vec(save_mean, c);
     a.save_invstd = vec(save_invstd, c);
-    const bnorm::ConstTensorView zv = z ? view(z, layout, n, c, s) : bnorm::ConstTensorView();
-    return bnorm::forward_train_relu(a, zv, options_from_environment());
+    return bnorm::forward_train_relu(a, optional_view(z, layout, n, c, s),
+                                     options_from_environment());
   });
 }
 
@@ -344,22 +369,11 @@ int bnorm_forward_eval_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s
                             const float* weight, const float* bias, const float* running_mean,
                             const float* running_var, double eps, const float* z, float* y) {
   return guard([&]() -> bnorm::Status {
-    BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
-    if (running_mean == nullptr || running_var == nullptr)
-      return bnorm::Status::invalid_argument(
-          std::string(running_mean == nullptr ? "running_mean" : "running_var") +
-          ": is NULL; eval needs running statistics (with track_running_stats=false, call "
-          "bnorm_forward_train_relu with running_* NULL)");
     bnorm::ForwardEvalArgs a;
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.bias = vec(bias, c);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.eps = eps;
-    a.y = view(y, layout, n, c, s);
-    const bnorm::ConstTensorView zv = z ? view(z, layout, n, c, s) : bnorm::ConstTensorView();
-    return bnorm::forward_eval_relu(a, zv, options_from_environment());
+    BNORM_RETURN_IF_ERROR(eval_args("bnorm_forward_train_relu", layout, n, c, s, x, weight, bias,
+                                    running_mean, running_var, eps, y, a));
+    return bnorm::forward_eval_relu(a, optional_view(z, layout, n, c, s),
+                                    options_from_environment());
   });
 }
 
@@ -370,38 +384,15 @@ int bnorm_backward_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s, co
                         int training, float* dx, float* dweight, float* dbias, float* dz) {
   return guard([&]() -> bnorm::Status {
     BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
-    const char* missing = nullptr;
-    if (y == nullptr) {
-      missing = "y";
-    } else if (training) {
-      if (save_mean == nullptr)
-        missing = "save_mean";
-      else if (save_invstd == nullptr)
-        missing = "save_invstd";
-    } else {
-      if (running_mean == nullptr)
-        missing = "running_mean";
-      else if (running_var == nullptr)
-        missing = "running_var";
-    }
-    if (missing != nullptr)
-      return bnorm::Status::invalid_argument(
-          std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
+    if (y == nullptr)
+      return bnorm::Status::invalid_argument("y: is NULL; required when training = " +
+                                             std::to_string(training));
     bnorm::BackwardArgs a;
-    a.dy = view(dy, layout, n, c, s);
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.training = training != 0;
-    a.save_mean = vec(save_mean, c);
-    a.save_invstd = vec(save_invstd, c);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.eps = eps;
-    a.dx = view(dx, layout, n, c, s);
-    a.dweight = vec(dweight, c);
-    a.dbias = vec(dbias, c);
-    const bnorm::TensorView dzv = dz ? view(dz, layout, n, c, s) : bnorm::TensorView();
-    return bnorm::backward_relu(a, view(y, layout, n, c, s), dzv, options_from_environment());
+    BNORM_RETURN_IF_ERROR(backward_args(layout, n, c, s, dy, x, weight, save_mean, save_invstd,
+                                        running_mean, running_var, eps, training, dx, dweight,
+                                        dbias, a));
+    return bnorm::backward_relu(a, view(y, layout, n, c, s), optional_view(dz, layout, n, c, s),
+                                options_from_environment());
   });
 }
 

@@ -50,7 +50,7 @@ void BatchNormNd::train(bool on) {
   bn_.train(on);
 }
 
-Status BatchNormNd::forward(const Tensor& x, Tensor* y) {
+Status BatchNormNd::run_forward(const Tensor& x, Tensor* y, bool fused) {
   if (y == nullptr) return Status::invalid_argument(repr() + ": y: is null");
   if (x.rank() < min_rank_ || x.rank() > max_rank_ || x.dim(1) != bn_.num_features()) {
     std::string expected = min_rank_ == 4 ? "[N, C, H, W]" : "[N, C] or [N, C, L]";
@@ -62,7 +62,7 @@ Status BatchNormNd::forward(const Tensor& x, Tensor* y) {
   // The counter lives here so that state_dict can point at it; keep the layer's copy in step
   // (a checkpoint may have written ours).
   bn_.set_num_batches_tracked(num_batches_tracked_);
-  Status s = bn_.forward(x.view(), y->view());
+  Status s = fused ? bn_.forward_relu(x.view(), y->view()) : bn_.forward(x.view(), y->view());
   if (!s.ok()) return with_context(repr(), s);
   num_batches_tracked_ = bn_.num_batches_tracked();
   x_ = &x;
@@ -70,49 +70,37 @@ Status BatchNormNd::forward(const Tensor& x, Tensor* y) {
   return Status();
 }
 
-Status BatchNormNd::backward(const Tensor& dy, Tensor* dx) {
+Status BatchNormNd::forward(const Tensor& x, Tensor* y) { return run_forward(x, y, false); }
+
+Status BatchNormNd::forward_relu(const Tensor& x, Tensor* y) { return run_forward(x, y, true); }
+
+Status BatchNormNd::backward_target(const Tensor& dy, const Tensor* y, Tensor* dx,
+                                    Tensor** target) {
   if (x_ == nullptr) return Status::invalid_argument(repr() + ": backward: no forward before it");
   if (dy.shape() != out_shape_)
     return detail::shape_error(repr(), "dy",
                                "the forward's output shape " + shape_string(out_shape_), dy);
+  if (y != nullptr && y->shape() != out_shape_)
+    return detail::shape_error(repr(), "y",
+                               "the forward's output shape " + shape_string(out_shape_), *y);
   if (dx == &dy) return Status::invalid_argument(repr() + ": dx: must not be dy");
   // The layer always writes dx; without a caller's dx it goes to a scratch tensor.
-  Tensor* target = dx != nullptr ? dx : &scratch_;
-  target->resize(out_shape_);
+  *target = dx != nullptr ? dx : &scratch_;
+  (*target)->resize(out_shape_);
+  return Status();
+}
+
+Status BatchNormNd::backward(const Tensor& dy, Tensor* dx) {
+  Tensor* target = nullptr;
+  BNORM_RETURN_IF_ERROR(backward_target(dy, nullptr, dx, &target));
   Status s = bn_.backward(dy.view(), x_->view(), target->view());
   if (!s.ok()) return with_context(repr(), s);
   return Status();
 }
 
-Status BatchNormNd::forward_relu(const Tensor& x, Tensor* y) {
-  if (y == nullptr) return Status::invalid_argument(repr() + ": y: is null");
-  if (x.rank() < min_rank_ || x.rank() > max_rank_ || x.dim(1) != bn_.num_features()) {
-    std::string expected = min_rank_ == 4 ? "[N, C, H, W]" : "[N, C] or [N, C, L]";
-    return detail::shape_error(repr(), "x",
-                               expected + " with C = " + std::to_string(bn_.num_features()), x);
-  }
-  if (y == &x) return Status::invalid_argument(repr() + ": y: must not be x");
-  y->resize(x.shape());
-  bn_.set_num_batches_tracked(num_batches_tracked_);
-  Status s = bn_.forward_relu(x.view(), y->view());
-  if (!s.ok()) return with_context(repr(), s);
-  num_batches_tracked_ = bn_.num_batches_tracked();
-  x_ = &x;
-  out_shape_ = x.shape();
-  return Status();
-}
-
 Status BatchNormNd::backward_relu(const Tensor& dy, const Tensor& y, Tensor* dx) {
-  if (x_ == nullptr) return Status::invalid_argument(repr() + ": backward: no forward before it");
-  if (dy.shape() != out_shape_)
-    return detail::shape_error(repr(), "dy",
-                               "the forward's output shape " + shape_string(out_shape_), dy);
-  if (y.shape() != out_shape_)
-    return detail::shape_error(repr(), "y",
-                               "the forward's output shape " + shape_string(out_shape_), y);
-  if (dx == &dy) return Status::invalid_argument(repr() + ": dx: must not be dy");
-  Tensor* target = dx != nullptr ? dx : &scratch_;
-  target->resize(out_shape_);
+  Tensor* target = nullptr;
+  BNORM_RETURN_IF_ERROR(backward_target(dy, &y, dx, &target));
   Status s = bn_.backward_relu(dy.view(), x_->view(), y.view(), target->view());
   if (!s.ok()) return with_context(repr(), s);
   return Status();

@@ -272,8 +272,9 @@ TEST(Models, CnnFusedBatchNormReluIsBitwiseTheUnfusedPairs) {
       const size_t bytes = static_cast<size_t>(s1[k].numel()) *
                            (s1[k].dtype == DType::kI64 ? sizeof(int64_t) : sizeof(float));
       EXPECT_EQ(0, std::memcmp(s1[k].data, s2[k].data, bytes)) << s1[k].name;
-      if (s1[k].grad != nullptr)
+      if (s1[k].grad != nullptr) {
         EXPECT_EQ(0, std::memcmp(s1[k].grad, s2[k].grad, bytes)) << s1[k].name << ".grad";
+      }
     }
     // The fused batch norms have no output of their own; the others match.
     for (size_t i = 0; i < fused.size(); ++i)

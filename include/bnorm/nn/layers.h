@@ -209,6 +209,13 @@ class BatchNormNd : public Module {
   Status init(const BatchNormOptions& options);
 
  private:
+  // forward and forward_relu: the shape checks, the counter and the bookkeeping around the
+  // layer's pass (fused: forward_relu).
+  Status run_forward(const Tensor& x, Tensor* y, bool fused);
+  // backward and backward_relu: checks dy (and y, when given) against the forward; *target is
+  // the tensor dx goes to (the caller's, or scratch), resized.
+  Status backward_target(const Tensor& dy, const Tensor* y, Tensor* dx, Tensor** target);
+
   const char* type_name_;
   int min_rank_, max_rank_;
   bnorm::BatchNorm bn_;
