@@ -3,9 +3,8 @@
 // 1. The fp64 reference's fused backward (relu_mask then the backward passes, instantiated for
 //    double) against central finite differences of its fused forward (apply_relu), for dx,
 //    dweight, dbias and dz, training and eval, both layouts. Points within 1e-3 of the ReLU's
-//    kink are moved off it through z (the add form), so a step of 1e-6 never crosses it.
-//    relu(bn(x)) runs the same code with z null: tests/cpu/fused_kernel_test.cc checks it
-//    against the composition, as the add form.
+//    kink are moved off it through z (the add form), so a step of 1e-6 never crosses it; for
+//    relu(bn(x)) (no z) the problem is drawn again until no point is that close.
 // 2. Bad input through the public API: every argument the fused forms add is validated before
 //    the first write, naming the argument; nothing is written.
 // (tests/cpu/fused_kernel_test.cc checks the fp32 passes against the unfused composition.)
@@ -70,9 +69,11 @@ double loss(const Problem& p, const std::vector<double>& x, const std::vector<do
   return static_cast<double>(sum);
 }
 
-Problem make_problem(std::vector<int64_t> dims, Layout layout, bool training, uint64_t seed) {
+Problem make_problem(std::vector<int64_t> dims, Layout layout, bool training, uint64_t seed,
+                     bool add = true) {
   BNORM_SEEDED_RNG(rng, seed);
   Problem p;
+  p.add = add;
   p.g.layout = layout;
   p.g.n = dims[0];
   p.g.c = dims[1];
@@ -97,6 +98,23 @@ Problem make_problem(std::vector<int64_t> dims, Layout layout, bool training, ui
   for (size_t k = 0; k < n; ++k)
     if (std::fabs(bn[k] + p.z[k]) < 1e-3) p.z[k] += 0.01;
   return p;
+}
+
+// relu(bn(x)): a problem with every |bn(x)| >= 1e-3 (nothing can move bn(x) off the kink
+// without changing the statistics, so draw again; a point is that close with probability ~1e-3).
+Problem make_problem_without_add(std::vector<int64_t> dims, Layout layout, bool training,
+                                 uint64_t seed) {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    Problem p = make_problem(dims, layout, training, seed + 1000 * attempt, false);
+    std::vector<double> mean, invstd, bn(p.x.size());
+    statistics(p, p.x, &mean, &invstd);
+    ref::apply(p.g, p.x.data(), mean.data(), invstd.data(), p.w.data(), p.b.data(), bn.data());
+    bool clear = true;
+    for (double v : bn) clear = clear && std::fabs(v) >= 1e-3;
+    if (clear) return p;
+  }
+  ADD_FAILURE() << "no problem off the ReLU's kink in 100 draws";
+  return make_problem(dims, layout, training, seed, false);
 }
 
 void check_gradients(const Problem& p) {
@@ -124,6 +142,7 @@ void check_gradients(const Problem& p) {
       return loss(p, x, p.z, p.w, p.b);
     });
     EXPECT_NEAR(dx[k], got_dx, tol) << "dx[" << k << "]";
+    if (!p.add) continue;
     const double got_dz = fd([&](double d) {
       std::vector<double> z = p.z;
       z[k] += d;
@@ -159,6 +178,16 @@ TEST(FusedGradient, FiniteDifferences) {
       for (bool training : {true, false}) {
         SCOPED_TRACE(DimsString(dims) + " " + LayoutTag(layout) + (training ? " train" : " eval"));
         check_gradients(make_problem(dims, layout, training, seed++));
+      }
+}
+
+TEST(FusedGradient, FiniteDifferencesWithoutAdd) {
+  uint64_t seed = 141;
+  for (const auto& dims : std::vector<std::vector<int64_t>>{{6, 3}, {3, 2, 5}, {2, 3, 2, 3}})
+    for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast})
+      for (bool training : {true, false}) {
+        SCOPED_TRACE(DimsString(dims) + " " + LayoutTag(layout) + (training ? " train" : " eval"));
+        check_gradients(make_problem_without_add(dims, layout, training, seed++));
       }
 }
 
