@@ -141,6 +141,17 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def _writable(t):
+    """A running-statistics buffer the library writes in place: t itself, or (strided, never a
+    module's own buffer) a contiguous copy that _write_back copies into t after success."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _write_back(t, mem):
+    if t is not None and mem is not t:
+        t.copy_(mem)
+
+
 def _nsc(x):
     n, c = int(x.shape[0]), int(x.shape[1])
     s = 1
@@ -198,10 +209,7 @@ class _Function(torch.autograd.Function):
             save_mean = torch.empty(c, dtype=torch.float32)
             save_invstd = torch.empty(c, dtype=torch.float32)
             rm, rv = running_mean, running_var
-            # The buffers are written in place; a strided or non-float32 buffer (never a
-            # module's own) goes through a contiguous copy written back after success.
-            rm_mem = None if rm is None else (rm if rm.is_contiguous() else rm.contiguous())
-            rv_mem = None if rv is None else (rv if rv.is_contiguous() else rv.contiguous())
+            rm_mem, rv_mem = _writable(rm), _writable(rv)
             nbt = num_batches_tracked
             if ext is None:
                 _lib.check(lib.bnorm_forward_train(
@@ -212,10 +220,8 @@ class _Function(torch.autograd.Function):
             else:
                 save_mean, save_invstd, save_r, save_d = _forward_ext(
                     ext, layout, n, c, s, x_mem, w, b, rm_mem, rv_mem, nbt, momentum, eps, y)
-            if rm is not None and rm_mem is not rm:
-                rm.copy_(rm_mem)
-            if rv is not None and rv_mem is not rv:
-                rv.copy_(rv_mem)
+            _write_back(rm, rm_mem)
+            _write_back(rv, rv_mem)
             if save_r is not None:
                 save_invstd = torch.stack([save_invstd, save_r, save_d])
             ctx.save_for_backward(x, x_mem, weight, bias, save_mean, save_invstd)
@@ -311,22 +317,29 @@ class _Ext:
 
 
 def _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b):
-    need = ctx.needs_input_grad[:3]
-    with torch.enable_grad():
-        xs = x if x.requires_grad else x.detach().requires_grad_(need[0])
+    def compose(xs, weight, bias):
         if ctx.use_batch_stats and ctx.ext is not None and (ctx.ext.ghost_batch or
                                                             ctx.ext.batch_renorm):
             rd = (stat_b[1], stat_b[2]) if ctx.ext.batch_renorm else None
-            y = _torch_composed(xs, weight, bias, ctx.eps, ctx.ext.ghost_batch, rd)
-        elif ctx.use_batch_stats:
-            y = F.batch_norm(xs, None, None, weight, bias, True, 0.0, ctx.eps)
-        else:
-            y = F.batch_norm(xs, stat_a, stat_b, weight, bias, False, 0.0, ctx.eps)
-        inputs = [t for t, nd in zip((xs, weight, bias), need) if nd and t is not None]
+            return _torch_composed(xs, weight, bias, ctx.eps, ctx.ext.ghost_batch, rd)
+        if ctx.use_batch_stats:
+            return F.batch_norm(xs, None, None, weight, bias, True, 0.0, ctx.eps)
+        return F.batch_norm(xs, stat_a, stat_b, weight, bias, False, 0.0, ctx.eps)
+
+    return tuple(_recomputed_grads(ctx.needs_input_grad[:3], (x, weight, bias), compose,
+                                   dy)) + (None,) * 7
+
+
+def _recomputed_grads(need, tensors, compose, dy):
+    """Double backward: the gradients (create_graph=True) of compose(*tensors), torch ops
+    recomputing a forward, for the tensors marked in need (None for the others)."""
+    with torch.enable_grad():
+        ts = [t if t is None or t.requires_grad or not nd else t.detach().requires_grad_()
+              for t, nd in zip(tensors, need)]
+        y = compose(*ts)
+        inputs = [t for t, nd in zip(ts, need) if nd and t is not None]
         grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    out = [next(grads) if nd and t is not None else None
-           for t, nd in zip((xs, weight, bias), need)]
-    return tuple(out) + (None,) * 7
+    return [next(grads) if nd and t is not None else None for t, nd in zip(ts, need)]
 
 
 def _renorm_constants(x, running_mean, running_var, eps, rmax, dmax):
@@ -434,6 +447,27 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                 raise _lib.BnormError(1, "num_batches_tracked_out: must be int64")
             out = (running_mean_out, running_var_out, num_batches_tracked_out)
         ext = _Ext(ghost_batch, batch_renorm, rmax, dmax, out)
+    reason, momentum, nbt = _resolve(input, running_mean, running_var, weight, bias, training,
+                                     momentum, num_batches_tracked)
+    if reason is not None and ext is not None:
+        _fallback_warning(reason)
+        return _extended_fallback(input, running_mean, running_var, weight, bias, momentum, eps,
+                                  nbt, ext)
+    if reason is not None:
+        _fallback_warning(reason)
+        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, nbt)
+    running, mom = _library_arguments(input, running_mean, running_var, weight, bias, training,
+                                      momentum, nbt)
+    return _Function.apply(input, weight, bias, running[0], running[1], nbt, bool(training),
+                           mom, float(eps), ext)
+
+
+def _resolve(input, running_mean, running_var, weight, bias, training, momentum,
+             num_batches_tracked, more=()):
+    """What batch_norm and batch_norm_relu decide first: (reason, momentum, nbt), reason the
+    fallback's (None: the library runs), nbt the counter to increment (None: no tracking).
+    more: further (name, tensor) pairs the library must take (the residual)."""
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0  # what torch's module passes when it has no counter
     track = training and running_mean is not None
@@ -441,24 +475,31 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     reason = _fallback_reason(input, (("weight", weight), ("bias", bias),
                                       ("running_mean", running_mean),
                                       ("running_var", running_var),
-                                      ("num_batches_tracked", nbt)))
+                                      ("num_batches_tracked", nbt)) + tuple(more))
     if reason is None and nbt is not None and (nbt.dtype != torch.int64 or nbt.numel() != 1):
         reason = "num_batches_tracked of dtype %s and shape %s (int64, one element)" % (
             nbt.dtype, tuple(nbt.shape))
-    if reason is not None and ext is not None:
-        _fallback_warning(reason)
-        return _extended_fallback(input, running_mean, running_var, weight, bias, momentum, eps,
-                                  nbt, ext)
-    if reason is not None:
-        _fallback_warning(reason)
-        if nbt is not None:
-            nbt.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(nbt)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training,
-                            0.0 if momentum is None else momentum, eps)
+    return reason, momentum, nbt
+
+
+def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      nbt):
+    """torch's F.batch_norm, with the counter incremented as the modules do (the fallback)."""
+    if nbt is not None:
+        nbt.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(nbt)
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training,
+                        0.0 if momentum is None else momentum, eps)
+
+
+def _library_arguments(input, running_mean, running_var, weight, bias, training, momentum, nbt):
+    """Checks made before a library call (torch's errors where torch has one, else the
+    library's words), nothing written: returns ((running_mean, running_var) to pass, the C
+    API's momentum)."""
     if training:
         _verify_batch_size(input.size())  # torch's ValueError, before any state changes
+    track = training and running_mean is not None
     if track and (running_var is None):
         raise ValueError("running_mean given without running_var")
     if not track:
@@ -475,9 +516,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             # here, in the library's words.
             raise _lib.BnormError(1, "%s: must hold one value per channel, C = %d (x size %s), "
                                   "got %d" % (name, c, list(input.shape), t.numel()))
-    mom = -1.0 if momentum is None else float(momentum)
-    return _Function.apply(input, weight, bias, running[0], running[1], nbt, bool(training),
-                           mom, float(eps), ext)
+    return running, -1.0 if momentum is None else float(momentum)
 
 
 def _extended_fallback(input, running_mean, running_var, weight, bias, momentum, eps, nbt, ext):
@@ -603,14 +642,9 @@ class _BnormForward:
                                True, momentum, self.eps,
                                num_batches_tracked=self.num_batches_tracked)
             return y
+        running_mean, running_var, use_batch_stats, momentum, nbt = _module_arguments(
+            self, self.freeze_running_stats)
         track = training and self.track_running_stats and not self.freeze_running_stats
-        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
-        running_mean = self.running_mean if not training or track else None
-        running_var = self.running_var if not training or track else None
-        nbt = self.num_batches_tracked if track else None
-        momentum = self.momentum
-        if momentum is None and nbt is None:
-            momentum = 0.0  # torch: exponential_average_factor 0 without a counter
         ext = {}
         if training and (self.ghost_batch or self.batch_renorm):
             ext = {"ghost_batch": self.ghost_batch, "batch_renorm": self.batch_renorm,
@@ -621,6 +655,21 @@ class _BnormForward:
                 ext["running_var_out"] = torch.empty_like(running_var)
         return batch_norm(input, running_mean, running_var, weight, bias,
                           use_batch_stats, momentum, self.eps, num_batches_tracked=nbt, **ext)
+
+
+def _module_arguments(m, freeze_running_stats=False):
+    """The functional call of torch's _BatchNorm.forward for module m in its mode:
+    (running_mean, running_var, use_batch_stats, momentum, num_batches_tracked to increment)."""
+    training = m.training
+    track = training and m.track_running_stats and not freeze_running_stats
+    use_batch_stats = training or (m.running_mean is None and m.running_var is None)
+    running_mean = m.running_mean if not training or track else None
+    running_var = m.running_var if not training or track else None
+    nbt = m.num_batches_tracked if track else None
+    momentum = m.momentum
+    if momentum is None and nbt is None:
+        momentum = 0.0  # torch: exponential_average_factor 0 without a counter
+    return running_mean, running_var, use_batch_stats, momentum, nbt
 
 
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
@@ -674,11 +723,15 @@ def _replacement(m):
             cls = BatchNorm
     if cls is None:
         return None
-    new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **kwargs)
-    # Everything of m's carries over: the Parameter and buffer objects themselves (optimizers
-    # and references stay valid), the training flag, the hooks (whatever hook tables this torch
-    # version has), qconfig and user attributes; only what the new class adds (none for the
-    # BatchNorm classes here) is the new module's own.
+    return _carried_over(m, cls(m.num_features, m.eps, m.momentum, m.affine,
+                                m.track_running_stats, **kwargs))
+
+
+def _carried_over(m, new):
+    """new (a module of another batch-norm class) with everything of m's: the Parameter and
+    buffer objects themselves (optimizers and references stay valid), the training flag, the
+    hooks (whatever hook tables this torch version has), qconfig and user attributes; only what
+    the new class adds (none for the classes here) is the new module's own."""
     for k, v in m.__dict__.items():
         if k in ("_parameters", "_buffers", "_modules"):
             v = type(v)(v)
