@@ -133,6 +133,32 @@ def _declare(cdll):
     cdll.bnorm_backward_ext.restype = c_int
     cdll.bnorm_backward_ext.argtypes = cdll.bnorm_backward.argtypes + [
         ctypes.POINTER(BackwardExtensions)]
+    cdll.bnorm_forward_train_relu.restype = c_int
+    cdll.bnorm_forward_train_relu.argtypes = [
+        c_int, c_i64, c_i64, c_i64,  # layout, n, c, s
+        vp, vp, vp,                  # x, weight, bias
+        vp, vp, vp,                  # running_mean, running_var, num_batches_tracked
+        c_double, c_double,          # momentum, eps
+        vp, vp,                      # z (NULL: no add), y
+        vp, vp,                      # save_mean, save_invstd
+    ]
+    cdll.bnorm_forward_eval_relu.restype = c_int
+    cdll.bnorm_forward_eval_relu.argtypes = [
+        c_int, c_i64, c_i64, c_i64,  # layout, n, c, s
+        vp, vp, vp,                  # x, weight, bias
+        vp, vp,                      # running_mean, running_var
+        c_double,                    # eps
+        vp, vp,                      # z (NULL: no add), y
+    ]
+    cdll.bnorm_backward_relu.restype = c_int
+    cdll.bnorm_backward_relu.argtypes = [
+        c_int, c_i64, c_i64, c_i64,  # layout, n, c, s
+        vp, vp, vp, vp,              # dy, x, y, weight
+        vp, vp,                      # save_mean, save_invstd
+        vp, vp,                      # running_mean, running_var
+        c_double, c_int,             # eps, training
+        vp, vp, vp, vp,              # dx, dweight, dbias, dz (NULL: not wanted)
+    ]
     cdll.bnorm_last_error.restype = ctypes.c_char_p
     cdll.bnorm_last_error.argtypes = []
     cdll.bnorm_version.restype = ctypes.c_char_p

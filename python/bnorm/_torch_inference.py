@@ -96,7 +96,8 @@ def fold_batch_norm(model, pairs=None, strict=True, inplace=False):
     before each (Linear, Conv1d/2d/3d): ``W' = a W``, ``b' = a (b - running_mean) + bias_bn``
     with ``a = weight / sqrt(running_var + eps)``, computed in float64 and rounded once.  A layer
     without bias gains one.  Each folded batch norm is replaced by ``torch.nn.Identity`` (the
-    other modules keep their names, as ``torch.ao.quantization.fuse_modules`` does).
+    other modules keep their names, as ``torch.ao.quantization.fuse_modules`` does), a fused
+    BatchNormReLU1d/2d/3d by the ReLU it applied (bnorm.torch's FoldedReLU).
 
     pairs: None folds every batch norm that directly follows a Linear or Conv in an
     ``nn.Sequential``; or a list of ``(layer_name, bn_name)`` (names of ``named_modules()``),
@@ -158,7 +159,9 @@ def fold_batch_norm(model, pairs=None, strict=True, inplace=False):
         parent, attr = _parent(out, layer_name)
         setattr(parent, attr, new)
         parent, attr = _parent(out, bn_name)
-        setattr(parent, attr, torch.nn.Identity())
+        # A fused batch norm + ReLU (bnorm.torch.BatchNormReLU2d, ...) leaves its ReLU.
+        after = getattr(bn, "_after_fold", None)
+        setattr(parent, attr, after() if after is not None else torch.nn.Identity())
     return out.eval()
 
 

@@ -25,6 +25,9 @@ What falls back to torch's own implementation, with a one-time warning (BnormFal
 naming the reason: a non-CPU tensor, a dtype other than float32, an empty batch, an input that
 is not a plain torch.Tensor, and double backward (create_graph=True: the gradient is then
 computed by torch's batch norm, so that it is differentiable again).
+
+Fused with the ReLU after it (bnorm/_torch_fused.py): batch_norm_relu, BatchNormReLU1d/2d/3d
+(relu(bn(x) [+ residual]) in one pass, forward and backward), convert(model, fuse_relu=True).
 """
 
 import ctypes
@@ -739,10 +742,14 @@ def _carried_over(m, new):
     return new
 
 
-def convert(module):
+def convert(module, fuse_relu=False):
     """Replace every torch.nn.BatchNorm1d/2d/3d in `module` (and every torch.nn.SyncBatchNorm
     on the CPU) by bnorm's module, in place; returns the module, or its replacement when
     `module` itself is one (like torch.nn.SyncBatchNorm.convert_sync_batchnorm).
+
+    fuse_relu=True also fuses each batch norm directly followed by a torch.nn.ReLU in an
+    nn.Sequential: the pair becomes BatchNormReLU1d/2d/3d and torch.nn.Identity (same
+    state_dict keys); bnorm/_torch_fused.py (fuse_relu) says what is fused and what is not.
 
     The replacement keeps the same Parameter and buffer objects (an optimizer built before
     still trains it), the train/eval mode, requires_grad, hooks and other attributes.  Only
@@ -767,13 +774,20 @@ def convert(module):
                     out._modules[name] = c2
         return out
 
-    return visit(module)
+    out = visit(module)
+    return _fuse_relu(out) if fuse_relu else out
 
 
 # After training: folding into the layer before, precise statistics (bnorm/_torch_inference.py).
 from ._torch_inference import FoldError, fold_batch_norm, update_bn_stats  # noqa: E402
 
 __all__ += ["FoldError", "fold_batch_norm", "update_bn_stats"]
+
+# Fused batch norm + ReLU (and + residual add): bnorm/_torch_fused.py.
+from ._torch_fused import (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,  # noqa: E402
+                           batch_norm_relu, fuse_relu as _fuse_relu)
+
+__all__ += ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "batch_norm_relu"]
 
 
 def __getattr__(name):
