@@ -53,6 +53,14 @@ Status BatchNorm::set_renorm_limits(double rmax, double dmax) {
   return Status();
 }
 
+Status BatchNorm::set_batch_renorm(bool on) {
+  BatchNormOptions o = options_;
+  o.batch_renorm = on;
+  BNORM_RETURN_IF_ERROR(check_extension_options(o));
+  options_ = o;
+  return Status();
+}
+
 Status BatchNorm::set_ghost_batch(int64_t ghost_batch) {
   BatchNormOptions o = options_;
   o.ghost_batch = ghost_batch;

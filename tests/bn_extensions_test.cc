@@ -858,8 +858,21 @@ TEST(BatchRenorm, BadInputWritesNothing) {
   EXPECT_TRUE(IsInvalid(layer.set_freeze(true, false, false), "batch_renorm: cannot be combined"));
   EXPECT_TRUE(IsInvalid(layer.set_ghost_batch(2), "batch_renorm: cannot be combined"));
   EXPECT_EQ(layer.options().ghost_batch, 0);
+  // Switched off and on again (bnorm train's schedule); refused with nothing changed.
+  ASSERT_TRUE(IsOk(layer.set_batch_renorm(false)));
+  EXPECT_FALSE(layer.options().batch_renorm);
+  ASSERT_TRUE(IsOk(layer.set_ghost_batch(2)));
+  EXPECT_TRUE(IsInvalid(layer.set_batch_renorm(true), "batch_renorm: cannot be combined"));
+  EXPECT_FALSE(layer.options().batch_renorm);
+  ASSERT_TRUE(IsOk(layer.set_ghost_batch(0)));
+  ASSERT_TRUE(IsOk(layer.set_batch_renorm(true)));
+  EXPECT_TRUE(layer.options().batch_renorm);
   o.track_running_stats = false;
   EXPECT_TRUE(IsInvalid(bnorm::BatchNorm::create(o, &layer), "batch_renorm: needs running"));
+  o.batch_renorm = false;
+  ASSERT_TRUE(IsOk(bnorm::BatchNorm::create(o, &layer)));
+  EXPECT_TRUE(IsInvalid(layer.set_batch_renorm(true), "batch_renorm: needs running"));
+  EXPECT_FALSE(layer.options().batch_renorm);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -285,6 +285,10 @@ class BatchNorm {
   // Batch renorm's limits for the next forwards (a schedule sets them per step): rmax >= 1,
   // dmax >= 0. Fails (nothing changed) otherwise.
   Status set_renorm_limits(double rmax, double dmax);
+  // Batch renormalization on or off for the next forwards (BatchNormOptions::batch_renorm; the
+  // limits stay as set). Fails (nothing changed) on turning it on without track_running_stats,
+  // with normalize_with_running_stats or with ghost_batch.
+  Status set_batch_renorm(bool on);
   // Ghost batch size for the next forwards: 0 (off) or >= 2. Fails (nothing changed) otherwise.
   Status set_ghost_batch(int64_t ghost_batch);
 

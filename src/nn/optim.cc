@@ -12,6 +12,15 @@ namespace {
 
 bool finite_nonneg(double v) { return std::isfinite(v) && v >= 0.0; }
 
+Status check_params(const std::vector<StateEntry>& params) {
+  for (const StateEntry& e : params) {
+    if (e.dtype != DType::kF32 || !e.is_parameter || e.data == nullptr || e.grad == nullptr)
+      return Status::invalid_argument("Sgd: params: entry \"" + e.name +
+                                      "\" is not an fp32 parameter with a gradient");
+  }
+  return Status();
+}
+
 }  // namespace
 
 Status Sgd::create(std::vector<StateEntry> params, const SgdOptions& options, Sgd* out) {
@@ -25,11 +34,7 @@ Status Sgd::create(std::vector<StateEntry> params, const SgdOptions& options, Sg
   if (!finite_nonneg(options.weight_decay))
     return Status::invalid_argument("Sgd: weight_decay: must be finite and >= 0, got " +
                                     detail::format_double(options.weight_decay));
-  for (const StateEntry& e : params) {
-    if (e.dtype != DType::kF32 || !e.is_parameter || e.data == nullptr || e.grad == nullptr)
-      return Status::invalid_argument("Sgd: params: entry \"" + e.name +
-                                      "\" is not an fp32 parameter with a gradient");
-  }
+  BNORM_RETURN_IF_ERROR(check_params(params));
   Sgd sgd;
   sgd.options_ = options;
   if (options.momentum > 0.0) {
@@ -39,6 +44,22 @@ Status Sgd::create(std::vector<StateEntry> params, const SgdOptions& options, Sg
   }
   sgd.params_ = std::move(params);
   *out = std::move(sgd);
+  return Status();
+}
+
+Status Sgd::set_params(std::vector<StateEntry> params) {
+  BNORM_RETURN_IF_ERROR(check_params(params));
+  if (!buffers_.empty()) {
+    std::vector<std::vector<float>> buffers(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      for (size_t k = 0; k < params_.size(); ++k)
+        if (params_[k].data == params[i].data && params_[k].numel() == params[i].numel())
+          buffers[i] = std::move(buffers_[k]);
+      if (buffers[i].empty()) buffers[i].assign(static_cast<size_t>(params[i].numel()), 0.0f);
+    }
+    buffers_ = std::move(buffers);
+  }
+  params_ = std::move(params);
   return Status();
 }
 

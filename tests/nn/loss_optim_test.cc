@@ -127,6 +127,47 @@ TEST(Sgd, MomentumAndWeightDecayByHand) {
   EXPECT_FLOAT_EQ(q[0], -0.5f);
 }
 
+TEST(Sgd, SetParamsKeepsTheMomentumOfThoseThatStay) {
+  std::vector<float> a = {1.0f}, ga = {1.0f}, b = {1.0f}, gb = {1.0f};
+  auto entry = [](const char* name, float* p, float* g) {
+    StateEntry e;
+    e.name = name;
+    e.shape = {1};
+    e.data = p;
+    e.is_parameter = true;
+    e.grad = g;
+    return e;
+  };
+  Sgd sgd;
+  SgdOptions o;
+  o.lr = 0.1;
+  o.momentum = 0.5;
+  o.weight_decay = 0.1;
+  ASSERT_TRUE(Sgd::create({entry("a", a.data(), ga.data()), entry("b", b.data(), gb.data())}, o,
+                          &sgd).ok());
+  sgd.step();  // d = 1 + 0.1 = 1.1 for both; buf = 1.1; p = 1 - 0.11 = 0.89
+  EXPECT_NEAR(a[0], 0.89, 1e-6);
+  // b is dropped (a frozen parameter): neither its momentum nor weight decay moves it again.
+  ASSERT_TRUE(sgd.set_params({entry("a", a.data(), ga.data())}).ok());
+  ga[0] = 0.0f;
+  gb[0] = 0.0f;
+  sgd.step();  // a: d = 0.089; buf = 0.55 + 0.089 = 0.639; a = 0.89 - 0.0639
+  EXPECT_NEAR(a[0], 0.89 - 0.0639, 1e-6);
+  EXPECT_NEAR(b[0], 0.89, 1e-6);
+  // b back: its buffer starts at 0 (d = 0.089 -> b -= 0.0089).
+  const float a_before = a[0];
+  ASSERT_TRUE(sgd.set_params({entry("b", b.data(), gb.data()), entry("a", a.data(), ga.data())}).ok());
+  sgd.step();
+  EXPECT_NEAR(b[0], 0.89 - 0.0089, 1e-6);
+  EXPECT_NEAR(a[0], a_before - 0.1 * (0.5 * 0.639 + 0.1 * a_before), 1e-6);
+  StateEntry buffer = entry("1.running_mean", b.data(), nullptr);
+  buffer.is_parameter = false;
+  EXPECT_TRUE(fails_with(sgd.set_params({buffer}), {"1.running_mean"}));
+  const float b_before = b[0];
+  sgd.step();  // still a and b
+  EXPECT_LT(b[0], b_before);
+}
+
 TEST(Sgd, BadInput) {
   Sgd sgd;
   SgdOptions o;

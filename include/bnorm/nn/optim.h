@@ -33,6 +33,12 @@ class Sgd {
   // must outlive the optimizer. Fails on a bad option or entry, naming it.
   static Status create(std::vector<StateEntry> params, const SgdOptions& options, Sgd* out);
 
+  // Replaces the parameters (e.g. Module::parameters() after a layer froze its weight and bias:
+  // those are no longer stepped, neither by momentum nor weight decay). A parameter that stays
+  // (the same data pointer) keeps its momentum buffer; a new one starts from 0. Fails on an
+  // entry create() would refuse, naming it (nothing changed).
+  Status set_params(std::vector<StateEntry> params);
+
   // One update of every parameter with the current learning rate.
   void step();
   // Zeroes every parameter's gradient.
