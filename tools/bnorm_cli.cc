@@ -74,6 +74,40 @@ int main(int argc, char** argv) {
                 "exchange)")
       ->capture_default_str();
 
+  t->add_option("--ghost-batch", train.ghost_batch,
+                "Ghost batch norm (Hoffer 2017): statistics per chunk of G consecutive samples "
+                "(2 <= G <= batch size)");
+  t->add_flag("--batch-renorm", train.batch_renorm,
+              "Batch renormalization (Ioffe 2017) with the schedule of --renorm-*");
+  t->add_option("--renorm-warmup", train.renorm_warmup,
+                "Steps at rmax = 1, dmax = 0 (plain BN) before the ramp (default: 10 % of the steps)");
+  t->add_option("--renorm-ramp", train.renorm_ramp,
+                "Steps over which rmax and dmax grow linearly to their limits (default: 40 % of "
+                "the steps)");
+  t->add_option("--renorm-rmax", train.renorm_rmax, "Batch renorm's final rmax (>= 1)")
+      ->capture_default_str();
+  t->add_option("--renorm-dmax", train.renorm_dmax, "Batch renorm's final dmax (>= 0)")
+      ->capture_default_str();
+  t->add_option("--freeze-bn-stats-after", train.freeze_bn_stats_after,
+                "From step S on, batch norm's running statistics are not updated");
+  t->add_option("--freeze-bn-affine-after", train.freeze_bn_affine_after,
+                "From step S on, batch norm's weight and bias are not trained");
+  t->add_option("--precise-bn", train.precise_bn,
+                "After training, recompute the running statistics from K training batches "
+                "(Wu & Johnson 2021); the checkpoint has them");
+  t->add_option("--precise-bn-aggregation", train.precise_bn_aggregation,
+                "mean (of the per-batch statistics, fvcore's) or population")
+      ->capture_default_str();
+  t->add_flag("--small-batch-study", train.small_batch_study,
+              "Train the BN network at each --study-batch-sizes with plain BN, ghost BN, batch "
+              "renorm and precise statistics; a table and a plot of eval- and train-mode accuracy");
+  t->add_option("--study-batch-sizes", train.study_batch_sizes,
+                "Batch sizes of the study (comma-separated, even, >= 4)")
+      ->delimiter(',')
+      ->capture_default_str();
+  t->add_option("--study-examples", train.study_examples,
+                "Training examples each study run sees (steps = examples / batch; default 300000)");
+
   bnorm::tools::EvalConfig eval;
   CLI::App* e = app.add_subcommand("eval", "Evaluate a checkpoint on the Fashion-MNIST test set");
   e->add_option("--checkpoint", eval.checkpoint, "A .safetensors file written by bnorm train (or PyTorch)")

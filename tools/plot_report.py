@@ -11,8 +11,13 @@ Writes into OUTDIR:
   loss.png                 train and test loss vs step, log y
   lr_sweep.png             final test accuracy vs learning rate, both networks, diverged runs
                            marked; only when report.json has a non-empty "lr_sweep"
-  report.md                title, configuration, a table of results, the images with captions,
-                           and a link to explain/ (bnorm explain's figure) when report.json names it
+  small_batch_study.png    the small-batch study (--small-batch-study): test accuracy in eval
+                           mode and the train-mode minus eval-mode gap vs batch size, one line
+                           per method; only when report.json has "small_batch_study"
+  report.md                title, configuration, a table of results, the precise statistics'
+                           before/after (--precise-bn), the small-batch study's table, the images
+                           with captions, and a link to explain/ (bnorm explain's figure) when
+                           report.json names it
 
 Accuracies in report.json are fractions in [0, 1]. Missing parts (no sigmoid_input, no sweep,
 a run without curve points) are skipped, not errors. Exit status: 0 on success, 1 if
@@ -141,6 +146,7 @@ def load_report(outdir):
             if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
                 raise ReportError(f"lr_sweep[{i}].lr is {lr!r}, not a positive number")
         report["_sweep"] = sweep
+        study_rows(report)
     except ReportError as e:
         raise ReportError(f"{path}: {e}") from None
     return report
@@ -183,6 +189,8 @@ def run_style(run, index):
 
 
 def plot_accuracy(plt, report, path):
+    if report.get("small_batch_study"):  # one point per run: the study's own plot says it
+        return False
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
     for i, run in enumerate(report["runs"]):
@@ -235,6 +243,8 @@ def plot_sigmoid_input(plt, report, path):
 
 
 def plot_loss(plt, report, path):
+    if report.get("small_batch_study"):  # one point per run: the study's own plot says it
+        return False
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
     for i, run in enumerate(report["runs"]):
@@ -300,8 +310,112 @@ def plot_sweep(plt, report, path):
     return True
 
 
+STUDY_METHODS = ("BN", "BN + precise statistics", "ghost BN", "batch renorm")
+
+
+def study_rows(report):
+    """The small-batch study's rows (batch_size, method and the accuracies), or []."""
+    study = report.get("small_batch_study")
+    if not isinstance(study, dict):
+        return []
+    rows = study.get("rows")
+    if not isinstance(rows, list):
+        raise ReportError("small_batch_study.rows is missing or not a list")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("batch_size"), int) \
+                or not isinstance(r.get("method"), str):
+            raise ReportError(f"small_batch_study.rows[{i}] lacks batch_size or method")
+    return rows
+
+
+def plot_study(plt, report, path):
+    rows = study_rows(report)
+    if not rows:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = [m for m in STUDY_METHODS if any(r["method"] == m for r in rows)]
+    methods += sorted({r["method"] for r in rows} - set(methods))
+    for k, method in enumerate(methods):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["batch_size"])
+        sizes = [r["batch_size"] for r in mine]
+        ev = [100 * num(r.get("test_accuracy")) if num(r.get("test_accuracy")) is not None
+              else math.nan for r in mine]
+        gap = [100 * num(r.get("train_eval_gap")) if num(r.get("train_eval_gap")) is not None
+               else math.nan for r in mine]
+        left.plot(sizes, ev, marker="o", color=f"C{k}", label=method, linewidth=1.6)
+        right.plot(sizes, gap, marker="o", color=f"C{k}", label=method, linewidth=1.6)
+    sizes = sorted({r["batch_size"] for r in rows})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(b) for b in sizes])
+        ax.set_xlabel("batch size")
+        ax.grid(True, alpha=0.3)
+    left.set_ylabel("test accuracy (%, eval mode)")
+    left.set_title("(a) eval-mode test accuracy")
+    left.legend(loc="lower right", fontsize="small")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_ylabel("train mode − eval mode (points)")
+    right.set_title("(b) gap: batch statistics vs running statistics")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # report.md
+
+
+def precise_lines(report):
+    """The before/after table of the runs with precise statistics (--precise-bn)."""
+    runs = [r for r in report["runs"] if isinstance(r.get("precise_bn"), dict)]
+    if not runs or report.get("small_batch_study"):
+        return []
+    lines = ["", "## Precise batch statistics", "",
+             "After training, each BatchNorm layer's running statistics recomputed from K "
+             "training batches with the weights fixed (Wu & Johnson 2021); the checkpoint has "
+             "them.", "",
+             "| run | batches | samples | aggregation | test accuracy before | after | "
+             "test loss before | after |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        p = r["precise_bn"]
+        lines.append(f"| {r['name']} | {p.get('batches', '–')} | {p.get('samples', '–')} | "
+                     f"{p.get('aggregation', '–')} | {pct(p.get('test_accuracy_before'))} | "
+                     f"{pct(p.get('test_accuracy_after'))} | {fmt(p.get('test_loss_before'))} | "
+                     f"{fmt(p.get('test_loss_after'))} |")
+    return lines
+
+
+def study_lines(report):
+    """The small-batch study's table, by batch size then method."""
+    rows = study_rows(report)
+    if not rows:
+        return []
+    study = report["small_batch_study"]
+    renorm = study.get("batch_renorm") or {}
+    precise = study.get("precise_bn") or {}
+    lines = ["", "## Small-batch study", "",
+             f"The BN network trained at each batch size on {study.get('examples_per_run')} "
+             "training examples (steps = examples / batch). Ghost BN: G = batch / 2. Batch "
+             f"renorm: rmax {renorm.get('rmax')}, dmax {renorm.get('dmax')}, warm-up "
+             f"{renorm.get('warmup')}, ramp {renorm.get('ramp')}. Precise statistics: the BN "
+             f"run's network, its running statistics recomputed from {precise.get('samples')} "
+             f"training samples ({precise.get('aggregation')}). Train mode: test batches of the "
+             "training batch size normalized by their own statistics (ghost chunks for ghost BN).",
+             "", "| batch | method | steps | test accuracy (eval) | test accuracy (train mode) "
+             "| gap (train − eval) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ev, tr = num(r.get("test_accuracy")), num(r.get("test_accuracy_train_mode"))
+        gap = f"{100 * (tr - ev):+.2f} pt" if ev is not None and tr is not None else "–"
+        method = r["method"]
+        if r.get("ghost_batch"):
+            method += f" (G = {r['ghost_batch']})"
+        lines.append(f"| {r['batch_size']} | {method} | {r.get('steps', '–')} | {pct(ev)} | "
+                     f"{pct(tr)} | {gap} |")
+    return lines
+
+
 
 
 def write_markdown(report, images, path):
@@ -354,6 +468,8 @@ def write_markdown(report, images, path):
             lines.append(f"| {p['lr']:g} | {net} | {pct(p.get('final_test_accuracy'))} | "
                          f"{fmt(p.get('final_train_loss'))} | {p.get('steps', '–')} | "
                          f"{'yes' if p.get('diverged') else 'no'} |")
+    lines += precise_lines(report)
+    lines += study_lines(report)
     lines += ["", "## Plots", ""]
     for file, caption in images:
         lines += [f"![{file[:-4]}]({file})", "", f"*{caption}*", ""]
@@ -392,6 +508,9 @@ def main(argv):
         ("loss.png", plot_loss, "Training loss (solid) and test loss (dashed), log scale."),
         ("lr_sweep.png", plot_sweep,
          "Final test accuracy vs learning rate; x marks a diverged run."),
+        ("small_batch_study.png", plot_study,
+         "The small-batch study: (a) test accuracy in eval mode (running statistics) and (b) "
+         "train-mode minus eval-mode test accuracy, against the batch size, per method."),
     ]
     for file, plot, caption in jobs:
         target = os.path.join(outdir, file)

@@ -114,6 +114,103 @@ Status apply_preset_defaults(TrainConfig* c) {
   if (c->sync_mode != "reproducible" && c->sync_mode != "per-rank")
     return bad_option("sync-mode", "'" + c->sync_mode + "' (expected reproducible or per-rank)");
   if (c->threads < 0) return bad_option("threads", std::to_string(c->threads) + " is not >= 0");
+  return check_bn_extensions(c);
+}
+
+namespace {
+
+// The study sets these itself for each of its runs.
+constexpr const char* kStudySets[] = {
+    "batch-size", "steps", "epochs", "ghost-batch", "batch-renorm", "renorm-warmup",
+    "renorm-ramp", "precise-bn", "freeze-bn-stats-after", "freeze-bn-affine-after", "only",
+    "lr-sweep"};
+
+Status check_study(TrainConfig* c) {
+  for (const char* name : {"study-batch-sizes", "study-examples"})
+    if (c->given.count(name) && !c->small_batch_study)
+      return bad_option(name, "needs --small-batch-study");
+  if (!c->small_batch_study) return Status();
+  for (const char* name : kStudySets)
+    if (c->given.count(name))
+      return bad_option("small-batch-study", std::string("sets --") + name +
+                                                 " itself for each run: remove --" + name);
+  if (c->sync_bn)
+    return bad_option("small-batch-study", "runs in one process: remove --sync-bn");
+  if (c->study_batch_sizes.empty()) return bad_option("study-batch-sizes", "is empty");
+  for (int64_t b : c->study_batch_sizes)
+    if (b < 4 || b % 2 != 0 || b > kTrainExamples)
+      return bad_option("study-batch-sizes",
+                        std::to_string(b) + " is not an even batch size in [4, 60000] (ghost BN "
+                                            "takes chunks of half the batch, >= 2)");
+  if (c->study_examples < 0 && !c->given.count("study-examples")) c->study_examples = 300000;
+  const int64_t largest = *std::max_element(c->study_batch_sizes.begin(), c->study_batch_sizes.end());
+  if (c->study_examples < largest)
+    return bad_option("study-examples", std::to_string(c->study_examples) +
+                                            " is less than one batch of " + std::to_string(largest));
+  return Status();
+}
+
+}  // namespace
+
+Status check_bn_extensions(TrainConfig* c) {
+  BNORM_RETURN_IF_ERROR(check_study(c));
+  auto given = [&](const char* name) { return c->given.count(name) > 0; };
+  const char* bn_only[] = {"ghost-batch", "batch-renorm", "freeze-bn-stats-after",
+                           "freeze-bn-affine-after", "precise-bn"};
+  if (c->which == "plain")
+    for (const char* name : bn_only)
+      if (given(name))
+        return bad_option(name, "acts on batch norm, but --only plain trains no BN network");
+  if (given("ghost-batch")) {
+    const int64_t g = c->ghost_batch, n = c->batch_size;
+    if (g < 2) return bad_option("ghost-batch", std::to_string(g) + " is not >= 2");
+    if (g > n)
+      return bad_option("ghost-batch", std::to_string(g) + " exceeds the batch size " +
+                                           std::to_string(n));
+    if (n % g == 1)
+      return bad_option("ghost-batch", "batches of " + std::to_string(n) + " in chunks of " +
+                                           std::to_string(g) +
+                                           " leave a last chunk of 1 sample (batch norm needs 2)");
+    if (c->batch_renorm)
+      return bad_option("ghost-batch", "cannot be combined with --batch-renorm");
+  } else {
+    c->ghost_batch = 0;
+  }
+  for (const char* name : {"renorm-warmup", "renorm-ramp", "renorm-rmax", "renorm-dmax"})
+    if (given(name) && !c->batch_renorm) return bad_option(name, "needs --batch-renorm");
+  if (!std::isfinite(c->renorm_rmax) || c->renorm_rmax < 1)
+    return bad_option("renorm-rmax", number(c->renorm_rmax) + " is not a finite value >= 1");
+  if (!std::isfinite(c->renorm_dmax) || c->renorm_dmax < 0)
+    return bad_option("renorm-dmax", number(c->renorm_dmax) + " is not a finite value >= 0");
+  if (given("renorm-warmup") && c->renorm_warmup < 0)
+    return bad_option("renorm-warmup", std::to_string(c->renorm_warmup) + " is not >= 0");
+  if (given("renorm-ramp") && c->renorm_ramp < 0)
+    return bad_option("renorm-ramp", std::to_string(c->renorm_ramp) + " is not >= 0");
+  for (const char* name : {"freeze-bn-stats-after", "freeze-bn-affine-after"}) {
+    const int64_t s = std::string(name) == "freeze-bn-stats-after" ? c->freeze_bn_stats_after
+                                                                   : c->freeze_bn_affine_after;
+    if (!given(name)) continue;
+    if (s < 0 || s >= c->steps)
+      return bad_option(name, std::to_string(s) + " is not a step in [0, " +
+                                  std::to_string(c->steps) + ") (--steps " +
+                                  std::to_string(c->steps) + ")");
+  }
+  if (!given("freeze-bn-stats-after")) c->freeze_bn_stats_after = -1;
+  if (!given("freeze-bn-affine-after")) c->freeze_bn_affine_after = -1;
+  if (given("precise-bn-aggregation") && !given("precise-bn") && !c->small_batch_study)
+    return bad_option("precise-bn-aggregation", "needs --precise-bn");
+  if (c->precise_bn_aggregation != "mean" && c->precise_bn_aggregation != "population")
+    return bad_option("precise-bn-aggregation",
+                      "'" + c->precise_bn_aggregation + "' (expected mean or population)");
+  if (given("precise-bn")) {
+    if (c->precise_bn < 1)
+      return bad_option("precise-bn", std::to_string(c->precise_bn) + " batches is not >= 1");
+    if (c->freeze_bn_stats_after >= 0)
+      return bad_option("precise-bn", "cannot be combined with --freeze-bn-stats-after (the "
+                                      "running statistics are frozen)");
+  } else {
+    c->precise_bn = 0;
+  }
   return Status();
 }
 

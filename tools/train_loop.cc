@@ -17,6 +17,7 @@
 #include "bnorm/batch_norm.h"
 #include "bnorm/io/safetensors.h"
 #include "bnorm/nn/optim.h"
+#include "bnorm/nn/precise_bn.h"
 #include "bnorm/nn/train_loop.h"
 #include "progress.h"
 #include "train_internal.h"
@@ -157,6 +158,12 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
 
   nn::Sequential model;
   BNORM_RETURN_IF_ERROR(build_model(config.preset, spec.batch_norm, config.seed, &model));
+  // The extensions' switches of step 0 before DataParallel::create (it compares the replicas'
+  // layouts, which freeze_affine changes).
+  const bool extensions = spec.batch_norm && uses_bn_extensions(config);
+  bool affine_frozen_now = false;
+  if (extensions)
+    BNORM_RETURN_IF_ERROR(apply_bn_switches(model, config, spec.steps, 0, &affine_frozen_now));
   // The global batch split across the ranks, the same split at every step; every rank starts
   // from the same parameters (the same seed), checked here and at every evaluation.
   nn::DataParallel dp;
@@ -238,8 +245,8 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
   std::vector<int32_t> labels_global(static_cast<size_t>(batch));
   io::SplitMix64 flips(config.seed ^ 0x666c6970ULL);  // its own stream: the order stays the same
   std::vector<float> shift_scratch;
-  auto next_batch = [&](int64_t step, nn::Tensor* x, std::vector<int32_t>* labels) -> Status {
-    if (!progress) progress.emplace(spec.name, spec.steps);
+  // This rank's shard of the next global batch (training, then the precise statistics).
+  auto draw = [&](nn::Tensor* x, std::vector<int32_t>* labels) {
     int64_t epoch = 0;
     const std::vector<int64_t>& idx = sampler.next(&epoch);
     io::gather_batch(train, idx.data(), batch, x_global.data(), labels_global.data());
@@ -252,6 +259,15 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
     const float* mine = x_global.data() + begin * train.image_size();
     std::copy(mine, mine + local * train.image_size(), x->data());
     labels->assign(labels_global.begin() + begin, labels_global.begin() + begin + local);
+  };
+  auto next_batch = [&](int64_t step, nn::Tensor* x, std::vector<int32_t>* labels) -> Status {
+    if (!progress) progress.emplace(spec.name, spec.steps);
+    draw(x, labels);
+    if (extensions && step > 0) {
+      BNORM_RETURN_IF_ERROR(apply_bn_switches(model, config, spec.steps, step, &affine_frozen_now));
+      // A frozen weight and bias leave the optimizer (no momentum or weight decay moves them).
+      if (affine_frozen_now) BNORM_RETURN_IF_ERROR(sgd.set_params(model.parameters()));
+    }
     return fault_point(dp.rank(), step);
   };
   auto after_step = [&](const nn::TrainStep& s) {
@@ -282,6 +298,29 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
     BNORM_RETURN_IF_ERROR(
         evaluate_train_mode(model, config.preset, test, batch, &result->final_test_train_mode));
 
+  // Precise statistics (Wu & Johnson 2021) from the next config.precise_bn batches of the
+  // training stream, pooled over the ranks (synchronized layers see the global batch).
+  if (spec.batch_norm && config.precise_bn > 0 && !result->diverged) {
+    result->test_before_precise = result->final_test;
+    std::vector<int32_t> unused_labels;
+    nn::PreciseBnReport precise;
+    BNORM_RETURN_IF_ERROR(nn::update_bn_stats(
+        model, [&](int64_t, nn::Tensor* x) { draw(x, &unused_labels); return Status(); },
+        nn::PreciseBnOptions{.batches = config.precise_bn,
+                             .aggregation = config.precise_bn_aggregation == "population"
+                                                ? nn::PreciseBnAggregation::kPopulation
+                                                : nn::PreciseBnAggregation::kMeanOfBatches,
+                             .comm = distributed ? comm : nullptr},
+        &precise));
+    result->precise_batches = config.precise_bn;
+    result->precise_samples = precise.samples;
+    result->precise_aggregation = config.precise_bn_aggregation;
+    model.train(false);
+    BNORM_RETURN_IF_ERROR(dp.evaluate(test_data, kEvalBatch, &result->final_test));
+    model.train(true);
+  }
+  if (extensions) BNORM_RETURN_IF_ERROR(reset_bn_switches(model));
+
   if (distributed && !result->diverged) BNORM_RETURN_IF_ERROR(dp.check_replicas(result->steps_done));
   result->replica_checks = dp.replica_checks_passed();
   if (!spec.checkpoint.empty() && !result->diverged && lead) {
@@ -296,6 +335,8 @@ Status run_one(const TrainConfig& config, const RunSpec& spec, const io::Dataset
         {"batch_size", std::to_string(config.batch_size)},
         {"bnorm_version", bnorm::version()},
     };
+    if (spec.batch_norm && !bn_training_summary(config).empty())
+      meta["batch_norm_training"] = bn_training_summary(config);
     model.train(false);
     const fs::path path = fs::path(config.out_dir) / spec.checkpoint;
     BNORM_RETURN_IF_ERROR(io::save_safetensors(path.string(), model.state_dict(), meta));

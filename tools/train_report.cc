@@ -109,6 +109,9 @@ std::string find_plot_script(const std::string& name = "plot_report.py") {
   return "";
 }
 
+// A finite number, or null.
+Json num(double d) { return std::isfinite(d) ? Json(d) : Json(nullptr); }
+
 Json to_json(const std::vector<double>& v) {
   Json a = Json::array();
   for (double d : v) a.push_back(std::isfinite(d) ? Json(d) : Json(nullptr));
@@ -144,7 +147,6 @@ Json to_json(const RunResult& r) {
     run["sigmoid_input"] = s;
   }
   Json fin;
-  auto num = [](double d) { return std::isfinite(d) ? Json(d) : Json(nullptr); };
   fin["test_accuracy"] = num(r.final_test.accuracy);
   fin["test_loss"] = num(r.final_test.loss);
   fin["test_accuracy_train_mode"] = num(r.final_test_train_mode.accuracy);
@@ -152,6 +154,17 @@ Json to_json(const RunResult& r) {
   fin["train_accuracy"] = num(r.final_train_accuracy);
   fin["train_loss"] = num(r.final_train_loss);
   run["final"] = fin;
+  if (r.precise_batches > 0) {
+    Json p;
+    p["batches"] = r.precise_batches;
+    p["samples"] = r.precise_samples;
+    p["aggregation"] = r.precise_aggregation;
+    p["test_accuracy_before"] = num(r.test_before_precise.accuracy);
+    p["test_loss_before"] = num(r.test_before_precise.loss);
+    p["test_accuracy_after"] = num(r.final_test.accuracy);
+    p["test_loss_after"] = num(r.final_test.loss);
+    run["precise_bn"] = p;
+  }
   if (!r.checkpoint.empty()) run["checkpoint"] = r.checkpoint;
   if (r.comm.allreduce_calls > 0) {
     Json c;
@@ -172,8 +185,8 @@ Status prepare_output_dir(const std::string& dir) { return prepare_dir(fs::path(
 
 Status write_report(const TrainConfig& config, const Communicator* comm, const io::Dataset& train,
                     const io::Dataset& test, const std::vector<RunResult>& runs,
-                    const std::vector<RunResult>& sweep, const std::string& explained,
-                    double wall_time_s) {
+                    const std::vector<RunResult>& sweep, const std::vector<StudyRow>& study,
+                    const std::string& explained, double wall_time_s) {
   Json report;
   report["tool"] = "bnorm train";
   report["bnorm_version"] = bnorm::version();
@@ -210,6 +223,32 @@ Status write_report(const TrainConfig& config, const Communicator* comm, const i
   cfg["train_examples"] = train.count;
   cfg["test_examples"] = test.count;
   if (!config.lr_sweep.empty()) cfg["sweep_steps"] = config.sweep_steps;
+  // The batch-norm extensions, only those asked for (PyTorch's batch norm otherwise).
+  if (config.ghost_batch != 0) cfg["ghost_batch"] = config.ghost_batch;
+  if (config.batch_renorm) {
+    Json r;
+    r["rmax"] = config.renorm_rmax;
+    r["dmax"] = config.renorm_dmax;
+    if (!config.small_batch_study) {
+      r["warmup_steps"] = renorm_warmup_steps(config, config.steps);
+      r["ramp_steps"] = renorm_ramp_steps(config, config.steps);
+    }
+    cfg["batch_renorm"] = r;
+  }
+  if (config.freeze_bn_stats_after >= 0) cfg["freeze_bn_stats_after"] = config.freeze_bn_stats_after;
+  if (config.freeze_bn_affine_after >= 0)
+    cfg["freeze_bn_affine_after"] = config.freeze_bn_affine_after;
+  if (config.precise_bn > 0) {
+    Json p;
+    p["batches"] = config.precise_bn;
+    p["aggregation"] = config.precise_bn_aggregation;
+    cfg["precise_bn"] = p;
+  }
+  if (config.small_batch_study) {
+    for (const char* unused : {"steps", "epochs", "batch_size", "eval_every"}) cfg.erase(unused);
+    cfg["study_batch_sizes"] = config.study_batch_sizes;
+    cfg["study_examples"] = config.study_examples;
+  }
   report["config"] = cfg;
   report["wall_time_s"] = wall_time_s;
   Json jruns = Json::array();
@@ -230,6 +269,40 @@ Status write_report(const TrainConfig& config, const Communicator* comm, const i
     jsweep.push_back(e);
   }
   if (!jsweep.empty()) report["lr_sweep"] = jsweep;
+  if (!study.empty()) {
+    Json st;
+    st["examples_per_run"] = config.study_examples;
+    st["batch_sizes"] = config.study_batch_sizes;
+    st["methods"] = {"BN", "ghost BN", "batch renorm", "BN + precise statistics"};
+    st["ghost_batch"] = "batch / 2";
+    Json renorm;
+    renorm["rmax"] = config.renorm_rmax;
+    renorm["dmax"] = config.renorm_dmax;
+    renorm["warmup"] = "10 % of the steps";
+    renorm["ramp"] = "40 % of the steps";
+    st["batch_renorm"] = renorm;
+    Json precise;
+    precise["samples"] = kStudyPreciseSamples;
+    precise["aggregation"] = config.precise_bn_aggregation;
+    st["precise_bn"] = precise;
+    Json rows = Json::array();
+    for (const StudyRow& r : study) {
+      Json row;
+      row["batch_size"] = r.batch_size;
+      row["method"] = r.method;
+      row["run"] = r.run;
+      row["steps"] = r.steps;
+      row["ghost_batch"] = r.ghost_batch != 0 ? Json(r.ghost_batch) : Json(nullptr);
+      row["precise_bn_batches"] = r.precise_batches != 0 ? Json(r.precise_batches) : Json(nullptr);
+      row["test_accuracy"] = num(r.test_accuracy);
+      row["test_accuracy_train_mode"] = num(r.test_accuracy_train_mode);
+      row["train_eval_gap"] = num(r.test_accuracy_train_mode - r.test_accuracy);
+      row["wall_time_s"] = r.wall_time_s;
+      rows.push_back(row);
+    }
+    st["rows"] = rows;
+    report["small_batch_study"] = st;
+  }
   if (!explained.empty()) report["explain"] = explained;
   return write_file_atomically(fs::path(config.out_dir) / "report.json", report.dump(1) + "\n");
 }

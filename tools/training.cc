@@ -46,6 +46,25 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
                                          std::to_string(ranks) +
                                          " ranks a single sample: batch norm without --sync-bn "
                                          "needs 2 per rank");
+  // Under mpirun: sync BN refuses ghost batches and batch renorm; without it each rank's
+  // layers see its shard, which must suit the ghost batch.
+  if (setup.ok() && ranks > 1 && config.which != "plain") {
+    if (config.sync_bn && config.ghost_batch != 0)
+      setup = bad_option("ghost-batch", "cannot be combined with --sync-bn (synchronized batch "
+                                        "norm has no ghost batches)");
+    else if (config.sync_bn && config.batch_renorm)
+      setup = bad_option("batch-renorm", "cannot be combined with --sync-bn (synchronized batch "
+                                         "norm has no batch renorm)");
+    for (int64_t shard : nn::shard_sizes(config.batch_size, ranks))
+      if (setup.ok() && !config.sync_bn && config.ghost_batch != 0 &&
+          (shard < config.ghost_batch || shard % config.ghost_batch == 1))
+        setup = bad_option("ghost-batch", std::to_string(config.ghost_batch) +
+                                              " does not suit a rank's shard of " +
+                                              std::to_string(shard) + " samples (G <= shard, "
+                                              "no last chunk of 1 sample)");
+  }
+  if (setup.ok() && ranks > 1 && config.small_batch_study)
+    setup = bad_option("small-batch-study", "runs in one process (not under mpirun)");
   // Before any training time is spent: the report must be writable.
   if (setup.ok() && lead) setup = prepare_output_dir(config.out_dir);
   BNORM_RETURN_IF_ERROR(nn::agree(comm, setup, "setup"));
@@ -69,6 +88,15 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
                                 : "local to each rank (rank 0's running statistics kept)");
 
   std::vector<RunResult> runs;
+  std::vector<StudyRow> study;
+  if (config.small_batch_study) {
+    BNORM_RETURN_IF_ERROR(run_small_batch_study(config, train, test, &runs, &study));
+    BNORM_RETURN_IF_ERROR(
+        write_report(config, comm, train, test, runs, {}, study, "", seconds_since(start)));
+    print_summary(runs, config.out_dir);
+    if (config.plots) BNORM_RETURN_IF_ERROR(draw_plots(config.out_dir));
+    return Status();
+  }
   for (bool bn : {true, false}) {
     if ((bn && config.which == "plain") || (!bn && config.which == "bn")) continue;
     RunSpec spec{.name = bn ? "with BN" : "without BN",
@@ -115,7 +143,7 @@ Status run_training(const TrainConfig& config, Communicator* comm) {
   }
 
   BNORM_RETURN_IF_ERROR(
-      write_report(config, comm, train, test, runs, sweep, explained, seconds_since(start)));
+      write_report(config, comm, train, test, runs, sweep, {}, explained, seconds_since(start)));
   print_summary(runs, config.out_dir);
   if (config.plots) BNORM_RETURN_IF_ERROR(draw_plots(config.out_dir));
   return Status();

@@ -50,6 +50,26 @@ struct TrainConfig {
   // ranks, gradients are all-reduced once per step. sync_bn: batch norm over the global batch.
   bool sync_bn = false;
   std::string sync_mode = "reproducible";  // "reproducible" or "per-rank"
+  // Batch-norm extensions on every BatchNorm layer of the BN network (docs/batch_norm.md §7;
+  // each off by default, PyTorch's batch norm). Validated by apply_preset_defaults.
+  int64_t ghost_batch = 0;  // 0: off; G >= 2: statistics per chunk of G samples
+  bool batch_renorm = false;
+  // The schedule (Ioffe 2017): rmax = 1, dmax = 0 for renorm_warmup steps, then linearly to
+  // renorm_rmax / renorm_dmax over renorm_ramp steps. -1: 10 % / 40 % of the steps.
+  int64_t renorm_warmup = -1;
+  int64_t renorm_ramp = -1;
+  double renorm_rmax = 3.0;
+  double renorm_dmax = 5.0;
+  int64_t freeze_bn_stats_after = -1;   // from this step on, running statistics frozen; -1: never
+  int64_t freeze_bn_affine_after = -1;  // from this step on, weight and bias frozen; -1: never
+  int64_t precise_bn = 0;  // K > 0: after training, running statistics from K training batches
+  std::string precise_bn_aggregation = "mean";  // "mean" (fvcore's) or "population"
+  // The small-batch study (small_batch_study.cc): instead of the runs above, the BN network at
+  // each of study_batch_sizes with plain BN, ghost BN, batch renorm and precise statistics, each
+  // run seeing study_examples training examples (-1: the default, 300000).
+  bool small_batch_study = false;
+  std::vector<int64_t> study_batch_sizes = {4, 8, 16, 60};
+  int64_t study_examples = -1;
   std::set<std::string> given;  // option names the user gave (without "--")
 };
 
