@@ -7,6 +7,8 @@ Runs (each short, on the paper-mlp preset, one on cnn):
   * 1 process, then 2 and 3 MPI ranks with --sync-bn and the same global batch: the K-rank runs
     follow the 1-process run within the stated tolerance, the replicas stay identical (checked
     by the trainer), only rank 0 writes, and the checkpoint reloads with `bnorm eval`;
+  * 2 ranks with --sync-bn --precise-bn (pooled precise statistics) against 1 process, and
+    --ghost-batch / --batch-renorm refused with --sync-bn;
   * 2 ranks without --sync-bn (local batch norm, rank 0's running statistics kept);
   * faults, each of which must end every rank with a clear error within 60 s and leave no
     half-written file: a rank whose data is corrupt (setup), a rank that fails mid-run, a rank
@@ -137,6 +139,37 @@ def main():
                          "--data", DATA])
             check(f"{k} ranks: rank 0's checkpoint reloads with the reported accuracy",
                   p2.returncode == 0 and f"{100 * a:.2f}%" in p2.stdout, p2.stdout + p2.stderr)
+
+        # --- Precise statistics with sync BN: pooled over the ranks ------------------------
+        # The synchronized layers see the global batch: 2 ranks recompute the 1-process
+        # statistics (up to the ranks' rounding), and the checkpoint has them.
+        one_p = os.path.join(tmp, "one-precise")
+        p, _ = run([EXE, *train_args(one_p, extra=["--precise-bn", "10"])], env=env)
+        check("1 process with --precise-bn trains", p.returncode == 0, p.stderr[-2000:])
+        out = os.path.join(tmp, "np2-precise")
+        p, _ = run(mpirun(2, train_args(out, extra=["--sync-bn", "--precise-bn", "10"])), env=env)
+        check("2 ranks with --sync-bn --precise-bn train", p.returncode == 0, p.stderr[-2000:])
+        if p.returncode == 0 and os.path.exists(os.path.join(one_p, "report.json")):
+            a = report(out)["runs"][0].get("precise_bn", {})
+            b = report(one_p)["runs"][0].get("precise_bn", {})
+            check("2 ranks: precise statistics from 10 global batches of 60 samples",
+                  a.get("batches") == 10 and a.get("samples") == 600, a)
+            check(f"2 ranks: accuracy after precise statistics within {ACC_TOL * 100:.1f} points "
+                  f"of 1 process ({a.get('test_accuracy_after')} vs {b.get('test_accuracy_after')})",
+                  abs(a.get("test_accuracy_after", 9) - b.get("test_accuracy_after", -9)) <= ACC_TOL)
+            p2, _ = run([EXE, "eval", "--checkpoint", os.path.join(out, "bn.safetensors"),
+                         "--data", DATA])
+            want = f"{100 * a.get('test_accuracy_after', -1):.2f}%"
+            check("2 ranks: the checkpoint has the precise statistics",
+                  p2.returncode == 0 and want in p2.stdout, p2.stdout + p2.stderr)
+        # Synchronized batch norm has no ghost batches or batch renorm: refused at setup.
+        for extra, needle in ((["--ghost-batch", "10"], "--ghost-batch: cannot be combined with --sync-bn"),
+                              (["--batch-renorm"], "--batch-renorm: cannot be combined with --sync-bn")):
+            out = os.path.join(tmp, "refused")
+            p, _ = run(mpirun(2, train_args(out, extra=["--sync-bn", *extra])), env=env)
+            check(f"2 ranks: --sync-bn {' '.join(extra)} refused",
+                  p.returncode != 0 and needle in p.stderr, p.stderr[-2000:])
+            check(f"2 ranks: --sync-bn {' '.join(extra)} writes nothing", not os.path.exists(out))
 
         # --- Without sync BN: local statistics, rank 0's buffers ---------------------------
         out = os.path.join(tmp, "local")
