@@ -6,7 +6,8 @@ Usage: plot_report_test.py PLOT_REPORT_PY [--keep DIR]
 
 Checks: a full paper-mlp report gives the four PNGs and a report.md that embeds them and has the
 results table; a cnn report without sigmoid_input and without a sweep gives only the plots that
-apply; a missing or malformed report.json exits 1 with a one-line message. Exit 77 (skip) when
+apply; a small-batch study gives its plot and table only; a --precise-bn run its before/after
+table; a missing or malformed report.json (study rows included) exits 1 with a one-line message. Exit 77 (skip) when
 neither this interpreter nor /usr/bin/python3 has matplotlib.
 """
 
@@ -120,6 +121,47 @@ def main(argv):
         md = open(os.path.join(cnn, "report.md")).read()
         check("sigmoid" not in md and "sweep" not in md, "cnn report.md mentions absent parts")
 
+        # A small-batch study: its plot and table instead of the per-step plots; a precise-BN
+        # run's before/after table.
+        study = os.path.join(tmp, "study")
+        os.makedirs(study)
+        report = synthetic_report(with_sigmoid=False, with_sweep=False)
+        rows = []
+        for b in (4, 8):
+            for m, ev, tr in (("BN", 0.80, 0.75), ("BN + precise statistics", 0.81, 0.75),
+                              ("ghost BN", 0.70, 0.60), ("batch renorm", 0.82, 0.81)):
+                rows.append({"batch_size": b, "method": m, "steps": 1000 // b,
+                             "ghost_batch": b // 2 if m == "ghost BN" else None,
+                             "test_accuracy": ev, "test_accuracy_train_mode": tr,
+                             "train_eval_gap": tr - ev})
+        report["small_batch_study"] = {"examples_per_run": 1000, "rows": rows,
+                                       "batch_renorm": {"rmax": 3, "dmax": 5, "warmup": "10 %",
+                                                        "ramp": "40 %"},
+                                       "precise_bn": {"samples": 4800, "aggregation": "mean"}}
+        with open(os.path.join(study, "report.json"), "w") as f:
+            json.dump(report, f)
+        r = run_plotter(script, study)
+        check(r.returncode == 0, f"study report: exit {r.returncode}: {r.stderr}")
+        made = sorted(os.listdir(study))
+        check(made == ["report.json", "report.md", "small_batch_study.png"], f"study wrote {made}")
+        md = open(os.path.join(study, "report.md")).read()
+        for fragment in ("## Small-batch study", "| 4 | ghost BN (G = 2) | 250 | 70.00 % | 60.00 % | "
+                         "-10.00 pt |", "| 8 | batch renorm | 125 | 82.00 % | 81.00 % | -1.00 pt |",
+                         "](small_batch_study.png)"):
+            check(fragment in md, f"study report.md lacks {fragment!r}")
+        precise = os.path.join(tmp, "precise")
+        os.makedirs(precise)
+        report = synthetic_report(with_sigmoid=False, with_sweep=False)
+        report["runs"][0]["precise_bn"] = {"batches": 20, "samples": 1200, "aggregation": "mean",
+                                           "test_accuracy_before": 0.8, "test_accuracy_after": 0.81,
+                                           "test_loss_before": 0.5, "test_loss_after": 0.45}
+        with open(os.path.join(precise, "report.json"), "w") as f:
+            json.dump(report, f)
+        r = run_plotter(script, precise)
+        md = open(os.path.join(precise, "report.md")).read() if r.returncode == 0 else ""
+        check("## Precise batch statistics" in md and "| 20 | 1200 | mean | 80.00 % | 81.00 % |" in md,
+              f"precise report: exit {r.returncode}: {r.stderr} {md[-1500:]}")
+
         bad = os.path.join(tmp, "bad")
         os.makedirs(bad)
         r = run_plotter(script, bad)
@@ -128,7 +170,10 @@ def main(argv):
         for text, fragment in (("{not json", "not valid JSON"), ("[]", "not a JSON object"),
                                ('{"runs": []}', "\"runs\" is missing or empty"),
                                ('{"runs": [{"name": "a", "curve": {"step": [1, 2], '
-                                '"test_accuracy": [0.5]}}]}', "has 1 values but")):
+                                '"test_accuracy": [0.5]}}]}', "has 1 values but"),
+                               ('{"runs": [{"name": "a", "curve": {"step": [1]}}], '
+                                '"small_batch_study": {"rows": [{"method": "BN"}]}}',
+                                "small_batch_study.rows[0] lacks batch_size or method")):
             with open(os.path.join(bad, "report.json"), "w") as f:
                 f.write(text)
             r = run_plotter(script, bad)
