@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""PyTorch training steps: torch's batch norm, bnorm.torch.convert and identity, 1 and 2 threads.
+"""PyTorch training steps: torch's batch norm, bnorm.torch.convert (plain and fuse_relu=True) and
+identity, 1 and 2 threads.
 
-Full training steps with torch's batch norm, with bnorm's (bnorm.torch.convert) and with none
-(batch norm replaced by identity), in one run, on 1 and 2 threads.
+Full training steps with torch's batch norm, with bnorm's (bnorm.torch.convert), with bnorm's
+fused with the ReLU after it (bnorm.torch.convert(model, fuse_relu=True): BatchNormReLU in place
+of each BatchNorm + ReLU pair of an nn.Sequential) and with none (batch norm replaced by
+identity), in one run, on 1 and 2 threads.
 
 Models: torchvision's ResNet-18 (batch 16, 3x112x112, 10 classes, SGD with momentum 0.9) in NCHW
 and channels_last, and the paper MLP (784-100-100-100-10, sigmoid, BatchNorm1d before each
-sigmoid, batch 60, plain SGD; tools/torch_paper_mlp.py). A step is zero_grad, forward,
-cross-entropy, backward and the SGD step, timed whole with perf_counter.
+sigmoid, batch 60, plain SGD; tools/torch_paper_mlp.py), and a conv-BN-ReLU CNN (cnn: five
+Conv3x3-BatchNorm2d-ReLU blocks of 32, 32, 64, 64, 128 channels with two max-pools in one
+nn.Sequential, global average pool, Linear to 10; batch 8, 3x64x64, SGD with momentum 0.9), the
+model where fuse_relu fuses every batch norm. ResNet-18 has nothing fuse_relu fuses (its ReLUs
+are called in forward(), not Sequential members: the fused variant is then the plain one), nor
+the MLP (sigmoid). A step is zero_grad, forward, cross-entropy, backward and the SGD step, timed
+whole with perf_counter.
 
 Each thread count runs in its own worker process (this script with --worker), with
 torch.set_num_threads(T), OMP_NUM_THREADS=T, OPENBLAS_NUM_THREADS=T (Debian's torch runs Linear
@@ -15,23 +23,24 @@ on OpenBLAS's own pthread pool) and BNORM_NUM_THREADS=T (bnorm's pool; the C API
 the library reads the variable), so the pools are the same size and only one of them computes at
 any moment.
 
-Before timing, every configuration is validated: from the same initial state the converted model's
-logits, loss and every parameter gradient after one backward are compared with torch's fp32 model
-and judged by torch's model in float64 (the rule is derived at ENVELOPE below). A row that fails
-is marked FAILED and its ratio is shown in parentheses.
+Before timing, every configuration is validated, for each converted variant: from the same
+initial state the converted model's logits, loss and every parameter gradient after one backward
+are compared with torch's fp32 model and judged by torch's model in float64 (the rule is derived
+at ENVELOPE below). A row that fails is marked FAILED and its ratio is shown in parentheses.
 
-Timing: the three variants are interleaved, in a rotating order, repetition after repetition
+Timing: the variants are interleaved, in a rotating order, repetition after repetition
 (a shared VM's speed drifts over minutes); the first repetitions are warm-up. A ResNet-18
 repetition is one step per variant; an MLP repetition is a block of steps per variant, whose mean
 is one sample. The report gives the median and min-max (the JSON also the IQR and every
-sample), the ratio torch/bnorm of the medians, and the batch-norm share of the step,
-(t_bn - t_identity) / t_bn, for torch's BN and for bnorm's.
+sample), the ratios torch/bnorm and torch/fused of the medians, and the batch-norm share of
+the step, (t_bn - t_identity) / t_bn, for torch's BN and for bnorm's (unfused and fused).
 
 Also, per batch-norm layer shape of each model (forward hooks), the BN layer alone: forward +
 backward of torch's module against the converted module on the same input and output gradient
 (where the step's time goes).
 
-  torch_step_bench.py [--threads 1,2,2p] [--reps N] [--quick] [--out-dir DIR]
+  torch_step_bench.py [--threads 1,2,2p] [--reps N] [--configs cnn,resnet18:nchw,...]
+                      [--quick] [--out-dir DIR]
 
 (2p: 2 threads with OMP_WAIT_POLICY=passive, see docs/benchmarks.md)
 
@@ -68,7 +77,8 @@ ENVELOPE = 4.0
 ABS_FLOOR = 1e-5
 ZERO_FLOOR = 1e-3
 
-VARIANTS = ("torch", "bnorm", "identity")
+VARIANTS = ("torch", "bnorm", "bnorm_fused", "identity")
+CONVERTED = ("bnorm", "bnorm_fused")  # the variants that need bnorm.torch
 # Environment variables that change the timings, recorded in the report when set.
 ENV_RECORDED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BNORM_NUM_THREADS", "OMP_WAIT_POLICY",
                 "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
@@ -106,6 +116,21 @@ def _paper_mlp(torch):
     return net
 
 
+def _cnn(torch):
+    layers, width = [], 3
+    for i, c in enumerate((32, 32, 64, 64, 128)):
+        layers += [torch.nn.Conv2d(width, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c),
+                   torch.nn.ReLU(inplace=True)]
+        if i in (1, 3):
+            layers.append(torch.nn.MaxPool2d(2))
+        width = c
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10)]
+    return torch.nn.Sequential(*layers)
+
+
+LABELS = {"resnet18": "ResNet-18", "mlp": "paper MLP", "cnn": "conv-BN-ReLU CNN"}
+
+
 class Config:
     def __init__(self, torch, model, fmt, seed):
         self.model_name, self.fmt = model, fmt
@@ -116,11 +141,18 @@ class Config:
             self.x = torch.randn(16, 3, 112, 112)
             self.y = torch.randint(0, 10, (16,))
             self.lr, self.momentum = 0.01, 0.9
-        else:
+        elif model == "cnn":
+            base = _cnn(torch)
+            self.x = torch.randn(8, 3, 64, 64)
+            self.y = torch.randint(0, 10, (8,))
+            self.lr, self.momentum = 0.01, 0.9
+        elif model == "mlp":
             base = _paper_mlp(torch)
             self.x = torch.rand(60, 784)
             self.y = torch.randint(0, 10, (60,))
             self.lr, self.momentum = 0.1, 0.0
+        else:
+            raise SystemExit("torch_step_bench: unknown model %r (resnet18, cnn, mlp)" % model)
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         if fmt == "channels_last":
             base = base.to(memory_format=mf)
@@ -132,6 +164,8 @@ class Config:
         m = copy.deepcopy(self.base)
         if variant == "bnorm":
             m = bnorm_torch.convert(m)
+        elif variant == "bnorm_fused":
+            m = bnorm_torch.convert(m, fuse_relu=True)
         elif variant == "identity":
             m = _replace_bn_by_identity(torch, m)
         m.train()
@@ -140,7 +174,7 @@ class Config:
 
     @property
     def label(self):
-        return "ResNet-18" if self.model_name == "resnet18" else "paper MLP"
+        return LABELS[self.model_name]
 
 
 def _step(torch, model, opt, x, y):
@@ -162,12 +196,13 @@ def _run_once(torch, model, x, y):
     return logits.detach().double(), loss.detach().double(), grads, bufs, counters
 
 
-def _validate(torch, cfg, bnorm_torch):
-    """The converted model against torch's, both judged by torch's model in float64 (see
-    ENVELOPE): logits, loss, every parameter gradient after one backward, the BN buffers after
-    the forward."""
-    got_model = bnorm_torch.convert(copy.deepcopy(cfg.base))
+def _validate(torch, cfg, bnorm_torch, fuse_relu=False):
+    """The converted model (convert(model, fuse_relu)) against torch's, both judged by torch's
+    model in float64 (see ENVELOPE): logits, loss, every parameter gradient after one backward,
+    the BN buffers after the forward."""
+    got_model = bnorm_torch.convert(copy.deepcopy(cfg.base), fuse_relu=fuse_relu)
     converted = sum(1 for m in got_model.modules() if type(m).__module__.startswith("bnorm"))
+    fused = sum(1 for m in got_model.modules() if type(m).__name__.startswith("BatchNormReLU"))
     expected = sum(1 for m in cfg.base.modules() if isinstance(m, _bn_classes(torch)))
     r64 = _run_once(torch, copy.deepcopy(cfg.base).double(), cfg.x.double(), cfg.y)
     r32 = _run_once(torch, copy.deepcopy(cfg.base), cfg.x, cfg.y)
@@ -217,7 +252,7 @@ def _validate(torch, cfg, bnorm_torch):
 
     return {"ok": not problems, "problems": problems, "envelope": ENVELOPE,
             "abs_floor": ABS_FLOOR, "zero_floor": ZERO_FLOOR, "converted_layers": converted,
-            "bn_layers": expected, "loss_torch": r32[1].item(), "loss_bnorm": rb[1].item(),
+            "bn_layers": expected, "fused_layers": fused, "loss_torch": r32[1].item(), "loss_bnorm": rb[1].item(),
             "loss_float64": r64[1].item(),
             "max": {kind: {"bnorm_vs_torch": worst(kind, "diff"),
                            "torch_vs_float64": worst(kind, "err_torch"),
@@ -236,7 +271,7 @@ def _summary(samples):
 def _time_config(torch, cfg, bnorm_torch, reps, warmup, block, max_seconds):
     """Interleaved repetitions; stops early (after at least 3 timed ones) past max_seconds."""
     deadline = time.perf_counter() + max_seconds
-    variants = [v for v in VARIANTS if v != "bnorm" or bnorm_torch is not None]
+    variants = [v for v in VARIANTS if v not in CONVERTED or bnorm_torch is not None]
     built = {v: cfg.build(torch, v, bnorm_torch) for v in variants}
     samples = {v: [] for v in variants}
     last_loss = {}
@@ -356,14 +391,15 @@ def worker(args):
         model, _, fmt = spec.partition(":")
         cfg = Config(torch, model, fmt or "nchw", args.seed)
         resnet = model == "resnet18"
-        block = 1 if resnet else args.mlp_block
-        reps = args.reps if resnet else args.mlp_reps
+        block = {"resnet18": 1, "cnn": args.cnn_block}.get(model, args.mlp_block)
+        reps = {"resnet18": args.reps, "cnn": args.cnn_reps}.get(model, args.mlp_reps)
         warmup = args.warmup if resnet else 2
         t0 = time.perf_counter()
         entry = {"model": model, "format": cfg.fmt, "label": cfg.label, "block": block,
                  "reps": reps, "warmup": warmup}
         if bnorm_torch is not None:
             entry["validation"] = _validate(torch, cfg, bnorm_torch)
+            entry["validation_fused"] = _validate(torch, cfg, bnorm_torch, fuse_relu=True)
         entry["times"] = _time_config(torch, cfg, bnorm_torch, reps, warmup, block,
                                       args.max_seconds)
         if args.layers:
@@ -422,39 +458,53 @@ def report(meta, runs):
     w("")
     w("Step = zero_grad + forward + cross-entropy + backward + SGD step; ms per step, median "
       "[min-max] over the timed repetitions (variants interleaved). ratio = torch BN / bnorm "
-      "(> 1: the converted model is faster). BN share = (t - t_identity) / t.")
+      "(> 1: the converted model is faster); fused = convert(model, fuse_relu=True) (fused "
+      "layers: the BatchNormReLU modules it made, of the model's BN layers). BN share = "
+      "(t - t_identity) / t.")
     w("")
-    w("| model | format | threads | torch BN ms | bnorm ms | no BN (identity) ms "
-      "| ratio torch/bnorm | BN share, torch | BN share, bnorm | validation |")
-    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    w("| model | format | threads | torch BN ms | bnorm ms | bnorm fused ms | no BN (identity) ms "
+      "| ratio torch/bnorm | ratio torch/fused | fused layers | BN share, torch "
+      "| BN share, bnorm | BN share, fused | validation (bnorm; fused) |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     summary = []
     failures = []
+
+    def converted(t, v, key, ti):
+        """(valid, ratio, ratio cell, time cell, share cell) of variant key."""
+        if key not in t:
+            return False, None, "-", "not run", "-"
+        tb = t[key]["median"]
+        valid = v is not None and v["ok"]
+        ratio = t["torch"]["median"] / tb
+        return (valid, ratio, "%.2fx" % ratio if valid else "(%.2fx)" % ratio, _cell(t[key]),
+                "%.0f %%" % (100 * _share(tb, ti)))
+
     for r in runs:
         for c in r["configs"]:
             t = c["times"]
             tt, ti = t["torch"]["median"], t["identity"]["median"]
-            v = c.get("validation")
-            if "bnorm" in t:
-                tb = t["bnorm"]["median"]
-                valid = v is not None and v["ok"]
-                ratio = tt / tb
-                ratio_s = "%.2fx" % ratio if valid else "(%.2fx)" % ratio
-                bn_cell, share_b = _cell(t["bnorm"]), "%.0f %%" % (100 * _share(tb, ti))
-            else:
-                valid, ratio, ratio_s, bn_cell, share_b = False, None, "-", "not run", "-"
-            if v is None:
-                vs = "not run"
-            else:
-                g = v["max"]["grad"]
-                vs = ("ok" if v["ok"] else "**FAILED**") + " (grads vs f64: %.0e, torch %.0e)" % (
-                    g["bnorm_vs_float64"], g["torch_vs_float64"])
-                if not v["ok"]:
-                    failures.append("%s %s, %s thread(s): %s" % (
-                        c["label"], c["format"], _threads_label(r), "; ".join(v["problems"][:5])))
-            fmt = c["format"] if c["model"] == "resnet18" else "-"
-            w("| %s | %s | %s | %s | %s | %s | %s | %.0f %% | %s | %s |" % (
-                c["label"], fmt, _threads_label(r), _cell(t["torch"]), bn_cell,
-                _cell(t["identity"]), ratio_s, 100 * _share(tt, ti), share_b, vs))
+            v, vf = c.get("validation"), c.get("validation_fused")
+            valid, ratio, ratio_s, bn_cell, share_b = converted(t, v, "bnorm", ti)
+            _, _, ratio_f, fused_cell, share_f = converted(t, vf, "bnorm_fused", ti)
+            cells = []
+            for name, val in (("bnorm", v), ("fused", vf)):
+                if val is None:
+                    cells.append("not run")
+                    continue
+                g = val["max"]["grad"]
+                cells.append(("ok" if val["ok"] else "**FAILED**") +
+                             " (grads vs f64: %.0e, torch %.0e)" % (g["bnorm_vs_float64"],
+                                                                     g["torch_vs_float64"]))
+                if not val["ok"]:
+                    failures.append("%s %s (%s), %s thread(s): %s" % (
+                        c["label"], c["format"], name, _threads_label(r),
+                        "; ".join(val["problems"][:5])))
+            nfused = "%d of %d" % (vf["fused_layers"], vf["bn_layers"]) if vf else "-"
+            fmt = c["format"] if c["model"] != "mlp" else "-"
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.0f %% | %s | %s | %s |" % (
+                c["label"], fmt, _threads_label(r), _cell(t["torch"]), bn_cell, fused_cell,
+                _cell(t["identity"]), ratio_s, ratio_f, nfused, 100 * _share(tt, ti), share_b,
+                share_f, "; ".join(cells)))
             target = TARGETS.get((c["model"], c["format"]))
             if target is not None and r["threads"] == 2:
                 summary.append((c["label"], c["format"] + (
@@ -495,7 +545,7 @@ def report(meta, runs):
         w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in runs:
             for c in r["configs"]:
-                fmt = c["format"] if c["model"] == "resnet18" else "-"
+                fmt = c["format"] if c["model"] != "mlp" else "-"
                 tot_t = tot_b = 0.0
                 for row in c.get("layers", []):
                     t = row["torch"]
@@ -561,6 +611,7 @@ def driver(args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(t),
                "--reps", str(args.reps), "--warmup", str(args.warmup),
                "--mlp-reps", str(args.mlp_reps), "--mlp-block", str(args.mlp_block),
+               "--cnn-reps", str(args.cnn_reps), "--cnn-block", str(args.cnn_block),
                "--configs", args.configs, "--seed", str(args.seed),
                "--max-seconds", str(args.max_seconds)]
         if not args.layers:
@@ -577,8 +628,9 @@ def driver(args):
         if run.get("bnorm_error"):
             status = 1
         for c in run["configs"]:
-            if c.get("validation") is not None and not c["validation"]["ok"]:
-                status = 1
+            for key in ("validation", "validation_fused"):
+                if c.get(key) is not None and not c[key]["ok"]:
+                    status = 1
     meta["load_end"] = _load()
     meta["seconds"] = time.perf_counter() - start
     md = report(meta, runs)
@@ -601,8 +653,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="ResNet-18 warm-up steps per variant (1)")
     ap.add_argument("--mlp-reps", type=int, default=15, help="timed MLP blocks per variant (15)")
     ap.add_argument("--mlp-block", type=int, default=100, help="MLP steps per block (100)")
-    ap.add_argument("--configs", default="resnet18:nchw,resnet18:channels_last,mlp",
-                    help="model:format list (resnet18:nchw,resnet18:channels_last,mlp)")
+    ap.add_argument("--cnn-reps", type=int, default=15, help="timed CNN blocks per variant (15)")
+    ap.add_argument("--cnn-block", type=int, default=5, help="CNN steps per block (5)")
+    ap.add_argument("--configs", default="resnet18:nchw,resnet18:channels_last,cnn,mlp",
+                    help="model:format list, models resnet18, cnn, mlp, formats nchw (default) "
+                    "and channels_last (resnet18:nchw,resnet18:channels_last,cnn,mlp)")
     ap.add_argument("--no-layers", dest="layers", action="store_false",
                     help="skip the per-layer BN timings")
     ap.add_argument("--quick", action="store_true",
@@ -617,7 +672,7 @@ def main():
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.mlp_reps = 2, 5
+        args.reps, args.mlp_reps, args.cnn_reps = 2, 5, 3
     if args.worker:
         args.threads_one = int(args.threads)
         worker(args)
