@@ -17,6 +17,8 @@ convert(model, fuse_relu=True)) against torch's batch norm then ReLU.
      within TOL of 0 (there the gradients are compared with bnorm's mask);
    - the library got x's and z's own memory (no copy), the fused entry points ran and the
      unfused ones did not, y has x's strides, eval left the buffers bit for bit.
+   Also: a residual in the other memory format than x, and x and residual in neither format
+   (copied once): bit for bit the results of the dense same-format tensors.
 2. Finite differences of the library's fp32 function itself: the directional derivative
    (f(p + h v) - f(p - h v)) / 2h of f = sum(w * relu(bn(x) + z)) along random directions v of
    x, weight, bias and z, against the backward's <grad, v>, training and eval, contiguous and
@@ -294,6 +296,38 @@ def module_checks():
     print("  %d cases; largest |bnorm - torch| / tolerance per output:" % count)
     for name, (r, where) in sorted(worst.items()):
         print("    %-14s %.3g  (%s)" % (name, r, where))
+
+
+def strides_checks():
+    """A residual in the other memory format than x, and x in neither format: copied once,
+    results bit for bit those of the dense same-format tensors."""
+    torch.manual_seed(2)
+    shape = (4, 5, 6, 7)
+    x = torch.randn(shape) * 2 + 1
+    z = torch.randn(shape)
+    dy = torch.randn(shape)
+    cases = [("residual channels_last, x contiguous", x, in_format(z, "channels_last"), x, z),
+             ("residual contiguous, x channels_last", in_format(x, "channels_last"), z,
+              in_format(x, "channels_last"), in_format(z, "channels_last")),
+             ("x and residual in neither format", torch.randn(4, 5, 6, 14)[..., ::2], None,
+              None, None)]
+    for label, xa, za, xr, zr in cases:
+        if xr is None:
+            za = torch.randn(4, 5, 6, 14)[..., ::2]
+            xr, zr = xa.contiguous(), za.contiguous()
+        a, r = bt.BatchNormReLU2d(5), bt.BatchNormReLU2d(5)
+        xa, za = xa.detach().requires_grad_(True), za.detach().requires_grad_(True)
+        xr, zr = xr.detach().clone().requires_grad_(True), zr.detach().clone().requires_grad_(True)
+        ya, yr = a(xa, za), r(xr, zr)
+        ya.backward(dy)
+        yr.backward(dy)
+        check(same_strides(ya, xr), "%s: y strides %s, want %s" % (label, ya.stride(),
+                                                                   xr.stride()))
+        for name, p, q in (("y", ya, yr), ("dx", xa.grad, xr.grad), ("dz", za.grad, zr.grad),
+                           ("dweight", a.weight.grad, r.weight.grad),
+                           ("running_var", a.running_var, r.running_var)):
+            check(bitwise(p, q), "%s: %s differs from the dense tensors' (max %.3g)"
+                  % (label, name, max_diff(p, q)))
 
 
 # ----------------------------------------------------------------------------- 2. finite diffs
@@ -633,7 +667,8 @@ def main():
     t0 = time.time()
     print("library: %s (version %s); torch %s, %d threads" % (
         bnorm._lib.library_path(), bnorm.version(), torch.__version__, torch.get_num_threads()))
-    for name, fn in (("modules", module_checks), ("finite diff", finite_difference_checks),
+    for name, fn in (("modules", module_checks), ("strides", strides_checks),
+                     ("finite diff", finite_difference_checks),
                      ("convert", convert_checks), ("fallbacks", fallback_checks),
                      ("bad input", bad_input_checks)):
         n0 = len(failures)
