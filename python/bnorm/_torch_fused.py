@@ -20,8 +20,8 @@ from .torch import (_CHANNELS_FIRST, _EXTENSION_DEFAULTS, _TORCH_TO_BNORM, _carr
                     _ptr, _recomputed_grads, _resolve, _sync_threads, _to_layout,
                     _torch_batch_norm, _vec, _writable, _write_back)
 
-__all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "batch_norm_relu",
-           "fuse_relu"]
+__all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "FoldedReLU",
+           "batch_norm_relu", "fuse_relu"]
 
 
 class _ReLUFunction(torch.autograd.Function):

@@ -97,7 +97,7 @@ def fold_batch_norm(model, pairs=None, strict=True, inplace=False):
     with ``a = weight / sqrt(running_var + eps)``, computed in float64 and rounded once.  A layer
     without bias gains one.  Each folded batch norm is replaced by ``torch.nn.Identity`` (the
     other modules keep their names, as ``torch.ao.quantization.fuse_modules`` does), a fused
-    BatchNormReLU1d/2d/3d by the ReLU it applied (bnorm.torch's FoldedReLU).
+    BatchNormReLU1d/2d/3d by the ReLU it applied (bnorm.torch.FoldedReLU).
 
     pairs: None folds every batch norm that directly follows a Linear or Conv in an
     ``nn.Sequential``; or a list of ``(layer_name, bn_name)`` (names of ``named_modules()``),

@@ -785,9 +785,10 @@ __all__ += ["FoldError", "fold_batch_norm", "update_bn_stats"]
 
 # Fused batch norm + ReLU (and + residual add): bnorm/_torch_fused.py.
 from ._torch_fused import (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,  # noqa: E402
-                           batch_norm_relu, fuse_relu as _fuse_relu)
+                           FoldedReLU, batch_norm_relu, fuse_relu as _fuse_relu)
 
-__all__ += ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "batch_norm_relu"]
+__all__ += ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "FoldedReLU",
+            "batch_norm_relu"]
 
 
 def __getattr__(name):

@@ -502,7 +502,7 @@ def convert_checks():
     close("eval after training", "logits", fmodel(x), tmodel(x), 1e-4, worst)
     # fold_batch_norm keeps the ReLU of a fused layer
     folded = bt.fold_batch_norm(fmodel, strict=False)
-    check([type(m).__name__ for m in folded][1:3] == ["FoldedReLU", "Identity"],
+    check([type(m) for m in folded][1:3] == [bt.FoldedReLU, nn.Identity],
           "fold_batch_norm of a fused model: %s" % [type(m).__name__ for m in folded])
     close("fold_batch_norm of the fused model", "logits", folded(x), tmodel(x), 1e-4, worst)
 
