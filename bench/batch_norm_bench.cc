@@ -4,9 +4,14 @@
 // printed loudly and written as status FAIL, never timed. Writes one CSV (bench_common.h has the
 // columns); bench/report.py merges it with the PyTorch runner's CSV into the table.
 //
-//   bnorm_bench [--shapes FILE]... [--ops fwd_train,fwd_infer,bwd] [--impls copy,bnorm,onednn]
-//               [--quick] [--threads 2] [--copy-mib 256] [--min-time S] [--min-reps N]
-//               [--csv PATH]
+// The fused ops (fwd_train_relu, fwd_infer_relu, bwd_relu, fwd_train_add_relu) run bnorm's fused
+// calls (impl "bnorm") and its plain passes followed by a separate ReLU pass (impl
+// "bnorm_unfused", relu_passes.h) beside oneDNN's fuse_norm_relu. --mode cold times every
+// implementation on a rotation of buffer sets larger than twice the L3 (bench_common.h, Mode).
+//
+//   bnorm_bench [--shapes FILE]... [--ops fwd_train,...] [--impls copy,bnorm,onednn]
+//               [--mode warm|cold|both] [--cold] [--cold-mib 1536] [--quick] [--threads 2]
+//               [--copy-mib 256] [--min-time S] [--min-reps N] [--csv PATH]
 #include <pthread.h>
 #include <sched.h>
 
@@ -26,6 +31,7 @@
 #include "bench_common.h"
 #include "bnorm/batch_norm.h"
 #include "peers/onednn_runner.h"
+#include "relu_passes.h"
 
 namespace bench {
 namespace {
@@ -34,14 +40,22 @@ namespace {
 // Options.
 struct Options {
   std::vector<std::string> shape_files;
-  std::vector<Op> ops = {Op::kFwdTrain, Op::kFwdInfer, Op::kBwd};
+  RunOptions run;  // ops: every op unless --ops
   bool run_copy = true, run_bnorm = true, run_onednn = true;
   bool quick = false;
   int threads = 2;
   double copy_mib = 256;
-  TimingOptions timing;
   std::string csv = "bench.csv";
 };
+
+std::string all_op_names() {
+  std::string names;
+  for (Op op : kAllOps) {
+    if (!names.empty()) names += ", ";
+    names += op_name(op);
+  }
+  return names;
+}
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
@@ -55,15 +69,18 @@ std::vector<std::string> split(const std::string& s, char sep) {
 [[noreturn]] void usage(const std::string& error) {
   std::fprintf(stderr,
                "bnorm_bench: %s\n"
-               "usage: bnorm_bench [--shapes FILE]... [--ops fwd_train,fwd_infer,bwd]\n"
-               "                   [--impls copy,bnorm,onednn] [--quick] [--threads N]\n"
-               "                   [--copy-mib MIB] [--min-time SECONDS] [--min-reps N] [--csv PATH]\n",
-               error.c_str());
+               "usage: bnorm_bench [--shapes FILE]... [--ops OP,...] [--impls copy,bnorm,onednn]\n"
+               "                   [--mode warm|cold|both] [--cold] [--cold-mib MIB] [--quick]\n"
+               "                   [--threads N] [--copy-mib MIB] [--min-time SECONDS]\n"
+               "                   [--min-reps N] [--csv PATH]\n"
+               "ops: %s\n",
+               error.c_str(), all_op_names().c_str());
   std::exit(2);
 }
 
 Options parse_options(int argc, char** argv) {
   Options o;
+  o.run.ops.assign(std::begin(kAllOps), std::end(kAllOps));
   double min_time = -1;
   int min_reps = -1;
   double copy_mib = -1;
@@ -76,13 +93,27 @@ Options parse_options(int argc, char** argv) {
     if (a == "--shapes") {
       o.shape_files.push_back(value());
     } else if (a == "--ops") {
-      o.ops.clear();
+      o.run.ops.clear();
       for (const auto& name : split(value(), ',')) {
-        if (name == "fwd_train") o.ops.push_back(Op::kFwdTrain);
-        else if (name == "fwd_infer") o.ops.push_back(Op::kFwdInfer);
-        else if (name == "bwd") o.ops.push_back(Op::kBwd);
-        else usage("unknown op '" + name + "' (expected fwd_train, fwd_infer, bwd)");
+        auto it = std::find_if(std::begin(kAllOps), std::end(kAllOps),
+                               [&](Op op) { return name == op_name(op); });
+        if (it == std::end(kAllOps))
+          usage("unknown op '" + name + "' in --ops (expected " + all_op_names() + ")");
+        o.run.ops.push_back(*it);
       }
+      if (o.run.ops.empty()) usage("--ops is empty");
+    } else if (a == "--mode") {
+      std::string m = value();
+      if (m == "warm") o.run.modes = {Mode::kWarm};
+      else if (m == "cold") o.run.modes = {Mode::kCold};
+      else if (m == "both") o.run.modes = {Mode::kWarm, Mode::kCold};
+      else usage("unknown --mode '" + m + "' (expected warm, cold, both)");
+    } else if (a == "--cold") {
+      o.run.modes = {Mode::kCold};
+    } else if (a == "--cold-mib") {
+      double mib = std::atof(value().c_str());
+      if (!(mib >= 1)) usage("--cold-mib must be >= 1");
+      o.run.cold_budget_bytes = mib * (1 << 20);
     } else if (a == "--impls") {
       o.run_copy = o.run_bnorm = o.run_onednn = false;
       for (const auto& name : split(value(), ',')) {
@@ -115,13 +146,13 @@ Options parse_options(int argc, char** argv) {
     }
   }
   if (o.quick) {
-    o.timing.warmup = 1;
-    o.timing.min_reps = 5;
-    o.timing.min_seconds = 0.05;
+    o.run.timing.warmup = 1;
+    o.run.timing.min_reps = 5;
+    o.run.timing.min_seconds = 0.05;
     o.copy_mib = 128;
   }
-  if (min_time >= 0) o.timing.min_seconds = min_time;
-  if (min_reps >= 1) o.timing.min_reps = min_reps;
+  if (min_time >= 0) o.run.timing.min_seconds = min_time;
+  if (min_reps >= 1) o.run.timing.min_reps = min_reps;
   if (copy_mib >= 1) o.copy_mib = copy_mib;
   if (o.shape_files.empty()) {
 #ifdef BNORM_BENCH_SHAPES_DIR
@@ -253,7 +284,6 @@ void run_copies(const Options& o, std::FILE* csv) {
   std::vector<int> cpus = allowed_cpus();
   size_t count = static_cast<size_t>(o.copy_mib * 1024 * 1024 / sizeof(float));
   count = count / (32 * threads) * (32 * threads);  // every thread's part 128-byte aligned
-  Buffer a(count), b(count);
   const size_t part = count / threads;
   auto run_parallel = [&](auto&& body) {
     std::vector<std::thread> pool;
@@ -264,43 +294,61 @@ void run_copies(const Options& o, std::FILE* csv) {
       });
     for (auto& th : pool) th.join();
   };
-  // First touch by the thread that will copy the part.
-  run_parallel([&](size_t begin, size_t len) {
-    for (size_t i = begin; i < begin + len; ++i) {
-      a[i] = static_cast<float>(i % 1000);
-      b[i] = 0;
+  for (Mode mode : o.run.modes) {
+    // warm: one pair (a, b); cold: pairs rotated as the kernels' buffer sets are.
+    const double pair_bytes = 2.0 * count * sizeof(float);
+    const Rotation rot = rotation(mode, pair_bytes, o.run.cold_budget_bytes);
+    std::vector<Buffer> a, b;
+    for (int k = 0; k < rot.sets; ++k) {
+      a.emplace_back(count);
+      b.emplace_back(count);
+      // First touch by the thread that will copy the part.
+      run_parallel([&](size_t begin, size_t len) {
+        for (size_t i = begin; i < begin + len; ++i) {
+          a[k][i] = static_cast<float>(i % 1000);
+          b[k][i] = 0;
+        }
+      });
     }
-  });
-  for (bool nt : {false, true}) {
-    std::string kernel;
-    CopyFn fn = pick_copy(nt, &kernel);
-    Row r;
-    r.impl = nt ? "copy_nt" : "copy";
-    r.shape = std::to_string(static_cast<long long>(o.copy_mib)) + "MiBx2";
-    r.layout = "-";
-    r.op = "copy";
-    r.bytes = 2.0 * count * sizeof(float);  // read a + write b, STREAM's count
-    if (!fn) {
-      r.status = "skip";
-      r.note = "no non-temporal store on this architecture";
-    } else {
-      TimingOptions t = o.timing;
-      t.min_reps = std::max(t.min_reps, 10);
-      Timing tm = time_calls(
-          [&] {
-            run_parallel([&](size_t begin, size_t len) { fn(a.data() + begin, b.data() + begin, len); });
-            return true;
-          },
-          t);
-      bool same = b[count - 1] == a[count - 1] && b[count / 2] == a[count / 2];
-      r.status = same ? "ok" : "FAIL";
-      r.median_ms = tm.median_ms;
-      r.min_ms = tm.min_ms;
-      r.reps = tm.reps;
-      r.note = kernel + ", " + std::to_string(threads) + " pinned threads";
+    for (bool nt : {false, true}) {
+      std::string kernel;
+      CopyFn fn = pick_copy(nt, &kernel);
+      Row r;
+      r.impl = nt ? "copy_nt" : "copy";
+      r.shape = std::to_string(static_cast<long long>(o.copy_mib)) + "MiBx2";
+      r.layout = "-";
+      r.op = "copy";
+      r.mode = mode_name(mode);
+      r.bytes = pair_bytes;  // read a + write b, STREAM's count
+      if (!fn) {
+        r.status = "skip";
+        r.note = "no non-temporal store on this architecture";
+      } else {
+        TimingOptions t = o.run.timing;
+        t.min_reps = std::max(t.min_reps, 10);
+        size_t next = 0;
+        Timing tm = time_calls(
+            [&] {
+              const size_t k = next++ % a.size();
+              run_parallel([&](size_t begin, size_t len) {
+                fn(a[k].data() + begin, b[k].data() + begin, len);
+              });
+              return true;
+            },
+            t);
+        bool same = true;
+        for (size_t k = 0; k < std::min(next, a.size()); ++k)
+          same = same && b[k][count - 1] == a[k][count - 1] && b[k][count / 2] == a[k][count / 2];
+        r.status = same ? "ok" : "FAIL";
+        r.median_ms = tm.median_ms;
+        r.min_ms = tm.min_ms;
+        r.reps = tm.reps;
+        r.note = kernel + ", " + std::to_string(threads) + " pinned threads";
+        if (!rot.note.empty()) r.note += "; " + rot.note;
+      }
+      print_row(r);
+      write_row(csv, r);
     }
-    print_row(r);
-    write_row(csv, r);
   }
 }
 
@@ -326,6 +374,32 @@ struct Rng {
 void check(const bnorm::Status& s, const char* what) {
   if (!s.ok()) throw std::runtime_error(std::string(what) + ": " + s.message());
 }
+
+}  // namespace
+
+// The reference's backward_relu of the problem, from dy and a channels-first y (the forward's
+// output: its mask is y > 0), with the reference's batch statistics. Also what a peer that
+// computes its own ReLU mask (oneDNN's workspace) is validated against, with its own y.
+void reference_backward_relu(const Problem& p, const float* y, float* dx,
+                             std::span<float> dweight, std::span<float> dbias) {
+  const auto layout = bnorm::Layout::kChannelsFirst;
+  bnorm::CallOptions ref;
+  ref.backend = bnorm::Backend::kReference;
+  bnorm::BackwardArgs b;
+  b.dy = bnorm::ConstTensorView(p.dy.data(), p.shape.dims, layout);
+  b.x = bnorm::ConstTensorView(p.x.data(), p.shape.dims, layout);
+  b.weight = p.weight;
+  b.training = true;
+  b.save_mean = p.save_mean;
+  b.save_invstd = p.save_invstd;
+  b.dx = bnorm::TensorView(dx, p.shape.dims, layout);
+  b.dweight = dweight;
+  b.dbias = dbias;
+  check(bnorm::backward_relu(b, bnorm::ConstTensorView(y, p.shape.dims, layout), {}, ref),
+        "reference backward_relu");
+}
+
+namespace {
 
 std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>& ops) {
   auto p = std::make_unique<Problem>();
@@ -383,6 +457,49 @@ std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>&
   check(bnorm::forward_train(ft, ref), "reference forward_train");
 
   auto wants = [&](Op op) { return std::find(ops.begin(), ops.end(), op) != ops.end(); };
+  if (wants(Op::kFwdTrainAddRelu)) {  // drawn after x and dy, so their values do not change
+    p->z = Buffer(count);
+    for (size_t i = 0; i < count; ++i) p->z[i] = rng.normalish();
+    p->max_abs_z = max_abs(p->z.data(), count);
+  }
+  // The fused forwards' references: the reference's fused calls, on fresh running statistics
+  // (the outputs compared are y and the same batch statistics as above).
+  auto reference_train_relu = [&](Buffer& y, const float* z) {
+    y = Buffer(count);
+    std::vector<float> rm(C, 0.0f), rv(C, 1.0f), mean(C), invstd(C);
+    int64_t n_tracked = 0;
+    bnorm::ForwardTrainArgs a = ft;
+    a.running_mean = rm;
+    a.running_var = rv;
+    a.num_batches_tracked = &n_tracked;
+    a.save_mean = mean;
+    a.save_invstd = invstd;
+    a.y = bnorm::TensorView(y.data(), shape.dims, layout);
+    bnorm::ConstTensorView zv;
+    if (z) zv = bnorm::ConstTensorView(z, shape.dims, layout);
+    check(bnorm::forward_train_relu(a, zv, ref), "reference forward_train_relu");
+  };
+  if (wants(Op::kFwdTrainRelu) || wants(Op::kBwdRelu)) reference_train_relu(p->y_train_relu, nullptr);
+  if (wants(Op::kFwdTrainAddRelu)) reference_train_relu(p->y_train_add_relu, p->z.data());
+  if (wants(Op::kFwdInferRelu)) {
+    p->y_eval_relu = Buffer(count);
+    bnorm::ForwardEvalArgs fe;
+    fe.x = x;
+    fe.weight = p->weight;
+    fe.bias = p->bias;
+    fe.running_mean = p->eval_mean;
+    fe.running_var = p->eval_var;
+    fe.eps = p->eps;
+    fe.y = bnorm::TensorView(p->y_eval_relu.data(), shape.dims, layout);
+    check(bnorm::forward_eval_relu(fe, {}, ref), "reference forward_eval_relu");
+  }
+  if (wants(Op::kBwdRelu)) {
+    p->dx_relu = Buffer(count);
+    p->dweight_relu.resize(C);
+    p->dbias_relu.resize(C);
+    reference_backward_relu(*p, p->y_train_relu.data(), p->dx_relu.data(), p->dweight_relu,
+                            p->dbias_relu);
+  }
   if (wants(Op::kFwdInfer)) {
     p->y_eval = Buffer(count);
     bnorm::ForwardEvalArgs fe;
@@ -439,120 +556,260 @@ void to_channels_first(const float* src, float* dst, int64_t N, int64_t C, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// bnorm through its public API, Backend::kAuto.
+// bnorm through its public API, Backend::kAuto: the fused calls (impl "bnorm") and, for the
+// fused ops, the plain passes with a separate ReLU pass (impl "bnorm_unfused").
+
+// The tensors of one call in the layout timed. Inputs: x; z (the add); dy and y (the fused
+// backward's mask). Outputs: y (forward), dx (backward).
+struct CallBuffers {
+  const float* x = nullptr;
+  const float* z = nullptr;
+  const float* dy = nullptr;
+  const float* y_in = nullptr;
+  float* y = nullptr;
+  float* dx = nullptr;
+};
+// What a call writes besides its tensors, kept across the timed calls.
+struct CallState {
+  std::vector<float> rm, rv, mean, invstd, dweight, dbias;
+  int64_t tracked = 0;
+};
+
+// One call of op on b. unfused: batch norm's plain pass and the ReLU pass apart (backward: the
+// mask pass into dx, then batch norm's backward from dx in place).
+bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
+                const CallBuffers& b, CallState& st, WorkerTeam& team) {
+  const auto& dims = p.shape.dims;
+  const size_t count = static_cast<size_t>(p.shape.numel());
+  bnorm::ConstTensorView xv(b.x, dims, layout);
+  if (training_forward(op)) {
+    bnorm::ForwardTrainArgs ft;
+    ft.x = xv;
+    ft.weight = p.weight;
+    ft.bias = p.bias;
+    ft.running_mean = st.rm;
+    ft.running_var = st.rv;
+    ft.num_batches_tracked = &st.tracked;
+    ft.momentum = p.momentum;
+    ft.eps = p.eps;
+    ft.y = bnorm::TensorView(b.y, dims, layout);
+    ft.save_mean = st.mean;
+    ft.save_invstd = st.invstd;
+    bnorm::ConstTensorView zv;
+    if (op == Op::kFwdTrainAddRelu) zv = bnorm::ConstTensorView(b.z, dims, layout);
+    if (op == Op::kFwdTrain || unfused) {
+      if (!bnorm::forward_train(ft).ok()) return false;
+      if (op == Op::kFwdTrainRelu)
+        team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
+      if (op == Op::kFwdTrainAddRelu)
+        team.run(count, [&](size_t i, size_t e) { add_relu_inplace(b.y + i, b.z + i, e - i); });
+      return true;
+    }
+    return bnorm::forward_train_relu(ft, zv).ok();
+  }
+  if (inference(op)) {
+    bnorm::ForwardEvalArgs fe;
+    fe.x = xv;
+    fe.weight = p.weight;
+    fe.bias = p.bias;
+    fe.running_mean = p.eval_mean;
+    fe.running_var = p.eval_var;
+    fe.eps = p.eps;
+    fe.y = bnorm::TensorView(b.y, dims, layout);
+    if (op == Op::kFwdInfer) return bnorm::forward_eval(fe).ok();
+    if (!unfused) return bnorm::forward_eval_relu(fe).ok();
+    if (!bnorm::forward_eval(fe).ok()) return false;
+    team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
+    return true;
+  }
+  // The reference's batch statistics, so that backward is judged on its own.
+  bnorm::BackwardArgs bw;
+  bw.dy = bnorm::ConstTensorView(b.dy, dims, layout);
+  bw.x = xv;
+  bw.weight = p.weight;
+  bw.training = true;
+  bw.save_mean = p.save_mean;
+  bw.save_invstd = p.save_invstd;
+  bw.dx = bnorm::TensorView(b.dx, dims, layout);
+  bw.dweight = st.dweight;
+  bw.dbias = st.dbias;
+  if (op == Op::kBwd) return bnorm::backward(bw).ok();
+  if (!unfused) return bnorm::backward_relu(bw, bnorm::ConstTensorView(b.y_in, dims, layout)).ok();
+  team.run(count, [&](size_t i, size_t e) { relu_mask(b.dy + i, b.y_in + i, b.dx + i, e - i); });
+  bw.dy = bnorm::ConstTensorView(b.dx, dims, layout);  // dx may alias dy exactly
+  return bnorm::backward(bw).ok();
+}
+
+// Times call(set) over the mode's rotation of buffer sets: set 0 is `base` (validated);
+// in cold mode the others are copies of its inputs with their own outputs. Fills r's timing.
+void time_rotated(const Problem& p, Op op, Mode mode, const RunOptions& run, const CallBuffers& base,
+                  const std::function<bool(const CallBuffers&)>& call, Row& r) {
+  const size_t count = static_cast<size_t>(p.shape.numel());
+  const Rotation rot =
+      rotation(mode, min_traffic_bytes(op, p.shape), run.cold_budget_bytes);
+  std::vector<Buffer> owned;
+  std::vector<CallBuffers> sets = {base};
+  auto copy_of = [&](const float* src) -> const float* {
+    if (!src) return nullptr;
+    owned.emplace_back(count);
+    std::memcpy(owned.back().data(), src, count * sizeof(float));
+    return owned.back().data();
+  };
+  auto output_like = [&](const float* out) -> float* {
+    if (!out) return nullptr;
+    owned.emplace_back(count);
+    std::memset(owned.back().data(), 0, count * sizeof(float));
+    return owned.back().data();
+  };
+  owned.reserve(6 * static_cast<size_t>(rot.sets));
+  for (int k = 1; k < rot.sets; ++k) {
+    CallBuffers c;
+    c.x = copy_of(base.x);
+    c.z = copy_of(base.z);
+    c.dy = copy_of(base.dy);
+    c.y_in = copy_of(base.y_in);
+    c.y = output_like(base.y);
+    c.dx = output_like(base.dx);
+    sets.push_back(c);
+  }
+  size_t next = 0;
+  Timing t = time_calls([&] { return call(sets[next++ % sets.size()]); }, run.timing);
+  r.status = t.ok ? "ok" : "error";
+  r.median_ms = t.median_ms;
+  r.min_ms = t.min_ms;
+  r.reps = t.reps;
+  if (!rot.note.empty()) r.note += "; " + rot.note;
+}
+
 void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout_name,
-               const Options& o, Buffer& scratch, std::FILE* csv) {
+               const Options& o, Buffer& scratch, WorkerTeam& team, std::FILE* csv) {
   const Shape& shape = p.shape;
   const int64_t N = shape.n(), C = shape.c(), S = shape.spatial();
   const size_t count = static_cast<size_t>(shape.numel());
   const bool last = layout == bnorm::Layout::kChannelsLast && S > 1;
   const Tolerances tol = tolerances(p);
   const std::string who = "bnorm " + shape.text + " " + layout_name;
+  auto wants = [&](Op op) {
+    return std::find(o.run.ops.begin(), o.run.ops.end(), op) != o.run.ops.end();
+  };
 
   // Inputs in the layout (first-touched here), outputs first-touched with zeros.
-  Buffer x(count), y(count);
-  if (last) to_channels_last(p.x.data(), x.data(), N, C, S);
-  else std::memcpy(x.data(), p.x.data(), count * sizeof(float));
+  auto in_layout = [&](const Buffer& src) {
+    Buffer b(count);
+    if (last) to_channels_last(src.data(), b.data(), N, C, S);
+    else std::memcpy(b.data(), src.data(), count * sizeof(float));
+    return b;
+  };
+  Buffer x = in_layout(p.x), y(count), dx(count), dy, z, y_relu;
   std::memset(y.data(), 0, count * sizeof(float));
+  std::memset(dx.data(), 0, count * sizeof(float));
+  if (wants(Op::kBwd) || wants(Op::kBwdRelu)) dy = in_layout(p.dy);
+  if (wants(Op::kFwdTrainAddRelu)) z = in_layout(p.z);
+  if (wants(Op::kBwdRelu)) y_relu = in_layout(p.y_train_relu);
   // In channels-first order, for comparing with the reference.
-  auto first_order = [&](const Buffer& b) -> const float* {
-    if (!last) return b.data();
-    to_channels_first(b.data(), scratch.data(), N, C, S);
+  auto first_order = [&](const float* b) -> const float* {
+    if (!last) return b;
+    to_channels_first(b, scratch.data(), N, C, S);
     return scratch.data();
   };
-  bnorm::ConstTensorView xv(x.data(), shape.dims, layout);
-  bnorm::TensorView yv(y.data(), shape.dims, layout);
 
-  for (Op op : o.ops) {
-    Row r;
-    r.impl = "bnorm";
-    r.shape = shape.text;
-    r.layout = layout_name;
-    r.op = op_name(op);
-    r.bytes = min_traffic_bytes(op, shape);
-    std::function<bool()> call;
-    double err = 0;
-    // Per-op state kept alive for the timed calls.
-    std::vector<float> rm, rv, mean(C), invstd(C), dweight(C), dbias(C);
-    int64_t tracked = 0;
-    Buffer dy, dx;
-    bnorm::ForwardTrainArgs ft;
-    bnorm::ForwardEvalArgs fe;
-    bnorm::BackwardArgs bw;
-    try {
-      if (op == Op::kFwdTrain) {
-        rm.assign(C, 0.0f);
-        rv.assign(C, 1.0f);
-        ft.x = xv;
-        ft.weight = p.weight;
-        ft.bias = p.bias;
-        ft.running_mean = rm;
-        ft.running_var = rv;
-        ft.num_batches_tracked = &tracked;
-        ft.momentum = p.momentum;
-        ft.eps = p.eps;
-        ft.y = yv;
-        ft.save_mean = mean;
-        ft.save_invstd = invstd;
-        check(bnorm::forward_train(ft), "forward_train");
-        err = compare("y", who + " fwd_train", first_order(y), p.y_train.data(), count, tol.y_train);
-        err = std::max(err, compare("save_mean", who + " fwd_train", mean.data(), p.save_mean.data(), C, tol.mean));
-        err = std::max(err, compare("save_invstd", who + " fwd_train", invstd.data(), p.save_invstd.data(), C, tol.invstd));
-        err = std::max(err, compare("running_mean", who + " fwd_train", rm.data(), p.running_mean.data(), C, tol.running_mean));
-        err = std::max(err, compare("running_var", who + " fwd_train", rv.data(), p.running_var.data(), C, tol.running_var));
-        call = [&] { return bnorm::forward_train(ft).ok(); };
-      } else if (op == Op::kFwdInfer) {
-        fe.x = xv;
-        fe.weight = p.weight;
-        fe.bias = p.bias;
-        fe.running_mean = p.eval_mean;
-        fe.running_var = p.eval_var;
-        fe.eps = p.eps;
-        fe.y = yv;
-        check(bnorm::forward_eval(fe), "forward_eval");
-        err = compare("y", who + " fwd_infer", first_order(y), p.y_eval.data(), count, tol.y_eval);
-        call = [&] { return bnorm::forward_eval(fe).ok(); };
-      } else {
-        dy = Buffer(count);
-        dx = Buffer(count);
-        if (last) to_channels_last(p.dy.data(), dy.data(), N, C, S);
-        else std::memcpy(dy.data(), p.dy.data(), count * sizeof(float));
-        std::memset(dx.data(), 0, count * sizeof(float));
-        // The reference's batch statistics, so that backward is judged on its own.
-        bw.dy = bnorm::ConstTensorView(dy.data(), shape.dims, layout);
-        bw.x = xv;
-        bw.weight = p.weight;
-        bw.training = true;
-        bw.save_mean = p.save_mean;
-        bw.save_invstd = p.save_invstd;
-        bw.dx = bnorm::TensorView(dx.data(), shape.dims, layout);
-        bw.dweight = dweight;
-        bw.dbias = dbias;
-        check(bnorm::backward(bw), "backward");
-        err = compare("dx", who + " bwd", first_order(dx), p.dx.data(), count, tol.dx);
-        err = std::max(err, compare("dweight", who + " bwd", dweight.data(), p.dweight.data(), C, tol.dweight));
-        err = std::max(err, compare("dbias", who + " bwd", dbias.data(), p.dbias.data(), C, tol.dbias));
-        call = [&] { return bnorm::backward(bw).ok(); };
-      }
-      r.err_ratio = err;
-      if (!(err <= 1.0)) {
-        r.status = "FAIL";
-        r.note = "validation failed (see the log); not timed";
-      } else {
-        Timing t = time_calls(call, o.timing);
-        r.status = t.ok ? "ok" : "error";
-        r.median_ms = t.median_ms;
-        r.min_ms = t.min_ms;
-        r.reps = t.reps;
-        r.note = "threads=" + std::to_string(bnorm::num_threads());
-      }
-    } catch (const std::exception& e) {
-      r.status = "error";
-      r.note = e.what();
-      std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), e.what());
+  for (Op op : o.run.ops) {
+    CallBuffers base;
+    base.x = x.data();
+    if (training_forward(op) || inference(op)) base.y = y.data();
+    if (op == Op::kFwdTrainAddRelu) base.z = z.data();
+    if (backward(op)) {
+      base.dy = dy.data();
+      base.dx = dx.data();
     }
-    print_row(r);
-    write_row(csv, r);
+    if (op == Op::kBwdRelu) base.y_in = y_relu.data();
+    const std::string what = who + " " + op_name(op);
+    // Validates one variant; returns its error ratio (infinity when a call failed).
+    auto validate = [&](bool unfused, CallState& st) {
+      st.rm.assign(C, 0.0f);
+      st.rv.assign(C, 1.0f);
+      st.mean.assign(C, 0.0f);
+      st.invstd.assign(C, 0.0f);
+      st.dweight.assign(C, 0.0f);
+      st.dbias.assign(C, 0.0f);
+      st.tracked = 0;
+      const std::string w = what + (unfused ? " (unfused)" : "");
+      if (!call_bnorm(p, op, unfused, layout, base, st, team))
+        throw std::runtime_error(w + ": the call failed");
+      double err = 0;
+      if (training_forward(op)) {
+        const Buffer& want = op == Op::kFwdTrain       ? p.y_train
+                             : op == Op::kFwdTrainRelu ? p.y_train_relu
+                                                       : p.y_train_add_relu;
+        err = compare("y", w, first_order(base.y), want.data(), count,
+                      op == Op::kFwdTrainAddRelu ? tol.y_train_add : tol.y_train);
+        err = std::max(err, compare("save_mean", w, st.mean.data(), p.save_mean.data(), C, tol.mean));
+        err = std::max(err, compare("save_invstd", w, st.invstd.data(), p.save_invstd.data(), C, tol.invstd));
+        err = std::max(err, compare("running_mean", w, st.rm.data(), p.running_mean.data(), C, tol.running_mean));
+        err = std::max(err, compare("running_var", w, st.rv.data(), p.running_var.data(), C, tol.running_var));
+      } else if (inference(op)) {
+        const Buffer& want = op == Op::kFwdInfer ? p.y_eval : p.y_eval_relu;
+        err = compare("y", w, first_order(base.y), want.data(), count, tol.y_eval);
+      } else {
+        const bool relu = op == Op::kBwdRelu;
+        err = compare("dx", w, first_order(base.dx), (relu ? p.dx_relu : p.dx).data(), count,
+                      relu ? tol.dx_relu : tol.dx);
+        err = std::max(err, compare("dweight", w, st.dweight.data(),
+                                    (relu ? p.dweight_relu : p.dweight).data(), C, tol.dweight));
+        err = std::max(err, compare("dbias", w, st.dbias.data(),
+                                    (relu ? p.dbias_relu : p.dbias).data(), C, tol.dbias));
+      }
+      return err;
+    };
+
+    std::vector<bool> variants = {false};
+    if (fused(op)) variants.push_back(true);
+    std::vector<CallState> states(variants.size());
+    std::vector<double> errs(variants.size(), 0.0);
+    std::vector<std::string> errors(variants.size());
+    for (size_t v = 0; v < variants.size(); ++v) {
+      try {
+        errs[v] = validate(variants[v], states[v]);
+      } catch (const std::exception& e) {
+        errors[v] = e.what();
+        std::fprintf(stderr, "\n!!! %s\n\n", e.what());
+      }
+    }
+    // Fused and unfused alternate within each mode, so that a change of load hits both.
+    for (Mode mode : o.run.modes) {
+      for (size_t v = 0; v < variants.size(); ++v) {
+        Row r;
+        r.impl = variants[v] ? "bnorm_unfused" : "bnorm";
+        r.shape = shape.text;
+        r.layout = layout_name;
+        r.op = op_name(op);
+        r.mode = mode_name(mode);
+        r.bytes = min_traffic_bytes(op, shape);
+        r.err_ratio = errs[v];
+        if (!errors[v].empty()) {
+          r.status = "error";
+          r.note = errors[v];
+        } else if (!(errs[v] <= 1.0)) {
+          r.status = "FAIL";
+          r.note = "validation failed (see the log); not timed";
+        } else {
+          r.note = "threads=" + std::to_string(bnorm::num_threads());
+          if (variants[v]) r.note += ", ReLU pass on " + std::to_string(o.threads) + " threads";
+          try {
+            time_rotated(p, op, mode, o.run, base,
+                         [&](const CallBuffers& b) {
+                           return call_bnorm(p, op, variants[v], layout, b, states[v], team);
+                         },
+                         r);
+          } catch (const std::exception& e) {  // e.g. out of memory for the cold sets
+            r.status = "error";
+            r.note = e.what();
+          }
+        }
+        print_row(r);
+        write_row(csv, r);
+      }
+    }
   }
 }
 
@@ -588,6 +845,15 @@ int run(int argc, char** argv) {
   meta(csv, "threads_requested", std::to_string(o.threads));
   meta(csv, "compiler", std::string("g++ ") + __VERSION__);
   meta(csv, "quick", o.quick ? "yes" : "no");
+  std::string modes;
+  for (Mode m : o.run.modes) {
+    if (!modes.empty()) modes += ",";
+    modes += mode_name(m);
+  }
+  meta(csv, "modes", modes);
+  const size_t l3 = l3_cache_bytes();
+  meta(csv, "l3_bytes", std::to_string(l3));
+  meta(csv, "cold_budget_mib", std::to_string(static_cast<long long>(o.run.cold_budget_bytes / (1 << 20))));
   meta(csv, "loadavg_start", load_average());
   if (o.run_onednn) {
     if (onednn::available()) {
@@ -606,22 +872,23 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "copy (%d threads, 2 x %.0f MiB):\n", o.threads, o.copy_mib);
     run_copies(o, csv);
   }
+  WorkerTeam team(o.threads);  // the unfused rows' ReLU passes
   for (const Shape& shape : shapes) {
     if (!o.run_bnorm && !(o.run_onednn && onednn::available())) break;
     std::fprintf(stderr, "%s: data and reference...\n", shape.text.c_str());
-    std::unique_ptr<Problem> p = make_problem(shape, o.ops);
+    std::unique_ptr<Problem> p = make_problem(shape, o.run.ops);
     Buffer scratch(static_cast<size_t>(shape.numel()));
     std::memset(scratch.data(), 0, scratch.size() * sizeof(float));
     if (o.run_bnorm) {
       if (shape.rank() == 2) {
-        run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nc", o, scratch, csv);
+        run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nc", o, scratch, team, csv);
       } else {
-        run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nchw", o, scratch, csv);
-        run_bnorm(*p, bnorm::Layout::kChannelsLast, "nhwc", o, scratch, csv);
+        run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nchw", o, scratch, team, csv);
+        run_bnorm(*p, bnorm::Layout::kChannelsLast, "nhwc", o, scratch, team, csv);
       }
     }
     if (o.run_onednn && onednn::available()) {
-      for (Row& r : onednn::run(*p, o.ops, o.timing, scratch)) {
+      for (Row& r : onednn::run(*p, o.run, scratch)) {
         print_row(r);
         write_row(csv, r);
       }

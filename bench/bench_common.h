@@ -14,8 +14,11 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <span>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 namespace bench {
 
@@ -58,20 +61,105 @@ struct Shape {
   int rank() const { return static_cast<int>(dims.size()); }
 };
 
-// The three ops, as named in the CSV and the table.
-enum class Op { kFwdTrain, kFwdInfer, kBwd };
+// The ops, as named in the CSV and the table. The fused ones are bnorm's forward_train_relu /
+// forward_eval_relu (y = relu(bn(x)), and relu(bn(x) + z) for the add) and backward_relu (the
+// ReLU's mask from the forward's output y, then batch norm's backward).
+enum class Op { kFwdTrain, kFwdInfer, kBwd, kFwdTrainRelu, kFwdInferRelu, kBwdRelu, kFwdTrainAddRelu };
+inline constexpr Op kAllOps[] = {Op::kFwdTrain,     Op::kFwdInfer,      Op::kBwd,
+                                 Op::kFwdTrainRelu, Op::kFwdInferRelu,  Op::kBwdRelu,
+                                 Op::kFwdTrainAddRelu};
 inline const char* op_name(Op op) {
   switch (op) {
     case Op::kFwdTrain: return "fwd_train";
     case Op::kFwdInfer: return "fwd_infer";
     case Op::kBwd: return "bwd";
+    case Op::kFwdTrainRelu: return "fwd_train_relu";
+    case Op::kFwdInferRelu: return "fwd_infer_relu";
+    case Op::kBwdRelu: return "bwd_relu";
+    case Op::kFwdTrainAddRelu: return "fwd_train_add_relu";
   }
   return "?";
 }
-// Minimum traffic: read x + write y; backward reads x and dy and writes dx.
+inline bool fused(Op op) { return op != Op::kFwdTrain && op != Op::kFwdInfer && op != Op::kBwd; }
+inline bool training_forward(Op op) {
+  return op == Op::kFwdTrain || op == Op::kFwdTrainRelu || op == Op::kFwdTrainAddRelu;
+}
+inline bool inference(Op op) { return op == Op::kFwdInfer || op == Op::kFwdInferRelu; }
+inline bool backward(Op op) { return op == Op::kBwd || op == Op::kBwdRelu; }
+// Tensors read and written by one call at the minimum: x and y; + z for the add; backward reads
+// x and dy and writes dx, + y (the mask) for the fused one.
+inline int min_tensors(Op op) {
+  switch (op) {
+    case Op::kBwdRelu: return 4;
+    case Op::kBwd:
+    case Op::kFwdTrainAddRelu: return 3;
+    default: return 2;
+  }
+}
 inline double min_traffic_bytes(Op op, const Shape& s) {
-  double tensor = static_cast<double>(s.numel()) * sizeof(float);
-  return op == Op::kBwd ? 3 * tensor : 2 * tensor;
+  return min_tensors(op) * static_cast<double>(s.numel()) * sizeof(float);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache modes. warm: every timed call runs on the same buffers (repeated calls: what fits in
+// the caches stays there). cold: each call gets the next of K buffer sets (inputs and outputs),
+// K large enough that the K sets exceed twice the last-level cache, so every call reads data
+// that was evicted since its last use, as in a network where each layer sees new tensors.
+enum class Mode { kWarm, kCold };
+inline const char* mode_name(Mode m) { return m == Mode::kWarm ? "warm" : "cold"; }
+
+// The last-level (L3) cache in bytes, read at run time; 0 when the system does not say.
+inline size_t l3_cache_bytes() {
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (v > 0) return static_cast<size_t>(v);
+#endif
+  for (int index = 3; index >= 2; --index) {  // sysfs: index3 is the L3 on x86
+    std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::FILE* f = std::fopen((dir + "level").c_str(), "r");
+    if (!f) continue;
+    int level = 0;
+    bool read = std::fscanf(f, "%d", &level) == 1;
+    std::fclose(f);
+    if (!read || level != 3) continue;
+    f = std::fopen((dir + "size").c_str(), "r");
+    if (!f) continue;
+    unsigned long long size = 0;
+    char unit = 0;
+    int got = std::fscanf(f, "%llu%c", &size, &unit);
+    std::fclose(f);
+    if (got >= 1) return static_cast<size_t>(size) * (unit == 'K' ? 1024 : unit == 'M' ? 1 << 20 : 1);
+  }
+  return 0;
+}
+
+// How many buffer sets of set_bytes one measurement rotates through: 1 when warm; when cold,
+// enough to exceed 2 x the L3 (256 MiB assumed when unknown), at least 2, and at most what
+// budget_bytes holds (then the note says the rotation is short of 2 x L3).
+struct Rotation {
+  int sets = 1;
+  std::string note;  // for the row: "cold: 3 sets x 411 MiB = 1233 MiB (L3 508 MiB)"
+};
+inline Rotation rotation(Mode mode, double set_bytes, double budget_bytes) {
+  Rotation r;
+  if (mode == Mode::kWarm) return r;
+  const size_t l3 = l3_cache_bytes();
+  const double target = 2.0 * (l3 ? static_cast<double>(l3) : 256.0 * (1 << 20));
+  double sets = std::max(2.0, std::ceil(target / set_bytes));
+  bool short_of_target = false;
+  if (sets * set_bytes > budget_bytes) {
+    sets = std::max(2.0, std::floor(budget_bytes / set_bytes));
+    short_of_target = sets * set_bytes < target;
+  }
+  r.sets = static_cast<int>(sets);
+  const double mib = 1 << 20;
+  char text[160];
+  std::snprintf(text, sizeof text, "cold: %d sets x %.1f MiB = %.0f MiB (L3 %s%.0f MiB)%s",
+                r.sets, set_bytes / mib, sets * set_bytes / mib, l3 ? "" : "unknown, assumed ",
+                (l3 ? static_cast<double>(l3) : 256.0 * mib) / mib,
+                short_of_target ? ", below 2 x L3: --cold-mib too small" : "");
+  r.note = text;
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -83,6 +171,15 @@ struct TimingOptions {
   double min_seconds = 0.3;
   int max_reps = 100000;
 };
+// What each runner measures: the ops, the cache modes, the timing rule, and the memory the
+// cold mode's buffer sets may take (per measurement).
+struct RunOptions {
+  std::vector<Op> ops;
+  std::vector<Mode> modes = {Mode::kWarm};
+  TimingOptions timing;
+  double cold_budget_bytes = 1536.0 * (1 << 20);
+};
+
 struct Timing {
   bool ok = false;  // false: a call failed while timed
   double median_ms = 0, min_ms = 0;
@@ -139,9 +236,20 @@ struct Problem {
   std::vector<float> save_mean, save_invstd;   // batch statistics
   std::vector<float> running_mean, running_var;  // after one training call from (0, 1)
   std::vector<float> dweight, dbias;
+  // The fused ops' references (allocated for the ops asked for): z the added tensor,
+  // y_train_relu = relu(y_train), y_eval_relu = relu(y_eval), y_train_add_relu =
+  // relu(bn(x) + z), and the backward of relu(bn(x)) from dy and y_train_relu.
+  Buffer z, y_train_relu, y_eval_relu, y_train_add_relu, dx_relu;
+  std::vector<float> dweight_relu, dbias_relu;
   // Magnitudes the tolerances are derived from.
-  double max_abs_x = 0, max_abs_dy = 0, max_abs_xhat = 0, max_invstd = 0, max_abs_weight = 0;
+  double max_abs_x = 0, max_abs_z = 0, max_abs_dy = 0, max_abs_xhat = 0, max_invstd = 0, max_abs_weight = 0;
 };
+
+// The reference's backward_relu of p (bnorm's reference backend) from dy and a channels-first
+// y, whose mask y > 0 it applies, with p's batch statistics: dx (numel floats), dweight, dbias.
+// Defined in batch_norm_bench.cc; throws on failure.
+void reference_backward_relu(const Problem& p, const float* y, float* dx,
+                             std::span<float> dweight, std::span<float> dbias);
 
 // Tolerances, derived rather than guessed. An fp32 implementation accumulates a sum of n terms
 // with an error that grows like eps * sqrt(n) * (size of the terms) for the random-sign data
@@ -189,7 +297,8 @@ inline double max_abs(const float* p, size_t count) {
 
 // Tolerances per output, from the problem's magnitudes.
 struct Tolerances {
-  double y_train, y_eval, mean, invstd, var, running_mean, running_var, dx, dweight, dbias;
+  double y_train, y_train_add, y_eval, mean, invstd, var, running_mean, running_var, dx, dx_relu,
+      dweight, dbias;
 };
 inline Tolerances tolerances(const Problem& p) {
   double n = static_cast<double>(p.shape.reduction());
@@ -197,6 +306,9 @@ inline Tolerances tolerances(const Problem& p) {
   // y = w (x - m) invstd + b: the mean's error scaled by w invstd, invstd's relative error by y.
   t.y_train = elementwise_tol(n, p.max_abs_weight * p.max_invstd * p.max_abs_x +
                                      max_abs(p.y_train.data(), p.y_train.size()) + 1.0);
+  // relu is 1-Lipschitz: the tolerances of bn(x) hold for relu(bn(x)); the add is one more
+  // rounding of terms up to max|z|.
+  t.y_train_add = t.y_train + elementwise_tol(1, p.max_abs_z + max_abs(p.y_train.data(), p.y_train.size()));
   t.y_eval = elementwise_tol(1, max_abs(p.y_eval.data(), p.y_eval.size()) + 1.0) *
              (1.0 + p.max_abs_x);
   t.mean = elementwise_tol(n, p.max_abs_x);
@@ -209,6 +321,9 @@ inline Tolerances tolerances(const Problem& p) {
   double term = p.max_abs_dy * (1.0 + p.max_abs_xhat);
   t.dx = elementwise_tol(n, p.max_abs_weight * p.max_invstd * term +
                                 max_abs(p.dx.data(), p.dx.size()));
+  // The fused backward sums g = dy * (y > 0), |g| <= |dy|: the same terms, bounded alike.
+  t.dx_relu = elementwise_tol(n, p.max_abs_weight * p.max_invstd * term +
+                                     max_abs(p.dx_relu.data(), p.dx_relu.size()));
   t.dweight = sum_tol(n, term);
   t.dbias = sum_tol(n, p.max_abs_dy);
   return t;
@@ -216,13 +331,14 @@ inline Tolerances tolerances(const Problem& p) {
 
 // ---------------------------------------------------------------------------------------------
 // CSV rows, one format for every runner (the PyTorch runner writes the same columns):
-//   impl,shape,layout,op,status,median_ms,min_ms,reps,bytes,err_ratio,note
-// status: ok | FAIL (validation failed, not timed) | error (the call failed) | skip.
+//   impl,shape,layout,op,mode,status,median_ms,min_ms,reps,bytes,err_ratio,note
+// mode: warm | cold (see Mode). status: ok | FAIL (validation failed, not timed) | error (the
+// call failed) | skip (not available; the note says why).
 // impl "meta" rows carry key (layout column) = value (note column).
-inline const char* kCsvHeader = "impl,shape,layout,op,status,median_ms,min_ms,reps,bytes,err_ratio,note";
+inline const char* kCsvHeader = "impl,shape,layout,op,mode,status,median_ms,min_ms,reps,bytes,err_ratio,note";
 
 struct Row {
-  std::string impl, shape, layout, op, status;
+  std::string impl, shape, layout, op, mode = "-", status;
   double median_ms = 0, min_ms = 0;
   int reps = 0;
   double bytes = 0, err_ratio = 0;
@@ -240,8 +356,8 @@ inline std::string csv_escape(const std::string& s) {
 }
 
 inline void write_row(std::FILE* f, const Row& r) {
-  std::fprintf(f, "%s,%s,%s,%s,%s,%.6f,%.6f,%d,%.0f,%.4g,%s\n", csv_escape(r.impl).c_str(),
-               r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.status.c_str(), r.median_ms,
+  std::fprintf(f, "%s,%s,%s,%s,%s,%s,%.6f,%.6f,%d,%.0f,%.4g,%s\n", csv_escape(r.impl).c_str(),
+               r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.status.c_str(), r.median_ms,
                r.min_ms, r.reps, r.bytes, r.err_ratio, csv_escape(r.note).c_str());
   std::fflush(f);
 }
@@ -250,12 +366,12 @@ inline void write_row(std::FILE* f, const Row& r) {
 inline void print_row(const Row& r) {
   if (r.status == "ok") {
     double gbs = r.bytes / (r.median_ms * 1e-3) / 1e9;
-    std::fprintf(stderr, "  %-8s %-15s %-11s %-9s median %9.4f ms  min %9.4f ms  %6.1f GB/s  (%d reps, err %.2g of tol) %s\n",
-                 r.impl.c_str(), r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.median_ms,
+    std::fprintf(stderr, "  %-13s %-15s %-10s %-18s %-4s median %9.4f ms  min %9.4f ms  %6.1f GB/s  (%d reps, err %.2g of tol) %s\n",
+                 r.impl.c_str(), r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.median_ms,
                  r.min_ms, gbs, r.reps, r.err_ratio, r.note.c_str());
   } else {
-    std::fprintf(stderr, "  %-8s %-15s %-11s %-9s %s %s\n", r.impl.c_str(), r.shape.c_str(),
-                 r.layout.c_str(), r.op.c_str(), r.status.c_str(), r.note.c_str());
+    std::fprintf(stderr, "  %-13s %-15s %-10s %-18s %-4s %s %s\n", r.impl.c_str(), r.shape.c_str(),
+                 r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.status.c_str(), r.note.c_str());
   }
 }
 

@@ -6,7 +6,7 @@ namespace bench::onednn {
 bool available() { return false; }
 std::string version() { return "not found"; }
 int max_threads() { return -1; }
-std::vector<Row> run(const Problem&, const std::vector<Op>&, const TimingOptions&, Buffer&) {
+std::vector<Row> run(const Problem&, const RunOptions&, Buffer&) {
   return {};
 }
 

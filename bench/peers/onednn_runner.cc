@@ -10,6 +10,8 @@
 #include <dlfcn.h>
 
 #include <cstdio>
+#include <algorithm>
+#include <cstring>
 #include <functional>
 #include <unordered_map>
 
@@ -63,8 +65,7 @@ int max_threads() {
   return -1;
 }
 
-std::vector<Row> run(const Problem& p, const std::vector<Op>& ops, const TimingOptions& timing,
-                     Buffer& scratch) {
+std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
   std::vector<Row> rows;
   const Shape& shape = p.shape;
   const int64_t C = shape.c();
@@ -73,6 +74,25 @@ std::vector<Row> run(const Problem& p, const std::vector<Op>& ops, const TimingO
   dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   dnnl::stream strm(eng);
   const float eps = static_cast<float>(p.eps);
+  auto row = [&](const std::string& layout, Op op, Mode mode) {
+    Row r;
+    r.impl = "onednn";
+    r.shape = shape.text;
+    r.layout = layout;
+    r.op = op_name(op);
+    r.mode = mode_name(mode);
+    r.bytes = min_traffic_bytes(op, shape);
+    return r;
+  };
+  if (std::find(run.ops.begin(), run.ops.end(), Op::kFwdTrainAddRelu) != run.ops.end()) {
+    for (Mode mode : run.modes) {
+      Row r = row("-", Op::kFwdTrainAddRelu, mode);
+      r.status = "skip";
+      r.note = "oneDNN " + version() +
+               " has no fused BN + add + ReLU on CPU (fuse_norm_add_relu: later versions, GPU only)";
+      rows.push_back(r);
+    }
+  }
 
   // The reference's biased variance, for backward's input and for validating fwd_train.
   std::vector<float> ref_var(C);
@@ -102,34 +122,47 @@ std::vector<Row> run(const Problem& p, const std::vector<Op>& ops, const TimingO
     memory weight = vector_memory(eng, p.weight.data(), C);
     memory bias = vector_memory(eng, p.bias.data(), C);
     const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+    const auto relu = dnnl::normalization_flags::fuse_norm_relu;
 
-    // The training forward's primitive descriptor is also backward's hint.
+    // The training forwards' primitive descriptors are also the backwards' hints.
     dnnl::batch_normalization_forward::primitive_desc train_pd(
         {dnnl::prop_kind::forward_training, md, eps, flags}, eng);
+    dnnl::batch_normalization_forward::primitive_desc train_relu_pd(
+        {dnnl::prop_kind::forward_training, md, eps, flags | relu}, eng);
 
-    for (Op op : ops) {
-      Row r;
-      r.impl = "onednn";
-      r.shape = shape.text;
-      r.layout = lc.name;
-      r.op = op_name(op);
-      r.bytes = min_traffic_bytes(op, shape);
+    for (Op op : run.ops) {
+      if (op == Op::kFwdTrainAddRelu) continue;  // the skip row above
+      const bool with_relu = fused(op);
+      Row base_row = row(lc.name, op, run.modes.front());
+      double err = 0;
+      std::string error;
+      dnnl::primitive prim;
+      std::unordered_map<int, memory> args;
+      std::vector<int> inputs = {DNNL_ARG_SRC}, outputs;  // the per-call tensors
+      memory dy, dx, workspace;
+      Buffer dx_ref;  // bwd_relu: the reference on oneDNN's own mask
+      std::vector<float> dweight_ref, dbias_ref;
       try {
-        dnnl::primitive prim;
-        std::unordered_map<int, memory> args;
-        memory dy, dx, workspace;
-        double err = 0;
-        if (op == Op::kFwdTrain) {
+        if (training_forward(op)) {
+          const auto& pd = with_relu ? train_relu_pd : train_pd;
           memory mean = vector_memory(eng, got_mean.data(), C);
           memory var = vector_memory(eng, got_var.data(), C);
-          prim = dnnl::batch_normalization_forward(train_pd);
+          prim = dnnl::batch_normalization_forward(pd);
           args = {{DNNL_ARG_SRC, x},        {DNNL_ARG_DST, y},   {DNNL_ARG_SCALE, weight},
                   {DNNL_ARG_SHIFT, bias},   {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var}};
-          r.note = train_pd.impl_info_str();
-        } else if (op == Op::kFwdInfer) {
+          outputs = {DNNL_ARG_DST};
+          if (with_relu) {  // the mask its backward reads
+            workspace = memory(pd.workspace_desc(), eng);
+            std::memset(workspace.get_data_handle(), 0, pd.workspace_desc().get_size());
+            args[DNNL_ARG_WORKSPACE] = workspace;
+            outputs.push_back(DNNL_ARG_WORKSPACE);
+          }
+          base_row.note = pd.impl_info_str();
+        } else if (inference(op)) {
           dnnl::batch_normalization_forward::primitive_desc pd(
               {dnnl::prop_kind::forward_inference, md, eps,
-               flags | dnnl::normalization_flags::use_global_stats},
+               flags | dnnl::normalization_flags::use_global_stats |
+                   (with_relu ? relu : dnnl::normalization_flags::none)},
               eng);
           prim = dnnl::batch_normalization_forward(pd);
           args = {{DNNL_ARG_SRC, x},
@@ -138,10 +171,13 @@ std::vector<Row> run(const Problem& p, const std::vector<Op>& ops, const TimingO
                   {DNNL_ARG_SHIFT, bias},
                   {DNNL_ARG_MEAN, vector_memory(eng, p.eval_mean.data(), C)},
                   {DNNL_ARG_VARIANCE, vector_memory(eng, p.eval_var.data(), C)}};
-          r.note = pd.impl_info_str();
+          outputs = {DNNL_ARG_DST};
+          base_row.note = pd.impl_info_str();
         } else {
           dnnl::batch_normalization_backward::primitive_desc pd(
-              {dnnl::prop_kind::backward, md, md, eps, flags}, eng, train_pd);
+              {dnnl::prop_kind::backward, md, md, eps,
+               flags | (with_relu ? relu : dnnl::normalization_flags::none)},
+              eng, with_relu ? train_relu_pd : train_pd);
           dy = to_layout(p.dy.data());
           dx = memory(pd.diff_src_desc(), eng);
           std::memset(dx.get_data_handle(), 0, pd.diff_src_desc().get_size());
@@ -156,42 +192,108 @@ std::vector<Row> run(const Problem& p, const std::vector<Op>& ops, const TimingO
                   {DNNL_ARG_DIFF_SRC, dx},
                   {DNNL_ARG_DIFF_SCALE, vector_memory(eng, dweight.data(), C)},
                   {DNNL_ARG_DIFF_SHIFT, vector_memory(eng, dbias.data(), C)}};
-          r.note = pd.impl_info_str();
+          inputs.push_back(DNNL_ARG_DIFF_DST);
+          outputs = {DNNL_ARG_DIFF_SRC};
+          if (with_relu) {
+            // The workspace of oneDNN's own fused training forward on x: its mask is that
+            // forward's y > 0, which can differ from the reference's where y is within
+            // rounding of 0, so the reference backward is run on that y.
+            workspace = memory(pd.workspace_desc(), eng);
+            memory y_fwd(md, eng);
+            dnnl::batch_normalization_forward(train_relu_pd)
+                .execute(strm, {{DNNL_ARG_SRC, x},
+                                {DNNL_ARG_DST, y_fwd},
+                                {DNNL_ARG_SCALE, weight},
+                                {DNNL_ARG_SHIFT, bias},
+                                {DNNL_ARG_MEAN, vector_memory(eng, got_mean.data(), C)},
+                                {DNNL_ARG_VARIANCE, vector_memory(eng, got_var.data(), C)},
+                                {DNNL_ARG_WORKSPACE, workspace}});
+            strm.wait();
+            args[DNNL_ARG_WORKSPACE] = workspace;
+            inputs.push_back(DNNL_ARG_WORKSPACE);
+            dx_ref = Buffer(count);
+            dweight_ref.resize(C);
+            dbias_ref.resize(C);
+            reference_backward_relu(p, to_first(y_fwd), dx_ref.data(), dweight_ref, dbias_ref);
+          }
+          base_row.note = pd.impl_info_str();
         }
-        auto call = [&] {
-          prim.execute(strm, args);
-          strm.wait();
-          return true;
-        };
-        call();
-        if (op == Op::kFwdTrain) {
-          err = compare("y", who + " fwd_train", to_first(y), p.y_train.data(), count, tol.y_train);
-          err = std::max(err, compare("mean", who + " fwd_train", got_mean.data(), p.save_mean.data(), C, tol.mean));
-          err = std::max(err, compare("variance", who + " fwd_train", got_var.data(), ref_var.data(), C, tol.var));
-        } else if (op == Op::kFwdInfer) {
-          err = compare("y", who + " fwd_infer", to_first(y), p.y_eval.data(), count, tol.y_eval);
+        prim.execute(strm, args);
+        strm.wait();
+        const std::string w = who + " " + op_name(op);
+        if (training_forward(op)) {
+          err = compare("y", w, to_first(y), (with_relu ? p.y_train_relu : p.y_train).data(), count, tol.y_train);
+          err = std::max(err, compare("mean", w, got_mean.data(), p.save_mean.data(), C, tol.mean));
+          err = std::max(err, compare("variance", w, got_var.data(), ref_var.data(), C, tol.var));
+        } else if (inference(op)) {
+          err = compare("y", w, to_first(y), (with_relu ? p.y_eval_relu : p.y_eval).data(), count, tol.y_eval);
         } else {
-          err = compare("dx", who + " bwd", to_first(dx), p.dx.data(), count, tol.dx);
-          err = std::max(err, compare("dweight", who + " bwd", dweight.data(), p.dweight.data(), C, tol.dweight));
-          err = std::max(err, compare("dbias", who + " bwd", dbias.data(), p.dbias.data(), C, tol.dbias));
+          err = compare("dx", w, to_first(dx), (with_relu ? dx_ref : p.dx).data(), count,
+                        with_relu ? tol.dx_relu : tol.dx);
+          err = std::max(err, compare("dweight", w, dweight.data(),
+                                      (with_relu ? dweight_ref : p.dweight).data(), C, tol.dweight));
+          err = std::max(err, compare("dbias", w, dbias.data(),
+                                      (with_relu ? dbias_ref : p.dbias).data(), C, tol.dbias));
         }
+      } catch (const std::exception& e) {  // dnnl::error, or the reference failing
+        error = std::string("oneDNN error: ") + e.what();
+        std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), e.what());
+      }
+
+      for (Mode mode : run.modes) {
+        Row r = base_row;
+        r.mode = mode_name(mode);
         r.err_ratio = err;
-        if (!(err <= 1.0)) {
+        if (!error.empty()) {
+          r.status = "error";
+          r.note = error;
+        } else if (!(err <= 1.0)) {
           r.status = "FAIL";
           r.note += "; validation failed (see the log); not timed";
         } else {
-          Timing t = time_calls(call, timing);
-          r.status = t.ok ? "ok" : "error";
-          r.median_ms = t.median_ms;
-          r.min_ms = t.min_ms;
-          r.reps = t.reps;
+          try {
+            // Buffer sets: the validated one, and in cold mode copies of its inputs with
+            // their own outputs (bench_common.h, rotation).
+            double set_bytes = 0;
+            for (int id : inputs) set_bytes += args.at(id).get_desc().get_size();
+            for (int id : outputs) set_bytes += args.at(id).get_desc().get_size();
+            const Rotation rot = rotation(mode, set_bytes, run.cold_budget_bytes);
+            std::vector<std::unordered_map<int, memory>> sets = {args};
+            for (int k = 1; k < rot.sets; ++k) {
+              auto a = args;
+              for (int id : inputs) {
+                memory m(args.at(id).get_desc(), eng);
+                std::memcpy(m.get_data_handle(), args.at(id).get_data_handle(),
+                            args.at(id).get_desc().get_size());
+                a[id] = m;
+              }
+              for (int id : outputs) {
+                memory m(args.at(id).get_desc(), eng);
+                std::memset(m.get_data_handle(), 0, args.at(id).get_desc().get_size());
+                a[id] = m;
+              }
+              sets.push_back(std::move(a));
+            }
+            size_t next = 0;
+            Timing t = time_calls(
+                [&] {
+                  prim.execute(strm, sets[next++ % sets.size()]);
+                  strm.wait();
+                  return true;
+                },
+                run.timing);
+            r.status = t.ok ? "ok" : "error";
+            r.median_ms = t.median_ms;
+            r.min_ms = t.min_ms;
+            r.reps = t.reps;
+            if (!rot.note.empty()) r.note += "; " + rot.note;
+          } catch (const std::exception& e) {
+            r.status = "error";
+            r.note = std::string("oneDNN error: ") + e.what();
+          }
         }
-      } catch (const dnnl::error& e) {
-        r.status = "error";
-        r.note = std::string("oneDNN error: ") + e.what();
-        std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), e.what());
+        rows.push_back(r);
       }
-      rows.push_back(r);
     }
   }
   return rows;

@@ -16,10 +16,11 @@ bool available();
 std::string version();  // "2.6.3", or "not found"
 int max_threads();      // threads of oneDNN's OpenMP runtime; -1 when unknown
 
-// Validates each (layout, op) against the problem's reference, then times it. Rows have impl
-// "onednn" and the implementation oneDNN picked in the note. scratch holds numel floats.
-std::vector<Row> run(const Problem& p, const std::vector<Op>& ops, const TimingOptions& timing,
-                     Buffer& scratch);
+// Validates each (layout, op) against the problem's reference, then times it in each mode of
+// run. Rows have impl "onednn" and the implementation oneDNN picked in the note. The fused ops
+// use normalization_flags::fuse_norm_relu (fwd_train_add_relu: a "skip" row, oneDNN's CPU
+// engine has no fused add). scratch holds numel floats.
+std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch);
 
 }  // namespace bench::onednn
 
