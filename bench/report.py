@@ -15,10 +15,23 @@ import os
 import platform
 import sys
 
-OP_ORDER = {"fwd_train": 0, "fwd_infer": 1, "bwd": 2}
-IMPL_ORDER = {"bnorm": 0, "onednn": 1, "torch": 2}
-LAYOUT_ORDER = {"nchw": 0, "nhwc": 1, "nc": 2, "nChw16c": 3, "nc_as_nhwc": 4}
-IMPL_NAME = {"bnorm": "bnorm", "onednn": "oneDNN", "torch": "PyTorch"}
+OP_ORDER = {"fwd_train": 0, "fwd_infer": 1, "bwd": 2, "fwd_train_relu": 3, "fwd_infer_relu": 4,
+            "bwd_relu": 5, "fwd_train_add_relu": 6}
+FUSED_OPS = ("fwd_train_relu", "fwd_infer_relu", "bwd_relu", "fwd_train_add_relu")
+IMPL_ORDER = {"bnorm": 0, "bnorm_unfused": 1, "onednn": 2, "torch": 3}
+LAYOUT_ORDER = {"nchw": 0, "nhwc": 1, "nc": 2, "nChw16c": 3, "nc_as_nhwc": 4, "-": 5}
+IMPL_NAME = {"bnorm": "bnorm", "bnorm_unfused": "bnorm unfused", "onednn": "oneDNN",
+             "torch": "PyTorch"}
+MODE_TEXT = {
+    "warm": "warm: repeated calls on the same buffers (what fits in the caches stays there)",
+    "cold": "cold: each call on the next of a rotation of buffer sets larger than 2 x the L3, "
+            "so every call reads data evicted since its last use",
+}
+# The targets: (op, ratio column, minimum): bnorm's fused rows against its unfused pair,
+# and every bnorm row against oneDNN's best layout (for the fused ops: oneDNN's fuse_norm_relu).
+TARGETS = [("fwd_train_relu", "unfused", 1.3), ("fwd_train_relu", "onednn", 1.2),
+           ("fwd_infer_relu", "onednn", 1.0), ("bwd_relu", "onednn", 1.0),
+           ("fwd_infer", "onednn", 1.0), ("bwd", "onednn", 1.0)]
 
 
 def machine():
@@ -73,6 +86,7 @@ def main():
             continue
         with open(name, newline="") as f:
             for r in csv.DictReader(f):
+                r["mode"] = r.get("mode") or "warm"  # CSVs from before the modes were warm
                 if r["impl"] == "meta":
                     meta[r["layout"]] = r["note"]
                     continue
@@ -80,11 +94,12 @@ def main():
                 if r["impl"] not in ("copy", "copy_nt"):
                     shape_order.setdefault(r["shape"], len(shape_order))
     with open(args.out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["impl", "shape", "layout", "op", "status", "median_ms",
-                                          "min_ms", "reps", "bytes", "err_ratio", "note"])
+        w = csv.DictWriter(f, fieldnames=["impl", "shape", "layout", "op", "mode", "status",
+                                          "median_ms", "min_ms", "reps", "bytes", "err_ratio",
+                                          "note"])
         w.writeheader()
         for key, value in meta.items():
-            w.writerow(dict(impl="meta", shape="-", layout=key, op="-", status="ok", median_ms=0,
+            w.writerow(dict(impl="meta", shape="-", layout=key, op="-", mode="-", status="ok", median_ms=0,
                             min_ms=0, reps=0, bytes=0, err_ratio=0, note=value))
         w.writerows(rows)
 
@@ -92,24 +107,29 @@ def main():
         return fnum(r["bytes"]) / (fnum(r["median_ms"]) * 1e-3) / 1e9
 
     ok = lambda r: r["status"] == "ok" and fnum(r["median_ms"]) > 0
-    copy = next((r for r in rows if r["impl"] == "copy" and ok(r)), None)
-    copy_nt = next((r for r in rows if r["impl"] == "copy_nt" and ok(r)), None)
-    copy_gbs = gbs(copy) if copy else None
-    nt_gbs = gbs(copy_nt) if copy_nt else None
+    modes = [m for m in ("warm", "cold") if any(r["mode"] == m for r in rows)]
+    copy_gbs, nt_gbs, copy_row, nt_row = {}, {}, {}, {}
+    for r in rows:
+        if r["impl"] in ("copy", "copy_nt") and ok(r) and r["mode"] not in (copy_row if r["impl"] == "copy" else nt_row):
+            (copy_row if r["impl"] == "copy" else nt_row)[r["mode"]] = r
+            (copy_gbs if r["impl"] == "copy" else nt_gbs)[r["mode"]] = gbs(r)
 
     bench = [r for r in rows if r["impl"] in IMPL_ORDER]
-    onednn_best = {}
-    torch_ms = {}
+    onednn_best, torch_ms, bnorm_ms, unfused_ms = {}, {}, {}, {}
     for r in bench:
         if not ok(r):
             continue
-        key = (r["shape"], r["op"])
+        key = (r["shape"], r["op"], r["mode"])
+        ms = fnum(r["median_ms"])
         if r["impl"] == "onednn":
-            ms = fnum(r["median_ms"])
             if key not in onednn_best or ms < onednn_best[key][0]:
                 onednn_best[key] = (ms, r["layout"])
         elif r["impl"] == "torch":
-            torch_ms[(r["shape"], r["layout"], r["op"])] = fnum(r["median_ms"])
+            torch_ms[(r["shape"], r["layout"], r["op"], r["mode"])] = ms
+        elif r["impl"] == "bnorm":
+            bnorm_ms[(r["shape"], r["layout"], r["op"], r["mode"])] = ms
+        elif r["impl"] == "bnorm_unfused":
+            unfused_ms[(r["shape"], r["layout"], r["op"], r["mode"])] = ms
     bench.sort(key=lambda r: (shape_order.get(r["shape"], 99), OP_ORDER.get(r["op"], 9),
                               IMPL_ORDER[r["impl"]], LAYOUT_ORDER.get(r["layout"], 9)))
 
@@ -117,6 +137,7 @@ def main():
     torch_version = meta.get("torch_version")
     model, cpus, available, mem, isa = machine()
     threads = meta.get("threads_requested", "2")
+    l3 = int(fnum(meta.get("l3_bytes", 0)))
     out = []
     out.append(f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · command: "
                f"`{args.command}`" + (" (quick run: fewer repetitions)" if meta.get("quick") == "yes" else ""))
@@ -124,6 +145,8 @@ def main():
     out.append("| machine | |")
     out.append("|---|---|")
     out.append(f"| CPU | {model}, {cpus} logical CPUs ({available} available to the run); {isa} |")
+    out.append(f"| L3 (as the system reports it) | {l3 / 2**20:.0f} MiB |" if l3 else
+               "| L3 | not reported (the cold mode assumed 256 MiB) |")
     out.append(f"| memory, OS | {mem}; {platform.system()} {platform.release()} |")
     out.append(f"| threads | {threads} for every implementation (bnorm: num_threads() = "
                f"{meta.get('bnorm_threads', '?')}; oneDNN OpenMP: {meta.get('onednn_threads', '-')}; "
@@ -138,58 +161,111 @@ def main():
     else:
         reason = args.torch_missing or "no results"
         out.append(f"| PyTorch | **PyTorch: not found** ({reason}) |")
-    if copy_gbs:
-        out.append(f"| copy | {copy_gbs:.1f} GB/s median ({copy['shape']}, read + write counted, "
-                   f"{copy['note']}) |")
-    else:
-        out.append("| copy | not measured: % copy columns empty |")
-    if nt_gbs:
-        out.append(f"| non-temporal copy | {nt_gbs:.1f} GB/s median ({copy_nt['note']}) |")
+    for m in modes:
+        if m in copy_gbs:
+            out.append(f"| copy, {m} | {copy_gbs[m]:.1f} GB/s median ({copy_row[m]['shape']}, read + "
+                       f"write counted, {copy_row[m]['note']}) |")
+        else:
+            out.append(f"| copy, {m} | not measured: % copy columns empty |")
+        if m in nt_gbs:
+            out.append(f"| non-temporal copy, {m} | {nt_gbs[m]:.1f} GB/s median ({nt_row[m]['note']}) |")
     if "loadavg_start" in meta:
         out.append(f"| load average | {meta['loadavg_start']} at the start of bnorm_bench, "
                    f"{meta.get('loadavg_end', '?')} at its end (other work on the machine skews "
                    f"2-thread runs) |")
     out.append("")
-    out.append("GB/s over the minimum traffic (fwd: 2 x tensor bytes, bwd: 3 x); "
-               "vs oneDNN best / vs PyTorch: the peer's median time over this row's (> 1: faster "
-               "than the peer). Every row was validated against bnorm's fp64 reference before "
-               "timing.")
-    out.append("")
-    out.append("| shape | layout | op | impl | median ms | min ms | GB/s | % copy | % NT copy "
-               "| vs oneDNN best | vs PyTorch |")
-    out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    failures = []
-    for r in bench:
-        impl = IMPL_NAME[r["impl"]]
-        cells = [r["shape"], r["layout"], r["op"], impl]
-        if not ok(r):
-            what = "FAILED validation" if r["status"] == "FAIL" else r["status"]
-            cells += [f"**{what}**", "", "", "", "", "", ""]
-            failures.append(f"- {impl} {r['shape']} {r['layout']} {r['op']}: {r['status']} "
-                            f"({r['note']})")
-        else:
-            ms = fnum(r["median_ms"])
-            g = gbs(r)
-            cells += [f"{ms:.4g}", f"{fnum(r['min_ms']):.4g}", f"{g:.1f}",
-                      f"{100 * g / copy_gbs:.0f} %" if copy_gbs else "",
-                      f"{100 * g / nt_gbs:.0f} %" if nt_gbs and r["op"] == "fwd_infer" else ""]
-            best = onednn_best.get((r["shape"], r["op"]))
-            if best:
-                cells.append(f"{best[0] / ms:.2f}x ({best[1]})")
+    out.append("GB/s over the minimum traffic (fwd: 2 x tensor bytes, + z for the add; bwd: 3 x, "
+               "+ y for bwd_relu); vs oneDNN best / vs PyTorch: the peer's median time over this "
+               "row's (> 1: faster than the peer; for the fused ops oneDNN runs fuse_norm_relu); "
+               "vs unfused: bnorm's BN pass then a separate ReLU pass over this row's fused call. "
+               "Every row was validated against bnorm's fp64 reference before timing.")
+    failures, skips = [], []
+
+    def ratio(peer_ms, ms):
+        return peer_ms / ms if peer_ms and ms else None
+
+    def onednn_cell(r, ms):
+        best = onednn_best.get((r["shape"], r["op"], r["mode"]))
+        if best:
+            return f"{best[0] / ms:.2f}x ({best[1]})"
+        return "n/a" if not onednn_version or onednn_version == "not found" else "-"
+
+    for m in modes:
+        out.append("")
+        out.append(f"### {MODE_TEXT[m]}")
+        out.append("")
+        out.append("| shape | layout | op | impl | median ms | min ms | GB/s | % copy | % NT copy "
+                   "| vs oneDNN best | vs PyTorch | vs unfused |")
+        out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        cg, ng = copy_gbs.get(m), nt_gbs.get(m)
+        for r in (r for r in bench if r["mode"] == m):
+            impl = IMPL_NAME[r["impl"]]
+            cells = [r["shape"], r["layout"], r["op"], impl]
+            if r["status"] == "skip":
+                cells += [f"skip: {r['note']}"] + [""] * 7
+                if m == modes[0]:
+                    skips.append(f"- {impl} {r['shape']} {r['op']}: {r['note']}")
+            elif not ok(r):
+                what = "FAILED validation" if r["status"] == "FAIL" else r["status"]
+                cells += [f"**{what}**", "", "", "", "", "", "", ""]
+                failures.append(f"- {impl} {r['shape']} {r['layout']} {r['op']} ({m}): "
+                                f"{r['status']} ({r['note']})")
             else:
-                cells.append("n/a" if not onednn_version or onednn_version == "not found" else "-")
-            torch_layout = "nc" if r["layout"] == "nc_as_nhwc" else r["layout"]
-            t = torch_ms.get((r["shape"], torch_layout, r["op"]))
-            if r["impl"] == "torch":
-                cells.append("-")
-            elif t:
-                cells.append(f"{t / ms:.2f}x")
-            else:
-                cells.append("n/a" if not torch_version else "-")
-        out.append("| " + " | ".join(cells) + " |")
+                ms = fnum(r["median_ms"])
+                g = gbs(r)
+                inf_op = r["op"].startswith("fwd_infer")
+                cells += [f"{ms:.4g}", f"{fnum(r['min_ms']):.4g}", f"{g:.1f}",
+                          f"{100 * g / cg:.0f} %" if cg else "",
+                          f"{100 * g / ng:.0f} %" if ng and inf_op else "",
+                          onednn_cell(r, ms)]
+                torch_layout = "nc" if r["layout"] == "nc_as_nhwc" else r["layout"]
+                t = torch_ms.get((r["shape"], torch_layout, r["op"], m))
+                if r["impl"] == "torch":
+                    cells.append("-")
+                elif t:
+                    cells.append(f"{t / ms:.2f}x")
+                else:
+                    cells.append("n/a" if not torch_version else "-")
+                u = unfused_ms.get((r["shape"], r["layout"], r["op"], m))
+                cells.append(f"{u / ms:.2f}x" if r["impl"] == "bnorm" and u else "")
+            out.append("| " + " | ".join(cells) + " |")
+
+    # The targets, per shape and bnorm layout: the ratio and whether it reaches the minimum.
+    target_cols = [(op, kind, least) for op, kind, least in TARGETS
+                   if any(r["op"] == op and r["impl"] == "bnorm" for r in bench)]
+    if target_cols:
+        for m in modes:
+            out.append("")
+            out.append(f"### Targets, {m} (bnorm's median over the peer's: **bold** below the "
+                       f"target)")
+            out.append("")
+            head = ["shape", "layout"] + [
+                f"{op} vs {'unfused' if kind == 'unfused' else 'oneDNN best'} (>= {least})"
+                for op, kind, least in target_cols]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "---|" * 2 + "---:|" * len(target_cols))
+            keys = sorted({(r["shape"], r["layout"]) for r in bench
+                           if r["impl"] == "bnorm" and r["mode"] == m},
+                          key=lambda k: (shape_order.get(k[0], 99), LAYOUT_ORDER.get(k[1], 9)))
+            for shape, layout in keys:
+                cells = [shape, layout]
+                for op, kind, least in target_cols:
+                    ms = bnorm_ms.get((shape, layout, op, m))
+                    if kind == "unfused":
+                        peer = unfused_ms.get((shape, layout, op, m))
+                    else:
+                        peer = (onednn_best.get((shape, op, m)) or (None,))[0]
+                    x = ratio(peer, ms)
+                    cells.append("-" if x is None else
+                                 (f"{x:.2f}x" if x >= least else f"**{x:.2f}x**"))
+                out.append("| " + " | ".join(cells) + " |")
     if "bnorm_version" in meta and "loadavg_end" not in meta:
         failures.append("- bnorm_bench did not finish (hung, crashed or timed out: see bench.log); "
                         "the rows after its last one are missing")
+    if skips:
+        out.append("")
+        out.append("Not run (not available in that implementation):")
+        out.extend(skips)
     if failures:
         out.append("")
         out.append("**Not timed (validation failed or the call failed):**")

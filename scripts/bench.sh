@@ -5,12 +5,18 @@
 # table and writes build/bench/results/{bench.csv,table.md,bench.log}. bench/README.md has the
 # details.
 #
-#   bash scripts/bench.sh [--shapes FILE]... [--ops fwd_train,fwd_infer,bwd]
-#                         [--impls copy,bnorm,onednn,torch] [--quick] [--threads N] [--keep-build]
+#   bash scripts/bench.sh [--shapes FILE]... [--ops LIST] [--impls copy,bnorm,onednn,torch]
+#                         [--mode warm|cold|both] [--cold] [--cold-mib MIB] [--quick]
+#                         [--threads N] [--keep-build] [--build-dir DIR]
 #
 #   --shapes FILE   a shape file (repeatable); default: every bench/shapes/*.txt
-#   --ops LIST      a subset of fwd_train,fwd_infer,bwd
+#   --ops LIST      a subset of fwd_train,fwd_infer,bwd,fwd_train_relu,fwd_infer_relu,bwd_relu,
+#                   fwd_train_add_relu (default: all; the *_relu ops are the fused BN + ReLU)
 #   --impls LIST    a subset of copy,bnorm,onednn,torch (without copy the % columns are empty)
+#   --mode MODE     warm (default: repeated calls on the same buffers), cold (each call on the
+#                   next of a rotation of buffer sets > 2 x the L3), or both
+#   --cold          the same as --mode cold
+#   --cold-mib MIB  memory the cold rotation may take per measurement (default 1536)
 #   --quick         fewer repetitions (>= 5 calls, >= 0.05 s each) and a smaller copy, to iterate
 #   --threads N     threads for every implementation (default 2)
 #   --keep-build    reuse the build directory instead of building from scratch
@@ -20,9 +26,12 @@
 # still prints, with those rows marked).
 set -euo pipefail
 
+invocation="bash scripts/bench.sh${*:+ $*}"
 shapes=()
-ops=fwd_train,fwd_infer,bwd
+ops=fwd_train,fwd_infer,bwd,fwd_train_relu,fwd_infer_relu,bwd_relu,fwd_train_add_relu
 impls=copy,bnorm,onednn,torch
+mode=warm
+cold_mib=1536
 quick=()
 threads=2
 keep_build=0
@@ -33,11 +42,17 @@ while [ $# -gt 0 ]; do
     --shapes) shapes+=("$(realpath "$2")"); shift 2 ;;
     --ops) ops=$2; shift 2 ;;
     --impls) impls=$2; shift 2 ;;
+    --mode)
+      case "$2" in warm|cold|both) mode=$2 ;;
+        *) echo "bench.sh: --mode '$2' is not warm, cold or both" >&2; exit 2 ;; esac
+      shift 2 ;;
+    --cold) mode=cold; shift ;;
+    --cold-mib) cold_mib=$2; shift 2 ;;
     --quick) quick=(--quick); shift ;;
     --threads) threads=$2; shift 2 ;;
     --keep-build) keep_build=1; shift ;;
     --build-dir) build=$(realpath -m "$2"); shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -79,7 +94,8 @@ if [ ${#cxx_impls[@]} -gt 0 ]; then
   # A hung implementation must not hang the run: each runner gets $timeout seconds.
   timeout "$timeout" "$build/bin/bnorm_bench" "${shape_args[@]}" --ops "$ops" \
     --impls "$(IFS=,; echo "${cxx_impls[*]}")" --threads "$threads" "${quick[@]}" \
-    --csv "$results/bnorm.csv" 2>&1 | tee -a "$log" || status=1
+    --mode "$mode" --cold-mib "$cold_mib" --csv "$results/bnorm.csv" 2>&1 | tee -a "$log" ||
+    status=1
 fi
 
 # PyTorch: the first interpreter that imports torch (Debian's python3-torch lives in the
@@ -97,7 +113,8 @@ if has torch; then
   if [ -n "$torch_python" ]; then
     echo "== PyTorch ($torch_python), $threads threads" | tee -a "$log"
     timeout "$timeout" "$torch_python" bench/peers/torch_runner.py "${shape_args[@]}" --ops "$ops" \
-      --threads "$threads" "${quick[@]}" --csv "$results/torch.csv" 2>&1 | tee -a "$log" || status=1
+      --threads "$threads" "${quick[@]}" --mode "$mode" --cold-mib "$cold_mib" \
+      --csv "$results/torch.csv" 2>&1 | tee -a "$log" || status=1
   else
     torch_missing="no python3 on this machine imports torch"
     echo "== PyTorch: not found ($torch_missing)" | tee -a "$log"
@@ -111,9 +128,7 @@ if [ -z "$report_python" ]; then
   echo "bench.sh: no python3 to write the report; raw CSV in $results" >&2
   exit 1
 fi
-command_line="bash scripts/bench.sh"
-[ ${#quick[@]} -gt 0 ] && command_line+=" --quick"
-report_args=(--csv "$results/bnorm.csv" --command "$command_line"
+report_args=(--csv "$results/bnorm.csv" --command "$invocation"
   --out-csv "$results/bench.csv" --out-md "$results/table.md")
 [ -f "$results/torch.csv" ] && report_args+=(--csv "$results/torch.csv")
 [ -n "$torch_missing" ] && report_args+=(--torch-missing "$torch_missing")
