@@ -164,7 +164,8 @@ inline Rotation rotation(Mode mode, double set_bytes, double budget_bytes) {
 
 // ---------------------------------------------------------------------------------------------
 // Timing: `warmup` untimed calls, then every call timed on its own until at least `min_reps`
-// calls and `min_seconds` of calls (capped at `max_reps`). Median and min of the calls.
+// calls and `min_seconds` of calls (capped at `max_reps`; a warm-up call slower than 0.25 s
+// ends the warm-up and lowers min_reps to 3). Median and min of the calls.
 struct TimingOptions {
   int warmup = 3;
   int min_reps = 10;
@@ -190,8 +191,19 @@ template <class F>  // F: () -> bool (true: the call succeeded)
 Timing time_calls(F&& call, const TimingOptions& options) {
   using Clock = std::chrono::steady_clock;
   Timing t;
-  for (int i = 0; i < options.warmup; ++i)
+  // A slow call (> kSlowMs, e.g. a peer's generic kernel on a large tensor) gets one warm-up
+  // and kSlowReps timed calls instead of the full count, so that it cannot take minutes.
+  constexpr double kSlowMs = 250;
+  constexpr int kSlowReps = 3;
+  int min_reps = options.min_reps;
+  for (int i = 0; i < options.warmup; ++i) {
+    auto t0 = Clock::now();
     if (!call()) return t;
+    if (std::chrono::duration<double, std::milli>(Clock::now() - t0).count() > kSlowMs) {
+      min_reps = std::min(min_reps, kSlowReps);
+      break;
+    }
+  }
   std::vector<double> ms;
   double total = 0, fastest = std::numeric_limits<double>::infinity();
   // Enough calls: min_reps, and min_seconds of calls counted at the fastest call's time, so that
@@ -200,7 +212,7 @@ Timing time_calls(F&& call, const TimingOptions& options) {
   auto enough = [&] {
     const double n = static_cast<double>(ms.size());
     if (n >= options.max_reps) return true;
-    if (n < options.min_reps) return false;
+    if (n < min_reps) return false;
     return n * fastest >= options.min_seconds * 1e3 || total >= 10 * options.min_seconds * 1e3;
   };
   while (!enough()) {

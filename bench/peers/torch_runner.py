@@ -121,9 +121,14 @@ def read_shapes(files):
 
 
 def time_calls(call, warmup, min_reps, min_seconds, max_reps=100000):
-    """Same rule as bench_common.h: min_reps calls and min_seconds counted at the fastest call."""
+    """Same rule as bench_common.h: min_reps calls and min_seconds counted at the fastest call;
+    a warm-up call slower than 0.25 s ends the warm-up and lowers min_reps to 3."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         call()
+        if time.perf_counter() - t0 > 0.25:
+            min_reps = min(min_reps, 3)
+            break
     times = []
     total = 0.0
     fastest = float("inf")
