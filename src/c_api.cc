@@ -88,13 +88,10 @@ bnorm::BasicTensorView<T> optional_view(T* p, const bnorm_layout& layout, int64_
   return p == nullptr ? bnorm::BasicTensorView<T>() : view(p, layout, n, c, s);
 }
 
-// The arguments of every training forward but save_mean and save_invstd (whose size depends on
-// the ghost batch), checked as far as the C API can: the pass checks the rest.
-bnorm::Status train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s,
-                         const float* x, const float* weight, const float* bias,
-                         float* running_mean, float* running_var, int64_t* num_batches_tracked,
-                         double momentum, double eps, float* y, bnorm::ForwardTrainArgs& a) {
-  BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+// What the C API checks of a training forward's running statistics and momentum before any
+// view is made (the pass checks the rest).
+bnorm::Status check_train_state(const float* running_mean, const float* running_var,
+                                double momentum) {
   if ((running_mean == nullptr) != (running_var == nullptr))
     return bnorm::Status::invalid_argument(
         std::string("running_mean and running_var: give both (tracking) or neither, got ") +
@@ -102,6 +99,15 @@ bnorm::Status train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64
   if (std::isnan(momentum))
     return bnorm::Status::invalid_argument(
         "momentum: must be in [0, 1], or < 0 for none, got nan");
+  return bnorm::Status();
+}
+
+// The arguments of every training forward but save_mean and save_invstd (whose size depends on
+// the ghost batch), from dimensions and state already checked.
+void fill_train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s, const float* x,
+                     const float* weight, const float* bias, float* running_mean,
+                     float* running_var, int64_t* num_batches_tracked, double momentum,
+                     double eps, float* y, bnorm::ForwardTrainArgs& a) {
   a.x = view(x, layout, n, c, s);
   a.weight = vec(weight, c);
   a.bias = vec(bias, c);
@@ -114,6 +120,17 @@ bnorm::Status train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64
     a.momentum = momentum;
   a.eps = eps;
   a.y = view(y, layout, n, c, s);
+}
+
+// fill_train_args after the checks of a local (not synchronized) call.
+bnorm::Status train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s,
+                         const float* x, const float* weight, const float* bias,
+                         float* running_mean, float* running_var, int64_t* num_batches_tracked,
+                         double momentum, double eps, float* y, bnorm::ForwardTrainArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
+  BNORM_RETURN_IF_ERROR(check_train_state(running_mean, running_var, momentum));
+  fill_train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
+                  num_batches_tracked, momentum, eps, y, a);
   return bnorm::Status();
 }
 
@@ -408,31 +425,15 @@ int bnorm_sync_forward_train(const bnorm_comm* comm, const bnorm_sync_options* o
     const bnorm::SyncOptions sync = sync_options(options, *comm, &used);
     // Errors from here on travel in the exchange.
     bnorm::Status prior = check_sync_dims(layout, n, c, s);
-    if (prior.ok() && (running_mean == nullptr) != (running_var == nullptr))
-      prior = bnorm::Status::invalid_argument(
-          std::string("running_mean and running_var: give both (tracking) or neither, got ") +
-          (running_mean ? "running_var NULL" : "running_mean NULL"));
-    if (prior.ok() && std::isnan(momentum))
-      prior = bnorm::Status::invalid_argument(
-          "momentum: must be in [0, 1], or < 0 for none, got nan");
+    if (prior.ok()) prior = check_train_state(running_mean, running_var, momentum);
     bnorm::ForwardTrainArgs a;
     if (!prior.ok()) {  // only C, for the size of a fused exchange
       a.x = bnorm::ConstTensorView(nullptr, {0, c > 0 ? c : 0});
       return bnorm::detail::sync_forward_train(communicator, a, options_from_environment(), sync,
                                                prior);
     }
-    a.x = view(x, layout, n, c, s);
-    a.weight = vec(weight, c);
-    a.bias = vec(bias, c);
-    a.running_mean = vec(running_mean, c);
-    a.running_var = vec(running_var, c);
-    a.num_batches_tracked = num_batches_tracked;
-    if (momentum < 0)
-      a.momentum = std::nullopt;
-    else
-      a.momentum = momentum;
-    a.eps = eps;
-    a.y = view(y, layout, n, c, s);
+    fill_train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
+                    num_batches_tracked, momentum, eps, y, a);
     a.save_mean = vec(save_mean, c);
     a.save_invstd = vec(save_invstd, c);
     BNORM_RETURN_IF_ERROR(
