@@ -36,7 +36,7 @@ template <bool kRelu, class DF>
 HWY_INLINE hn::Vec<DF> grad(DF df, const float* dy, const float* y, float* dz, int64_t k) {
   auto g = hn::LoadU(df, dy + k);
   if constexpr (kRelu) {
-    g = hn::IfThenElseZero(hn::Gt(hn::LoadU(df, y + k), hn::Zero(df)), g);
+    g = relu_grad(df, hn::LoadU(df, y + k), g);
     if (dz != nullptr) hn::StoreU(g, df, dz + k);
   }
   return g;
@@ -47,7 +47,7 @@ HWY_INLINE hn::Vec<DF> grad_masked(DF df, M mk, const float* dy, const float* y,
                                    int64_t k) {
   auto g = hn::MaskedLoad(mk, df, dy + k);
   if constexpr (kRelu) {
-    g = hn::IfThenElseZero(hn::Gt(hn::MaskedLoad(mk, df, y + k), hn::Zero(df)), g);
+    g = relu_grad(df, hn::MaskedLoad(mk, df, y + k), g);
     if (dz != nullptr) hn::BlendedStore(g, mk, df, dz + k);
   }
   return g;

@@ -74,20 +74,18 @@ struct BackwardReduceReluTerms : BackwardReduceTerms {
 
   template <class DF, class V>
   void terms32(DF df, int64_t at, V vc, V* u, V* v) const {
-    *u = hn::IfThenElseZero(hn::Gt(hn::LoadU(df, y + at), hn::Zero(df)), hn::LoadU(df, dy + at));
+    *u = relu_grad(df, hn::LoadU(df, y + at), hn::LoadU(df, dy + at));
     *v = hn::Sub(hn::LoadU(df, x + at), vc);
   }
   template <class DF, class M, class V>
   void terms32_masked(DF df, M mk, int64_t at, V vc, V* u, V* v) const {
-    *u = hn::IfThenElseZero(hn::Gt(hn::MaskedLoad(mk, df, y + at), hn::Zero(df)),
-                            hn::MaskedLoad(mk, df, dy + at));
+    *u = relu_grad(df, hn::MaskedLoad(mk, df, y + at), hn::MaskedLoad(mk, df, dy + at));
     *v = hn::Sub(hn::MaskedLoad(mk, df, x + at), vc);
   }
   template <class DD, class V>
   void terms64(DD dd, int64_t at, V vc, V* u, V* v) const {
     const hn::Rebind<float, DD> dh;
-    const auto g = hn::IfThenElseZero(hn::Gt(hn::LoadU(dh, y + at), hn::Zero(dh)),
-                                      hn::LoadU(dh, dy + at));
+    const auto g = relu_grad(dh, hn::LoadU(dh, y + at), hn::LoadU(dh, dy + at));
     *u = hn::PromoteTo(dd, g);
     *v = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, x + at)), vc);
   }
