@@ -9,6 +9,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // clang-format on
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -83,6 +84,45 @@ void apply_row(const float* x, const float* z, float* y, int64_t len, float mhi,
       [&](int64_t k) { return apply_one<kAct>(x[k], mhi, mlo, a, b, z, k); });
 }
 
+// Channels-first blocks of whole rows: each batch item's channels [c0, c1) as one run.
+template <int kAct>
+void apply_runs(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
+                bool stream) {
+  const hn::ScalableTag<float> df;
+  using V = hn::Vec<decltype(df)>;
+  // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
+  const float* const mhi = q.mhi + b.c0;
+  const float* const mlo = q.mlo + b.c0;
+  const float* const qa = q.a + b.c0;
+  const float* const qb = q.b + b.c0;
+  const int64_t s = p.s;
+  for (int64_t i = b.i0; i < b.i1; ++i) {
+    const int64_t at = (i * p.c + b.c0) * s;
+    const float* xr = x + at;
+    const float* zr = kAct == kAddRelu ? q.z + at : nullptr;
+    write_run<4>(
+        df, y + at, b.c1 - b.c0, s, stream,
+        [&](int64_t ch) {
+          return std::array<V, 4>{hn::Set(df, mhi[ch]), hn::Set(df, mlo[ch]), hn::Set(df, qa[ch]),
+                                  hn::Set(df, qb[ch])};
+        },
+        [&](const std::array<V, 4>& v, int64_t k) {
+          return activate<kAct>(
+              df, hn::MulAdd(hn::Sub(hn::Sub(hn::LoadU(df, xr + k), v[0]), v[1]), v[2], v[3]), zr,
+              k);
+        },
+        [&](const std::array<V, 4>& v, auto mk, int64_t k) {
+          return activate_masked<kAct>(
+              df, mk,
+              hn::MulAdd(hn::Sub(hn::Sub(hn::MaskedLoad(mk, df, xr + k), v[0]), v[1]), v[2], v[3]),
+              zr, k);
+        },
+        [&](int64_t ch, int64_t k) {
+          return apply_one<kAct>(xr[k], mhi[ch], mlo[ch], qa[ch], qb[ch], zr, k);
+        });
+  }
+}
+
 // Channels-last, row by row: the parameters loaded per vector.
 template <int kAct>
 void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyParams& q,
@@ -123,6 +163,10 @@ void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyP
 template <int kAct>
 void apply_block_act(const Plan& p, const float* x, const Block& b, const ApplyParams& q,
                      float* y, bool stream) {
+  if (use_runs(p, b)) {
+    apply_runs<kAct>(p, x, b, q, y, stream);
+    return;
+  }
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
     for (int64_t c = b.c0; c < b.c1; ++c)

@@ -9,6 +9,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // clang-format on
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -95,6 +96,58 @@ void backward_apply_row(const float* dy, const float* x, const float* y, float* 
       });
 }
 
+// Channels-first blocks of whole rows: each batch item's channels [c0, c1) as one run.
+template <bool kRelu>
+void backward_apply_runs(const Plan& p, const float* dy, const float* x, const Block& b,
+                         const BackwardParams& q, bool training, float* dx, bool stream) {
+  const hn::ScalableTag<float> df;
+  using V = hn::Vec<decltype(df)>;
+  using P = std::array<V, 4>;
+  // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
+  const float* const qm = q.m + b.c0;
+  const float* const qalpha = q.alpha + b.c0;
+  const float* const qbeta = q.beta + b.c0;
+  const float* const qgamma = q.gamma + b.c0;
+  const int64_t s = p.s;
+  const int64_t channels = b.c1 - b.c0;
+  for (int64_t i = b.i0; i < b.i1; ++i) {
+    const int64_t at = (i * p.c + b.c0) * s;
+    const float* gr = dy + at;
+    const float* xr = x + at;
+    const float* yr = kRelu ? q.y + at : nullptr;
+    float* zr = kRelu && q.dz != nullptr ? q.dz + at : nullptr;
+    float* out = dx + at;
+    auto load = [&](int64_t ch) {
+      return P{hn::Set(df, qm[ch]), hn::Set(df, qalpha[ch]), hn::Set(df, qbeta[ch]),
+               hn::Set(df, qgamma[ch])};
+    };
+    if (!training) {
+      write_run<4>(
+          df, out, channels, s, stream, load,
+          [&](const P& v, int64_t k) { return hn::Mul(v[1], grad<kRelu>(df, gr, yr, zr, k)); },
+          [&](const P& v, auto mk, int64_t k) {
+            return hn::Mul(v[1], grad_masked<kRelu>(df, mk, gr, yr, zr, k));
+          },
+          [&](int64_t ch, int64_t k) { return qalpha[ch] * grad_one<kRelu>(gr, yr, zr, k); });
+      continue;
+    }
+    write_run<4>(
+        df, out, channels, s, stream, load,
+        [&](const P& v, int64_t k) {
+          const auto t = hn::MulAdd(v[2], hn::Sub(hn::LoadU(df, xr + k), v[0]), v[3]);
+          return hn::MulAdd(v[1], grad<kRelu>(df, gr, yr, zr, k), t);
+        },
+        [&](const P& v, auto mk, int64_t k) {
+          const auto t = hn::MulAdd(v[2], hn::Sub(hn::MaskedLoad(mk, df, xr + k), v[0]), v[3]);
+          return hn::MulAdd(v[1], grad_masked<kRelu>(df, mk, gr, yr, zr, k), t);
+        },
+        [&](int64_t ch, int64_t k) {
+          const float g = grad_one<kRelu>(gr, yr, zr, k);
+          return dx_one(g, xr[k], qm[ch], qalpha[ch], qbeta[ch], qgamma[ch]);
+        });
+  }
+}
+
 // Channels-last, row by row: the parameters loaded per vector.
 template <bool kRelu>
 void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, const Block& b,
@@ -151,6 +204,10 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
 template <bool kRelu>
 void backward_apply_block_act(const Plan& p, const float* dy, const float* x, const Block& b,
                               const BackwardParams& q, bool training, float* dx, bool stream) {
+  if (use_runs(p, b)) {
+    backward_apply_runs<kRelu>(p, dy, x, b, q, training, dx, stream);
+    return;
+  }
   if (!p.channels_last) {
     const int64_t len = b.j1 - b.j0;
     for (int64_t c = b.c0; c < b.c1; ++c)

@@ -8,6 +8,7 @@
 #define BNORM_SRC_CPU_OPS_INL_H_
 #endif
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -101,6 +102,105 @@ HWY_INLINE void write_row(DF df, float* out, int64_t len, bool stream, const Vec
   (void)masked;
 #endif
   for (; k < len; ++k) out[k] = one(k);
+}
+
+// Whether a block's apply runs through write_run (below): channels-first blocks of whole rows
+// with s >= Lanes, on targets with a native FMA. Elsewhere hn::MulAdd rounds twice and the
+// scalar one() (std::fma) once, so moving elements between the two (row tails become vector
+// lanes) would change bits of the legacy SSE targets.
+inline bool use_runs(const Plan& p, const Block& b) {
+#if HWY_NATIVE_FMA
+  return !p.channels_last && b.j0 == 0 && b.j1 == p.s &&
+         p.s >= static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()));
+#else
+  (void)p;
+  (void)b;
+  return false;
+#endif
+}
+
+// The channels-first run helper of the apply kernels: writes out[k] for k in [0, channels * s),
+// one batch item's rows of `channels` consecutive channels, each s contiguous floats. Per-row
+// loops cost a misaligned head, a partial tail and the parameter broadcasts for every s floats,
+// which dominates for small s (7x7: s = 49, three vectors); this walks the run as one row, and a
+// vector that straddles two channels takes each lane's parameters from its own channel. Needs
+// s >= Lanes(df), so that a vector spans two channels at most.
+//   load(ch) gives the kN parameter vectors of channel ch (relative to the run's first), each
+//       broadcast; vec(P, k) the full vector at k with per-lane parameters P (an array of kN
+//       vectors); masked(P, mask, k) the last partial one (BNORM_MASKED_TAIL targets);
+//       one(ch, k) a single element of channel ch.
+// Every element gets the same operations on its own channel's parameters as in a row of its
+// own, so the values are those of write_row. Streaming stores as write_row.
+template <size_t kN, class DF, class LoadAt, class VecAt, class MaskedAt, class OneAt>
+HWY_INLINE void write_run(DF df, float* out, int64_t channels, int64_t s, bool stream,
+                          const LoadAt& load, const VecAt& vec, const MaskedAt& masked,
+                          const OneAt& one) {
+  using V = hn::Vec<DF>;
+  using P = std::array<V, kN>;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t len = channels * s;
+  int64_t k = 0;
+  int64_t ch = 0;   // the channel of element k
+  int64_t end = s;  // one past the last element of channel ch
+  P cur = load(int64_t{0});
+  const bool nt = stream && len >= 4 * nf;
+  // A head up to the first aligned output (fewer than nf <= s elements, so in channel 0): the
+  // vectors after it neither split cache lines on the stores nor, when x is aligned as out is,
+  // on the loads.
+  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  const int64_t head = static_cast<int64_t>(
+      (align - reinterpret_cast<uintptr_t>(out) % align) % align / sizeof(float));
+  if (len >= 4 * nf && head > 0) {
+#if BNORM_MASKED_TAIL
+    const auto mk = hn::FirstN(df, static_cast<size_t>(head));
+    hn::BlendedStore(masked(cur, mk, int64_t{0}), mk, df, out);
+    k = head;
+#else
+    for (; k < head; ++k) out[k] = one(int64_t{0}, k);
+#endif
+  }
+  auto body = [&](auto store) {
+    for (;;) {
+      {  // the full vectors of channel ch, a tight loop as write_row's
+        const P c = cur;
+        for (; k + nf <= end; k += nf) store(vec(c, k), out + k);
+      }
+      if (k == end) {
+        if (k == len) return;
+        ++ch;
+        end += s;
+        cur = load(ch);
+        continue;
+      }
+      if (k + nf > len) return;  // the tail, in channel ch
+      // Lanes [0, end - k) are channel ch's, the others channel ch + 1's.
+      const P next = load(ch + 1);
+      const auto first = hn::FirstN(df, static_cast<size_t>(end - k));
+      P mixed;
+      for (size_t v = 0; v < kN; ++v) mixed[v] = hn::IfThenElse(first, cur[v], next[v]);
+      store(vec(mixed, k), out + k);
+      k += nf;
+      ++ch;
+      end += s;
+      cur = next;
+    }
+  };
+  if (nt) {
+    body([&](V v, float* at) { hn::Stream(v, df, at); });
+  } else {
+    body([&](V v, float* at) { hn::StoreU(v, df, at); });
+  }
+  // The rest, fewer than nf <= s elements, lies in the last channel (ch).
+#if BNORM_MASKED_TAIL
+  if (k < len) {
+    const auto mk = hn::FirstN(df, static_cast<size_t>(len - k));
+    hn::BlendedStore(masked(cur, mk, k), mk, df, out + k);
+    return;
+  }
+#else
+  (void)masked;
+#endif
+  for (; k < len; ++k) out[k] = one(ch, k);
 }
 
 // Per channel of the block: sum (x - pivot[c]) and sum (x - pivot[c])^2, into
