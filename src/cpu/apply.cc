@@ -52,6 +52,13 @@ HWY_INLINE V activate_masked(DF df, M mk, V v, const float* z, int64_t k) {
   }
 }
 
+// y = ((x - mhi) - mlo) * a + b on vectors: the formula of apply_one (below), for x loaded whole
+// or masked.
+template <class V>
+HWY_INLINE V affine(V x, V mhi, V mlo, V a, V b) {
+  return hn::MulAdd(hn::Sub(hn::Sub(x, mhi), mlo), a, b);
+}
+
 template <int kAct>
 inline float apply_one(float x, float mhi, float mlo, float a, float b, const float* z,
                        int64_t k) {
@@ -73,13 +80,11 @@ void apply_row(const float* x, const float* z, float* y, int64_t len, float mhi,
   write_row(
       df, y, len, stream,
       [&](int64_t k) {
-        return activate<kAct>(
-            df, hn::MulAdd(hn::Sub(hn::Sub(hn::LoadU(df, x + k), vh), vl), va, vb), z, k);
+        return activate<kAct>(df, affine(hn::LoadU(df, x + k), vh, vl, va, vb), z, k);
       },
       [&](auto mk, int64_t k) {
-        return activate_masked<kAct>(
-            df, mk, hn::MulAdd(hn::Sub(hn::Sub(hn::MaskedLoad(mk, df, x + k), vh), vl), va, vb), z,
-            k);
+        return activate_masked<kAct>(df, mk, affine(hn::MaskedLoad(mk, df, x + k), vh, vl, va, vb),
+                                     z, k);
       },
       [&](int64_t k) { return apply_one<kAct>(x[k], mhi, mlo, a, b, z, k); });
 }
@@ -90,6 +95,7 @@ void apply_runs(const Plan& p, const float* x, const Block& b, const ApplyParams
                 bool stream) {
   const hn::ScalableTag<float> df;
   using V = hn::Vec<decltype(df)>;
+  using P = std::array<V, 4>;
   // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
   const float* const mhi = q.mhi + b.c0;
   const float* const mlo = q.mlo + b.c0;
@@ -103,19 +109,15 @@ void apply_runs(const Plan& p, const float* x, const Block& b, const ApplyParams
     write_run<4>(
         df, y + at, b.c1 - b.c0, s, stream,
         [&](int64_t ch) {
-          return std::array<V, 4>{hn::Set(df, mhi[ch]), hn::Set(df, mlo[ch]), hn::Set(df, qa[ch]),
-                                  hn::Set(df, qb[ch])};
+          return P{hn::Set(df, mhi[ch]), hn::Set(df, mlo[ch]), hn::Set(df, qa[ch]),
+                   hn::Set(df, qb[ch])};
         },
-        [&](const std::array<V, 4>& v, int64_t k) {
-          return activate<kAct>(
-              df, hn::MulAdd(hn::Sub(hn::Sub(hn::LoadU(df, xr + k), v[0]), v[1]), v[2], v[3]), zr,
-              k);
+        [&](const P& v, int64_t k) {
+          return activate<kAct>(df, affine(hn::LoadU(df, xr + k), v[0], v[1], v[2], v[3]), zr, k);
         },
-        [&](const std::array<V, 4>& v, auto mk, int64_t k) {
+        [&](const P& v, auto mk, int64_t k) {
           return activate_masked<kAct>(
-              df, mk,
-              hn::MulAdd(hn::Sub(hn::Sub(hn::MaskedLoad(mk, df, xr + k), v[0]), v[1]), v[2], v[3]),
-              zr, k);
+              df, mk, affine(hn::MaskedLoad(mk, df, xr + k), v[0], v[1], v[2], v[3]), zr, k);
         },
         [&](int64_t ch, int64_t k) {
           return apply_one<kAct>(xr[k], mhi[ch], mlo[ch], qa[ch], qb[ch], zr, k);

@@ -31,6 +31,12 @@ inline float dx_one(float g, float x, float m, float alpha, float beta, float ga
   return std::fma(alpha, g, std::fma(beta, x - m, gamma));
 }
 
+// dx_one on vectors. x is loaded by the caller before g is formed, which may store to dz.
+template <class V>
+HWY_INLINE V dx_vec(V g, V x, V m, V alpha, V beta, V gamma) {
+  return hn::MulAdd(alpha, g, hn::MulAdd(beta, hn::Sub(x, m), gamma));
+}
+
 // The gradient the batch norm sees at element k: dy, or with the fused ReLU g = dy * (y > 0),
 // then also stored to dz when dz is set (dz may be dy: g is formed before it is stored).
 template <bool kRelu, class DF>
@@ -83,12 +89,12 @@ void backward_apply_row(const float* dy, const float* x, const float* y, float* 
   write_row(
       df, dx, len, stream,
       [&](int64_t k) {
-        const auto t = hn::MulAdd(vb, hn::Sub(hn::LoadU(df, x + k), vm), vg);
-        return hn::MulAdd(va, grad<kRelu>(df, dy, y, dz, k), t);
+        const auto xv = hn::LoadU(df, x + k);
+        return dx_vec(grad<kRelu>(df, dy, y, dz, k), xv, vm, va, vb, vg);
       },
       [&](auto mk, int64_t k) {
-        const auto t = hn::MulAdd(vb, hn::Sub(hn::MaskedLoad(mk, df, x + k), vm), vg);
-        return hn::MulAdd(va, grad_masked<kRelu>(df, mk, dy, y, dz, k), t);
+        const auto xv = hn::MaskedLoad(mk, df, x + k);
+        return dx_vec(grad_masked<kRelu>(df, mk, dy, y, dz, k), xv, vm, va, vb, vg);
       },
       [&](int64_t k) {
         const float g = grad_one<kRelu>(dy, y, dz, k);
@@ -134,12 +140,12 @@ void backward_apply_runs(const Plan& p, const float* dy, const float* x, const B
     write_run<4>(
         df, out, channels, s, stream, load,
         [&](const P& v, int64_t k) {
-          const auto t = hn::MulAdd(v[2], hn::Sub(hn::LoadU(df, xr + k), v[0]), v[3]);
-          return hn::MulAdd(v[1], grad<kRelu>(df, gr, yr, zr, k), t);
+          const auto xv = hn::LoadU(df, xr + k);
+          return dx_vec(grad<kRelu>(df, gr, yr, zr, k), xv, v[0], v[1], v[2], v[3]);
         },
         [&](const P& v, auto mk, int64_t k) {
-          const auto t = hn::MulAdd(v[2], hn::Sub(hn::MaskedLoad(mk, df, xr + k), v[0]), v[3]);
-          return hn::MulAdd(v[1], grad_masked<kRelu>(df, mk, gr, yr, zr, k), t);
+          const auto xv = hn::MaskedLoad(mk, df, xr + k);
+          return dx_vec(grad_masked<kRelu>(df, mk, gr, yr, zr, k), xv, v[0], v[1], v[2], v[3]);
         },
         [&](int64_t ch, int64_t k) {
           const float g = grad_one<kRelu>(gr, yr, zr, k);
