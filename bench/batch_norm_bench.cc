@@ -11,7 +11,7 @@
 //
 //   bnorm_bench [--shapes FILE]... [--ops fwd_train,...] [--impls copy,bnorm,onednn]
 //               [--mode warm|cold|both] [--cold] [--cold-mib 1536] [--quick] [--threads 2]
-//               [--copy-mib 256] [--min-time S] [--min-reps N] [--csv PATH]
+//               [--copy-mib 256] [--min-time S] [--min-reps N] [--csv PATH (none: no CSV)]
 #include <pthread.h>
 #include <sched.h>
 
@@ -45,7 +45,7 @@ struct Options {
   bool quick = false;
   int threads = 2;
   double copy_mib = 256;
-  std::string csv = "bench.csv";
+  std::string csv;  // empty: no CSV (the rows are printed on stderr either way)
 };
 
 std::string all_op_names() {
@@ -835,9 +835,12 @@ void meta(std::FILE* csv, const std::string& key, const std::string& value) {
 int run(int argc, char** argv) {
   Options o = parse_options(argc, argv);
   std::vector<Shape> shapes = read_shapes(o.shape_files);
-  std::FILE* csv = std::fopen(o.csv.c_str(), "w");
-  if (!csv) throw std::runtime_error("cannot write " + o.csv);
-  std::fprintf(csv, "%s\n", kCsvHeader);
+  std::FILE* csv = nullptr;
+  if (!o.csv.empty()) {
+    csv = std::fopen(o.csv.c_str(), "w");
+    if (!csv) throw std::runtime_error("cannot write " + o.csv);
+    std::fprintf(csv, "%s\n", kCsvHeader);
+  }
 
   bnorm::set_num_threads(o.threads);
   meta(csv, "bnorm_version", bnorm::version());
@@ -853,7 +856,8 @@ int run(int argc, char** argv) {
   meta(csv, "modes", modes);
   const size_t l3 = l3_cache_bytes();
   meta(csv, "l3_bytes", std::to_string(l3));
-  meta(csv, "cold_budget_mib", std::to_string(static_cast<long long>(o.run.cold_budget_bytes / (1 << 20))));
+  meta(csv, "cold_budget_mib",
+       std::to_string(static_cast<long long>(o.run.cold_budget_bytes / (1 << 20))));
   meta(csv, "loadavg_start", load_average());
   if (o.run_onednn) {
     if (onednn::available()) {
@@ -895,7 +899,7 @@ int run(int argc, char** argv) {
     }
   }
   meta(csv, "loadavg_end", load_average());
-  std::fclose(csv);
+  if (csv != nullptr) std::fclose(csv);
   return 0;
 }
 

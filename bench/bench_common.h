@@ -367,7 +367,8 @@ inline std::string csv_escape(const std::string& s) {
   return out + "\"";
 }
 
-inline void write_row(std::FILE* f, const Row& r) {
+inline void write_row(std::FILE* f, const Row& r) {  // f null: no CSV
+  if (f == nullptr) return;
   std::fprintf(f, "%s,%s,%s,%s,%s,%s,%.6f,%.6f,%d,%.0f,%.4g,%s\n", csv_escape(r.impl).c_str(),
                r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.status.c_str(), r.median_ms,
                r.min_ms, r.reps, r.bytes, r.err_ratio, csv_escape(r.note).c_str());

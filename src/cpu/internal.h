@@ -61,6 +61,9 @@ void merge_backward_sums(const Plan& p, const float* dy, const float* x, const f
 // per vector (measured: tiles were faster at C = 64, slower at C = 512 and 2048, where rows
 // 2-8 KiB apart alias in the L1 and scatter the streaming stores).
 inline constexpr int64_t kTileApplyMaxChannels = 128;
+// The backward's row-by-row kernel takes this many rows at a time, so that each parameter vector
+// loaded serves as many vectors of data (backward_apply.cc).
+inline constexpr int64_t kRowsLast = 4;
 
 // Channels-last reductions prefetch this many rows ahead (see stats.cc).
 inline constexpr int64_t kPrefetchRows = 16;

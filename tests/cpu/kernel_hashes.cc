@@ -10,8 +10,9 @@
 // reference once. Passes: stats, apply, backward_reduce, backward_apply (training and
 // eval), the whole passes (forward_train with and without running stats and affine, in place,
 // forward_eval, backward training and eval with and without dweight/dbias, in place), and sync
-// batch norm on two in-process ranks, both backends. One line per (case, target, pass) with an
-// FNV-1a hash of the output bytes; the last line hashes all lines.
+// batch norm on two in-process ranks, both backends, and the fused activations (forward_train
+// and forward_eval with ReLU and with the add, backward_relu with and without dz). One line per
+// (case, target, pass) with an FNV-1a hash of the output bytes; the last line hashes all lines.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -144,10 +145,80 @@ const Passes kCpu{&bnorm::cpu::stats,           &bnorm::cpu::apply,
                   &bnorm::cpu::backward_reduce, &bnorm::cpu::backward_apply,
                   &bnorm::cpu::forward_train,   &bnorm::cpu::forward_eval,
                   &bnorm::cpu::backward};
-const Passes kRef{&bnorm::ref::stats<float>,           &bnorm::ref::apply<float>,
-                  &bnorm::ref::backward_reduce<float>, &bnorm::ref::backward_apply<float>,
-                  &bnorm::ref::forward_train,          &bnorm::ref::forward_eval,
+const Passes kRef{&bnorm::ref::stats<float>,
+                  &bnorm::ref::apply<float>,
+                  &bnorm::ref::backward_reduce<float>,
+                  &bnorm::ref::backward_apply<float>,
+                  &bnorm::ref::forward_train,
+                  &bnorm::ref::forward_eval,
                   &bnorm::ref::backward};
+
+// The fused activations (issue 14): y = relu(bn(x)) and y = relu(bn(x) + z) in training and
+// eval, and their backward from the forward's y (with and without dz, training and eval); z is
+// dy's values, the residual of a block.
+void run_fused(const Passes& k, const Data& d, const std::string& prefix, Out& out) {
+  const Geometry& g = d.g;
+  const size_t c = static_cast<size_t>(g.c);
+  std::vector<float> save_mean(c), save_invstd(c), y_relu(d.x.size()), y(d.x.size());
+  for (int add = 0; add < 2; ++add) {
+    bnorm::detail::TrainCall call;
+    call.g = g;
+    call.x = d.x.data();
+    call.y = y.data();
+    std::vector<float> rm = d.rm, rv = d.rv;
+    call.weight = d.weight.data();
+    call.bias = d.bias.data();
+    call.running_mean = rm.data();
+    call.running_var = rv.data();
+    call.factor = 0.1;
+    call.eps = 1e-5;
+    call.save_mean = save_mean.data();
+    call.save_invstd = save_invstd.data();
+    call.relu = true;
+    call.z = add ? d.dy.data() : nullptr;
+    k.forward_train(call);
+    out.line(prefix + " forward_train_relu" + (add ? "_add" : ""),
+             hash_of(rv, hash_of(rm, hash_of(save_invstd, hash_of(save_mean, hash_of(y))))));
+    if (!add) y_relu = y;
+
+    bnorm::detail::EvalCall eval;
+    eval.g = g;
+    eval.x = d.x.data();
+    eval.weight = d.weight.data();
+    eval.bias = d.bias.data();
+    eval.running_mean = d.rm.data();
+    eval.running_var = d.rv.data();
+    eval.eps = 1e-5;
+    eval.y = y.data();
+    eval.relu = true;
+    eval.z = add ? d.dy.data() : nullptr;
+    k.forward_eval(eval);
+    out.line(prefix + " forward_eval_relu" + (add ? "_add" : ""), hash_of(y));
+  }
+  for (int variant = 0; variant < 3; ++variant) {
+    // 0: training; 1: training with dz; 2: eval with dz.
+    bnorm::detail::BackwardCall call;
+    call.g = g;
+    call.dy = d.dy.data();
+    call.x = d.x.data();
+    call.weight = d.weight.data();
+    call.training = variant <= 1;
+    call.save_mean = save_mean.data();
+    call.save_invstd = save_invstd.data();
+    call.running_mean = d.rm.data();
+    call.running_var = d.rv.data();
+    call.eps = 1e-5;
+    std::vector<float> dx(d.x.size()), dz(d.x.size()), dw(c, -1.f), db(c, -1.f);
+    call.dx = dx.data();
+    call.dweight = dw.data();
+    call.dbias = db.data();
+    call.y = y_relu.data();
+    call.dz = variant >= 1 ? dz.data() : nullptr;
+    k.backward(call);
+    out.line(prefix + " backward_relu" + std::to_string(variant),
+             hash_of(dz, hash_of(db, hash_of(dw, hash_of(dx)))));
+  }
+}
 
 void run_passes(const Passes& k, const Data& d, const std::string& prefix, Out& out) {
   const Geometry& g = d.g;
@@ -241,6 +312,7 @@ void run_passes(const Passes& k, const Data& d, const std::string& prefix, Out& 
     const std::vector<float>& dd = in_place ? buf : dx;
     out.line(prefix + " backward" + std::to_string(variant), hash_of(db, hash_of(dw, hash_of(dd))));
   }
+  run_fused(k, d, prefix, out);
 }
 
 void run_sync(const Data& d, const std::string& prefix, bnorm::Backend backend, Out& out) {
