@@ -153,27 +153,73 @@ const Passes kRef{&bnorm::ref::stats<float>,
                   &bnorm::ref::forward_eval,
                   &bnorm::ref::backward};
 
+// The calls of the whole passes on d's tensors, with its weight and bias and, for training, the
+// running statistics rm and rv (copies of d's), eps 1e-5 and momentum 0.1.
+bnorm::detail::TrainCall train_call(const Data& d, float* y, std::vector<float>& rm,
+                                    std::vector<float>& rv, std::vector<float>& save_mean,
+                                    std::vector<float>& save_invstd) {
+  bnorm::detail::TrainCall call;
+  call.g = d.g;
+  call.x = d.x.data();
+  call.y = y;
+  rm = d.rm;
+  rv = d.rv;
+  call.weight = d.weight.data();
+  call.bias = d.bias.data();
+  call.running_mean = rm.data();
+  call.running_var = rv.data();
+  call.factor = 0.1;
+  call.eps = 1e-5;
+  call.save_mean = save_mean.data();
+  call.save_invstd = save_invstd.data();
+  return call;
+}
+
+bnorm::detail::EvalCall eval_call(const Data& d, float* y) {
+  bnorm::detail::EvalCall call;
+  call.g = d.g;
+  call.x = d.x.data();
+  call.weight = d.weight.data();
+  call.bias = d.bias.data();
+  call.running_mean = d.rm.data();
+  call.running_var = d.rv.data();
+  call.eps = 1e-5;
+  call.y = y;
+  return call;
+}
+
+// Backward in training (save_*) or eval (d's running statistics) mode, dweight and dbias asked.
+bnorm::detail::BackwardCall backward_call(const Data& d, bool training, float* dx,
+                                          const std::vector<float>& save_mean,
+                                          const std::vector<float>& save_invstd,
+                                          std::vector<float>& dw, std::vector<float>& db) {
+  bnorm::detail::BackwardCall call;
+  call.g = d.g;
+  call.dy = d.dy.data();
+  call.x = d.x.data();
+  call.weight = d.weight.data();
+  call.training = training;
+  call.save_mean = save_mean.data();
+  call.save_invstd = save_invstd.data();
+  call.running_mean = d.rm.data();
+  call.running_var = d.rv.data();
+  call.eps = 1e-5;
+  call.dx = dx;
+  dw.assign(d.weight.size(), -1.f);
+  db.assign(d.weight.size(), -1.f);
+  call.dweight = dw.data();
+  call.dbias = db.data();
+  return call;
+}
+
 // The fused activations (issue 14): y = relu(bn(x)) and y = relu(bn(x) + z) in training and
 // eval, and their backward from the forward's y (with and without dz, training and eval); z is
 // dy's values, the residual of a block.
 void run_fused(const Passes& k, const Data& d, const std::string& prefix, Out& out) {
-  const Geometry& g = d.g;
-  const size_t c = static_cast<size_t>(g.c);
-  std::vector<float> save_mean(c), save_invstd(c), y_relu(d.x.size()), y(d.x.size());
+  const size_t c = static_cast<size_t>(d.g.c);
+  std::vector<float> save_mean(c), save_invstd(c), y_relu(d.x.size()), y(d.x.size()), rm, rv;
   for (int add = 0; add < 2; ++add) {
-    bnorm::detail::TrainCall call;
-    call.g = g;
-    call.x = d.x.data();
-    call.y = y.data();
-    std::vector<float> rm = d.rm, rv = d.rv;
-    call.weight = d.weight.data();
-    call.bias = d.bias.data();
-    call.running_mean = rm.data();
-    call.running_var = rv.data();
-    call.factor = 0.1;
-    call.eps = 1e-5;
-    call.save_mean = save_mean.data();
-    call.save_invstd = save_invstd.data();
+    bnorm::detail::TrainCall call = train_call(d, y.data(), rm, rv, save_mean, save_invstd);
     call.relu = true;
     call.z = add ? d.dy.data() : nullptr;
     k.forward_train(call);
@@ -181,15 +227,7 @@ void run_fused(const Passes& k, const Data& d, const std::string& prefix, Out& o
              hash_of(rv, hash_of(rm, hash_of(save_invstd, hash_of(save_mean, hash_of(y))))));
     if (!add) y_relu = y;
 
-    bnorm::detail::EvalCall eval;
-    eval.g = g;
-    eval.x = d.x.data();
-    eval.weight = d.weight.data();
-    eval.bias = d.bias.data();
-    eval.running_mean = d.rm.data();
-    eval.running_var = d.rv.data();
-    eval.eps = 1e-5;
-    eval.y = y.data();
+    bnorm::detail::EvalCall eval = eval_call(d, y.data());
     eval.relu = true;
     eval.z = add ? d.dy.data() : nullptr;
     k.forward_eval(eval);
@@ -197,21 +235,9 @@ void run_fused(const Passes& k, const Data& d, const std::string& prefix, Out& o
   }
   for (int variant = 0; variant < 3; ++variant) {
     // 0: training; 1: training with dz; 2: eval with dz.
-    bnorm::detail::BackwardCall call;
-    call.g = g;
-    call.dy = d.dy.data();
-    call.x = d.x.data();
-    call.weight = d.weight.data();
-    call.training = variant <= 1;
-    call.save_mean = save_mean.data();
-    call.save_invstd = save_invstd.data();
-    call.running_mean = d.rm.data();
-    call.running_var = d.rv.data();
-    call.eps = 1e-5;
-    std::vector<float> dx(d.x.size()), dz(d.x.size()), dw(c, -1.f), db(c, -1.f);
-    call.dx = dx.data();
-    call.dweight = dw.data();
-    call.dbias = db.data();
+    std::vector<float> dx(d.x.size()), dz(d.x.size()), dw, db;
+    bnorm::detail::BackwardCall call =
+        backward_call(d, variant <= 1, dx.data(), save_mean, save_invstd, dw, db);
     call.y = y_relu.data();
     call.dz = variant >= 1 ? dz.data() : nullptr;
     k.backward(call);
@@ -251,63 +277,33 @@ void run_passes(const Passes& k, const Data& d, const std::string& prefix, Out& 
   std::vector<float> save_mean(c), save_invstd(c);
   for (int variant = 0; variant < 3; ++variant) {
     // 0: affine + running stats; 1: neither; 2: affine + running stats, in place.
-    bnorm::detail::TrainCall call;
-    call.g = g;
     std::vector<float> buf = d.x;
-    call.x = variant == 2 ? buf.data() : d.x.data();
-    call.y = variant == 2 ? buf.data() : y.data();
-    rm = d.rm;
-    rv = d.rv;
-    if (variant != 1) {
-      call.weight = d.weight.data();
-      call.bias = d.bias.data();
-      call.running_mean = rm.data();
-      call.running_var = rv.data();
+    bnorm::detail::TrainCall call =
+        train_call(d, variant == 2 ? buf.data() : y.data(), rm, rv, save_mean, save_invstd);
+    if (variant == 2) call.x = buf.data();
+    if (variant == 1) {
+      call.weight = call.bias = nullptr;
+      call.running_mean = call.running_var = nullptr;
     }
-    call.factor = 0.1;
-    call.eps = 1e-5;
-    call.save_mean = save_mean.data();
-    call.save_invstd = save_invstd.data();
     k.forward_train(call);
     const std::vector<float>& yy = variant == 2 ? buf : y;
     out.line(prefix + " forward_train" + std::to_string(variant),
              hash_of(rv, hash_of(rm, hash_of(save_invstd, hash_of(save_mean, hash_of(yy))))));
   }
   {
-    bnorm::detail::EvalCall call;
-    call.g = g;
-    call.x = d.x.data();
-    call.weight = d.weight.data();
-    call.bias = d.bias.data();
-    call.running_mean = d.rm.data();
-    call.running_var = d.rv.data();
-    call.eps = 1e-5;
-    call.y = y.data();
-    k.forward_eval(call);
+    k.forward_eval(eval_call(d, y.data()));
     out.line(prefix + " forward_eval", hash_of(y));
   }
   for (int variant = 0; variant < 5; ++variant) {
     // 0: training; 1: training, in place over dy; 2: eval with grads; 3: eval without grads;
     // 4: eval with grads, in place over dy.
-    bnorm::detail::BackwardCall call;
-    call.g = g;
     std::vector<float> buf = d.dy;
     const bool in_place = variant == 1 || variant == 4;
-    call.dy = in_place ? buf.data() : d.dy.data();
-    call.x = d.x.data();
-    call.weight = d.weight.data();
-    call.training = variant <= 1;
-    call.save_mean = save_mean.data();
-    call.save_invstd = save_invstd.data();
-    call.running_mean = d.rm.data();
-    call.running_var = d.rv.data();
-    call.eps = 1e-5;
-    call.dx = in_place ? buf.data() : dx.data();
-    std::vector<float> dw(c, -1.f), db(c, -1.f);
-    if (variant != 3) {
-      call.dweight = dw.data();
-      call.dbias = db.data();
-    }
+    std::vector<float> dw, db;
+    bnorm::detail::BackwardCall call = backward_call(
+        d, variant <= 1, in_place ? buf.data() : dx.data(), save_mean, save_invstd, dw, db);
+    if (in_place) call.dy = buf.data();
+    if (variant == 3) call.dweight = call.dbias = nullptr;
     k.backward(call);
     const std::vector<float>& dd = in_place ? buf : dx;
     out.line(prefix + " backward" + std::to_string(variant), hash_of(db, hash_of(dw, hash_of(dd))));
