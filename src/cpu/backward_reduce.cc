@@ -141,7 +141,7 @@ void merge_task(void* ctx, int t, int n) {
 
 void backward_reduce_pass(const Geometry& g, const float* dy, const float* x, const double* mean,
                           const double* invstd, double* sum_dy, double* sum_dy_xhat) {
-  const std::shared_ptr<const Plan> plan = get_plan(g, 2);
+  const std::shared_ptr<const Plan> plan = get_plan(g, 2, true);
   Workspace& ws = thread_workspace();
   double* partials = ws.partial_data(plan->partial_doubles);
   // The kernels shift by an fp32 mean; the fp64 remainder is a per-channel constant whose

@@ -11,7 +11,7 @@ void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, d
                 double* sum1) {
   for (int64_t c = c0; c < c1; ++c) sum0[c] = sum1[c] = 0;
   // Groups overlapping [c0, c1); within a group, blocks in order.
-  for (int64_t group = c0 / p.group_channels; group * p.group_channels < c1; ++group) {
+  for (int64_t group = p.group_of(c0); p.group_first_channel[group] < c1; ++group) {
     for (int64_t k = p.group_first_block[group]; k < p.group_first_block[group + 1]; ++k) {
       const Block& b = p.blocks[k];
       const int64_t lo = std::max(b.c0, c0), hi = std::min(b.c1, c1);

@@ -11,6 +11,12 @@
 // are busy at once, as in a copy, instead of a read-only sweep followed by a write-only one.
 // Waves are disjoint channel ranges, so the interleaving cannot change a result (in-place
 // included), and the partials of a block do not depend on when it is reduced.
+//
+// A local plan (plan.h: channels-first groups whose data fits in L2) runs instead in one pool
+// job of whole groups: a thread reduces a group's blocks, merges its channels and applies its
+// blocks, then takes the next group. The second read comes from L2, and there is no pool job (a
+// wait for the slowest thread) per wave. Each group's sums and parameters are its own, so the
+// result is the same whichever thread takes it.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/passes.cc"
 // clang-format off
@@ -33,7 +39,7 @@ namespace bnorm::cpu::HWY_NAMESPACE {
 namespace {
 
 // Which sweep of a wave a job runs; the caller runs them in order, one pool job each.
-enum class Phase { kReduce, kMerge, kApply, kReduceApply, kApplyThenReduce };
+enum class Phase { kReduce, kMerge, kApply, kReduceApply, kApplyThenReduce, kGroups };
 
 // Runs apply(k) for k in [a0, a1) and reduce(k) for k in [r0, r1), alternating so that both
 // progress at the same rate.
@@ -83,6 +89,13 @@ void run_waves(const Plan& plan, int threads, Job* job, void (*task)(void*, int,
   }
 }
 
+// The pool job of a local plan: slots of whole groups, each reduced, merged and applied.
+template <class Job>
+void run_groups(const Plan& plan, int threads, Job* job, void (*task)(void*, int, int)) {
+  job->phase = Phase::kGroups;
+  ThreadPool::instance().run(threads, block_slots(plan.groups(), threads), task, job);
+}
+
 struct TrainJob {
   const Plan* plan;
   const detail::TrainCall* call;
@@ -98,37 +111,56 @@ struct TrainJob {
   Phase phase;
 };
 
+// Mean, variance, running statistics, saved statistics and apply parameters of channels
+// [begin, end) from the stats partials.
+void train_merge(const TrainJob& job, int64_t begin, int64_t end) {
+  if (end == begin) return;
+  const Plan& p = *job.plan;
+  const detail::TrainCall& call = *job.call;
+  merge_stats(p, call.x, job.partials, begin, end, job.pivot, job.mean, job.var);
+  detail::Geometry part = call.g;
+  part.c = end - begin;
+  finalize(part, job.mean + begin, job.var + begin, call.eps, call.factor, job.invstd + begin,
+           call.running_mean ? call.running_mean + begin : nullptr,
+           call.running_var ? call.running_var + begin : nullptr);
+  for (int64_t c = begin; c < end; ++c) {
+    if (call.save_mean) call.save_mean[c] = static_cast<float>(job.mean[c]);
+    if (call.save_invstd) call.save_invstd[c] = static_cast<float>(job.invstd[c]);
+    set_apply_params(job.mean[c], job.invstd[c], call.weight ? call.weight[c] : 1.0,
+                     call.bias ? call.bias[c] : 0.0, c, job.mhi, job.mlo, job.a, job.b);
+  }
+}
+
 void train_task(void* ctx, int t, int n) {
   const TrainJob& job = *static_cast<const TrainJob*>(ctx);
   const Plan& p = *job.plan;
   const detail::TrainCall& call = *job.call;
-  const Wave& w = *job.wave;
+  auto reduce = [&](int64_t k) { stats_block(p, call.x, p.blocks[k], job.pivot, job.partials); };
+  const ApplyParams q{job.mhi, job.mlo, job.a, job.b, call.z, call.relu};
+  auto apply = [&](int64_t k) { apply_block(p, call.x, p.blocks[k], q, call.y, job.stream); };
   int64_t begin, end;
+  if (job.phase == Phase::kGroups) {
+    split_range(0, p.groups(), t, n, &begin, &end);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b0 = p.group_first_block[g], b1 = p.group_first_block[g + 1];
+      for (int64_t k = b0; k < b1; ++k) reduce(k);
+      train_merge(job, p.group_first_channel[g], p.group_first_channel[g + 1]);
+      for (int64_t k = b0; k < b1; ++k) apply(k);
+    }
+    if (job.stream) hwy::FlushStream();
+    return;
+  }
+  const Wave& w = *job.wave;
   if (job.phase == Phase::kMerge) {
     split_range(w.c0, w.c1, t, n, &begin, &end);
-    if (end == begin) return;
-    merge_stats(p, call.x, job.partials, begin, end, job.pivot, job.mean, job.var);
-    detail::Geometry part = call.g;
-    part.c = end - begin;
-    finalize(part, job.mean + begin, job.var + begin, call.eps, call.factor, job.invstd + begin,
-             call.running_mean ? call.running_mean + begin : nullptr,
-             call.running_var ? call.running_var + begin : nullptr);
-    for (int64_t c = begin; c < end; ++c) {
-      if (call.save_mean) call.save_mean[c] = static_cast<float>(job.mean[c]);
-      if (call.save_invstd) call.save_invstd[c] = static_cast<float>(job.invstd[c]);
-      set_apply_params(job.mean[c], job.invstd[c], call.weight ? call.weight[c] : 1.0,
-                       call.bias ? call.bias[c] : 0.0, c, job.mhi, job.mlo, job.a, job.b);
-    }
+    train_merge(job, begin, end);
     return;
   }
   split_range(w.b0, w.b1, t, n, &begin, &end);
-  auto reduce = [&](int64_t k) { stats_block(p, call.x, p.blocks[k], job.pivot, job.partials); };
   if (job.phase == Phase::kReduce) {
     for (int64_t k = begin; k < end; ++k) reduce(k);
     return;
   }
-  const ApplyParams q{job.mhi, job.mlo, job.a, job.b, call.z, call.relu};
-  auto apply = [&](int64_t k) { apply_block(p, call.x, p.blocks[k], q, call.y, job.stream); };
   if (job.phase == Phase::kApplyThenReduce) {
     int64_t r0, r1;
     split_range(job.next->b0, job.next->b1, t, n, &r0, &r1);
@@ -153,58 +185,74 @@ struct BackwardJob {
   Phase phase;
 };
 
-// Training: dx depends on the merged sums, so reduce, merge and apply wave by wave. Eval with
-// dweight or dbias: dx does not, so each block is reduced and written in one sweep
-// (kReduceApply: block k's dx overwrites only block k's dy or x, already read), then merged.
+// dweight, dbias and (training) the dx parameters beta, gamma of channels [begin, end) from the
+// backward_reduce partials.
+void backward_merge(const BackwardJob& job, int64_t begin, int64_t end) {
+  const detail::BackwardCall& call = *job.call;
+  // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already.
+  const bool resum = call.training || (call.dx != call.dy && call.dx != call.x &&
+                                       call.dx != call.y && call.dz != call.dy);
+  merge_backward_sums(*job.plan, call.dy, call.x, call.y, job.m, job.partials, begin, end, resum,
+                      job.sum0, job.sum1);
+  const double count = static_cast<double>(call.g.count());
+  for (int64_t c = begin; c < end; ++c) {
+    const double invstd = job.invstd[c];
+    const double sum_dy = job.sum0[c];
+    const double sum_dy_xhat = job.sum1[c] * invstd;
+    if (call.dweight) call.dweight[c] = static_cast<float>(sum_dy_xhat);
+    if (call.dbias) call.dbias[c] = static_cast<float>(sum_dy);
+    if (!call.training) continue;
+    const double wc = call.weight ? call.weight[c] : 1.0;
+    job.beta[c] = static_cast<float>(-wc * invstd * invstd * sum_dy_xhat / count);
+    job.gamma[c] = static_cast<float>(-wc * invstd * sum_dy / count);
+  }
+}
+
+// Training: dx depends on the merged sums, so reduce, merge and apply wave by wave (or group by
+// group). Eval with dweight or dbias: dx does not, so each block is reduced and written in one
+// sweep (kReduceApply: block k's dx overwrites only block k's dy or x, already read), then merged.
 void backward_task(void* ctx, int t, int n) {
   const BackwardJob& job = *static_cast<const BackwardJob*>(ctx);
   const Plan& p = *job.plan;
   const detail::BackwardCall& call = *job.call;
-  const Wave& w = *job.wave;
+  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
+  auto reduce = [&](int64_t k) {
+    backward_reduce_block(p, call.dy, call.x, call.y, p.blocks[k], job.m, job.partials);
+  };
+  auto apply = [&](int64_t k, bool training) {
+    backward_apply_block(p, call.dy, call.x, p.blocks[k], q, training, call.dx, job.stream);
+  };
   int64_t begin, end;
+  if (job.phase == Phase::kGroups) {  // training
+    split_range(0, p.groups(), t, n, &begin, &end);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b0 = p.group_first_block[g], b1 = p.group_first_block[g + 1];
+      for (int64_t k = b0; k < b1; ++k) reduce(k);
+      backward_merge(job, p.group_first_channel[g], p.group_first_channel[g + 1]);
+      for (int64_t k = b0; k < b1; ++k) apply(k, true);
+    }
+    if (job.stream) hwy::FlushStream();
+    return;
+  }
+  const Wave& w = *job.wave;
   if (job.phase == Phase::kMerge) {
     split_range(w.c0, w.c1, t, n, &begin, &end);
-    // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already.
-    const bool resum = call.training || (call.dx != call.dy && call.dx != call.x &&
-                                         call.dx != call.y && call.dz != call.dy);
-    merge_backward_sums(p, call.dy, call.x, call.y, job.m, job.partials, begin, end, resum,
-                        job.sum0, job.sum1);
-    const double count = static_cast<double>(call.g.count());
-    for (int64_t c = begin; c < end; ++c) {
-      const double invstd = job.invstd[c];
-      const double sum_dy = job.sum0[c];
-      const double sum_dy_xhat = job.sum1[c] * invstd;
-      if (call.dweight) call.dweight[c] = static_cast<float>(sum_dy_xhat);
-      if (call.dbias) call.dbias[c] = static_cast<float>(sum_dy);
-      if (!call.training) continue;
-      const double wc = call.weight ? call.weight[c] : 1.0;
-      job.beta[c] = static_cast<float>(-wc * invstd * invstd * sum_dy_xhat / count);
-      job.gamma[c] = static_cast<float>(-wc * invstd * sum_dy / count);
-    }
+    backward_merge(job, begin, end);
     return;
   }
   split_range(w.b0, w.b1, t, n, &begin, &end);
-  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
   if (job.phase == Phase::kApplyThenReduce) {
     int64_t r0, r1;
     split_range(job.next->b0, job.next->b1, t, n, &r0, &r1);
     interleave(
-        begin, end, r0, r1,
-        [&](int64_t k) {
-          backward_apply_block(p, call.dy, call.x, p.blocks[k], q, true, call.dx, job.stream);
-        },
-        [&](int64_t k) {
-          backward_reduce_block(p, call.dy, call.x, call.y, p.blocks[k], job.m, job.partials);
-        });
+        begin, end, r0, r1, [&](int64_t k) { apply(k, true); }, reduce);
   } else if (job.phase != Phase::kApply) {
     for (int64_t k = begin; k < end; ++k) {
-      backward_reduce_block(p, call.dy, call.x, call.y, p.blocks[k], job.m, job.partials);
-      if (job.phase == Phase::kReduceApply)
-        backward_apply_block(p, call.dy, call.x, p.blocks[k], q, false, call.dx, job.stream);
+      reduce(k);
+      if (job.phase == Phase::kReduceApply) apply(k, false);
     }
   } else {
-    for (int64_t k = begin; k < end; ++k)
-      backward_apply_block(p, call.dy, call.x, p.blocks[k], q, call.training, call.dx, job.stream);
+    for (int64_t k = begin; k < end; ++k) apply(k, call.training);
   }
   if (job.stream) hwy::FlushStream();
 }
@@ -213,7 +261,7 @@ void backward_task(void* ctx, int t, int n) {
 
 void forward_train_pass(const detail::TrainCall& call) {
   const detail::Geometry& g = call.g;
-  const std::shared_ptr<const Plan> plan = get_plan(g, 1);
+  const std::shared_ptr<const Plan> plan = get_plan(g, 1, true);
   Workspace& ws = thread_workspace();
   double* channel = ws.channel_data(4 * g.c);
   float* params = ws.param_data(4 * g.c);
@@ -234,7 +282,11 @@ void forward_train_pass(const detail::TrainCall& call) {
                Phase::kReduce};
   // Pivots before anything is written: y may be x.
   for (int64_t c = 0; c < g.c; ++c) job.pivot[c] = channel_pivot(*plan, call.x, c);
-  run_waves(*plan, call_threads(*plan), &job, &train_task);
+  if (plan->local) {
+    run_groups(*plan, call_threads(*plan), &job, &train_task);
+  } else {
+    run_waves(*plan, call_threads(*plan), &job, &train_task);
+  }
 }
 
 void forward_eval_pass(const detail::EvalCall& call) {
@@ -283,7 +335,7 @@ void backward_pass(const detail::BackwardCall& call) {
     backward_apply_with_params(g, call.dy, call.x, q, false, call.dx);
     return;
   }
-  const std::shared_ptr<const Plan> plan = get_plan(g, 2);
+  const std::shared_ptr<const Plan> plan = get_plan(g, 2, true);
   job.plan = plan.get();
   job.partials = ws.partial_data(plan->partial_doubles);
   const int threads = call_threads(*plan);
@@ -298,7 +350,11 @@ void backward_pass(const detail::BackwardCall& call) {
     pool.run(threads, threads, &backward_task, &job);
     return;
   }
-  run_waves(*plan, threads, &job, &backward_task);
+  if (plan->local) {
+    run_groups(*plan, threads, &job, &backward_task);
+  } else {
+    run_waves(*plan, threads, &job, &backward_task);
+  }
 }
 
 }  // namespace bnorm::cpu::HWY_NAMESPACE

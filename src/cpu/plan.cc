@@ -10,7 +10,7 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-std::shared_ptr<Plan> build_plan(const detail::Geometry& g, int arrays) {
+std::shared_ptr<Plan> build_plan(const detail::Geometry& g, int arrays, bool local) {
   auto p = std::make_shared<Plan>();
   p->n = g.n;
   p->c = g.c;
@@ -26,15 +26,20 @@ std::shared_ptr<Plan> build_plan(const detail::Geometry& g, int arrays) {
     p->group_channels = g.c;
     const int64_t rows_per_block = std::max(kMinRowsLast, ceil_div(kBlockElemsLast, g.c));
     p->group_first_block.push_back(0);
+    p->group_first_channel = {0, g.c};
     for (int64_t r = 0; r < p->rows; r += rows_per_block)
       add_block(0, g.c, r, std::min(p->rows, r + rows_per_block), 0, 1);
     p->group_first_block.push_back(static_cast<int64_t>(p->blocks.size()));
   } else {
-    const int64_t group = std::clamp<int64_t>(kBlockElems / g.s, 1, g.c);
+    const int64_t channel_bytes = g.n * g.s * 4;
+    p->local = local && channel_bytes <= kLocalGroupBytes && (arrays == 1 || g.s >= kLocalMinS2);
+    const int64_t group = std::clamp<int64_t>(
+        p->local ? kLocalGroupBytes / channel_bytes : kBlockElems / g.s, 1, g.c);
     p->group_channels = group;
     for (int64_t c0 = 0; c0 < g.c; c0 += group) {
       const int64_t c1 = std::min(g.c, c0 + group);
       p->group_first_block.push_back(static_cast<int64_t>(p->blocks.size()));
+      p->group_first_channel.push_back(c0);
       const int64_t run = (c1 - c0) * g.s;  // floats per batch item
       if (run > kBlockElems) {              // pieces of one row (group == 1 here)
         const int64_t pieces = ceil_div(g.s, kBlockElems);
@@ -49,25 +54,27 @@ std::shared_ptr<Plan> build_plan(const detail::Geometry& g, int arrays) {
       }
     }
     p->group_first_block.push_back(static_cast<int64_t>(p->blocks.size()));
+    p->group_first_channel.push_back(g.c);
   }
   p->partial_doubles = slot;
 
   // Waves of whole groups within the cache budget (at least one group each).
-  const int64_t groups = static_cast<int64_t>(p->group_first_block.size()) - 1;
+  const int64_t groups = p->groups();
   const int64_t group_bytes = p->group_channels * g.n * g.s * 4 * arrays;
   const int64_t groups_per_wave =
       std::max<int64_t>(1, kWaveBytes / std::max<int64_t>(1, group_bytes));
   for (int64_t k = 0; k < groups; k += groups_per_wave) {
     const int64_t k1 = std::min(groups, k + groups_per_wave);
     p->waves.push_back(Wave{p->group_first_block[k], p->group_first_block[k1],
-                            k * p->group_channels, std::min(g.c, k1 * p->group_channels)});
+                            p->group_first_channel[k], p->group_first_channel[k1]});
   }
 
   int64_t min_wave_blocks = INT64_MAX;
   for (const Wave& w : p->waves) min_wave_blocks = std::min(min_wave_blocks, w.b1 - w.b0);
   const int64_t by_size = g.numel() * arrays / kParallelMinElems;
-  p->max_threads =
-      static_cast<int>(std::clamp<int64_t>(std::min(by_size, min_wave_blocks), 1, 1024));
+  // A local plan's training passes hand out whole groups; its other passes, blocks.
+  const int64_t units = p->local ? groups : min_wave_blocks;
+  p->max_threads = static_cast<int>(std::clamp<int64_t>(std::min(by_size, units), 1, 1024));
   return p;
 }
 
@@ -75,6 +82,7 @@ struct PlanKey {
   int64_t n, c, s;
   Layout layout;
   int arrays;
+  bool local;
   bool operator==(const PlanKey&) const = default;
 };
 
@@ -89,15 +97,15 @@ struct PlanCache {
 
 }  // namespace
 
-std::shared_ptr<const Plan> get_plan(const detail::Geometry& g, int arrays) {
+std::shared_ptr<const Plan> get_plan(const detail::Geometry& g, int arrays, bool local) {
   static PlanCache cache;
-  const PlanKey key{g.n, g.c, g.s, g.layout, arrays};
+  const PlanKey key{g.n, g.c, g.s, g.layout, arrays, local};
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
     for (int k = 0; k < kCacheSize; ++k)
       if (cache.plans[k] && cache.keys[k] == key) return cache.plans[k];
   }
-  std::shared_ptr<const Plan> plan = build_plan(g, arrays);
+  std::shared_ptr<const Plan> plan = build_plan(g, arrays, local);
   std::lock_guard<std::mutex> lock(cache.mutex);
   cache.keys[cache.next] = key;
   cache.plans[cache.next] = plan;

@@ -11,6 +11,19 @@
 //   channels-last (and channels-first with S = 1, the same bytes): one group of all channels; a
 //       block is a range of rows r = i*S + j, each row C contiguous floats.
 //
+//   channels-first, local (`Plan::local`; asked for by the passes that reduce): when one
+//       channel of one array (n * S floats) is at most kLocalGroupBytes, groups of
+//       G = kLocalGroupBytes / (4 n S) channels instead, so that a group's whole data stays in
+//       the core's L2 cache, with blocks of G*S floats per item for several items as above. The
+//       training passes run a group's reduce, merge and apply in turn on one thread (passes.cc):
+//       the second read of the inputs comes from L2, with no pool job between. The blocks, hence
+//       the order of the sums, differ from the wide groups', so the stats and backward_reduce
+//       passes ask for the same plan (sync batch norm composes them and must give the bits of
+//       forward_train and backward); the apply-only passes keep the wide groups (their bits do
+//       not depend on the blocks, and longer runs stream faster). Two-array plans (backward)
+//       are local only for S >= kLocalMinS2: at 7x7 the backward's reduce, walking G channels of
+//       8 items, 16 short streams, ran 0.93-0.96x of the wide groups (1.27x at 14x14).
+//
 // Waves: consecutive groups whose data fits in the cache budget. A forward (or backward) runs
 // stats, merge and apply wave by wave, so the second read of x (and dy) comes from cache.
 // Channels-last has a single group, hence a single wave. Waves only order the work: the result
@@ -18,6 +31,7 @@
 #ifndef BNORM_SRC_CPU_PLAN_H_
 #define BNORM_SRC_CPU_PLAN_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -32,6 +46,8 @@ inline constexpr int64_t kMinRowsLast = 32;               // channels-last rows 
 inline constexpr int64_t kWaveBytes = int64_t{6} << 20;  // data per wave; two are in flight
 inline constexpr int64_t kParallelMinElems = int64_t{1} << 17;  // below: one thread
 inline constexpr int64_t kStreamMinBytes = int64_t{16} << 20;   // output larger: streaming stores
+inline constexpr int64_t kLocalGroupBytes = int64_t{256} << 10;  // one array of a local group
+inline constexpr int64_t kLocalMinS2 = 64;  // local plans of two arrays (backward): S at least
 
 // A product set of elements: channels [c0, c1) x (channels-first) batch [i0, i1) x spatial
 // [j0, j1), or (channels-last) rows [i0, i1) with j0 = 0, j1 = 1.
@@ -48,19 +64,28 @@ struct Wave {
 
 struct Plan {
   bool channels_last = false;  // also channels-first with S = 1
+  bool local = false;          // channels-first groups sized for L2, run group by group
   int64_t n = 0, c = 0, s = 0;
   int64_t rows = 0;                        // channels-last: n * s
-  int64_t group_channels = 0;              // G: channel k is in group k / G
+  int64_t group_channels = 0;              // channels of a group, at most
   std::vector<Block> blocks;               // group-major; a group's blocks are consecutive
   std::vector<int64_t> group_first_block;  // per group, and one past the end
+  std::vector<int64_t> group_first_channel;  // per group, and one past the end (c)
   std::vector<Wave> waves;
   int64_t partial_doubles = 0;
   int max_threads = 1;  // threads worth waking for this shape
+  int64_t groups() const { return static_cast<int64_t>(group_first_block.size()) - 1; }
+  // The group of channel c.
+  int64_t group_of(int64_t c) const {
+    return std::upper_bound(group_first_channel.begin(), group_first_channel.end(), c) -
+           group_first_channel.begin() - 1;
+  }
 };
 
-// The plan of a shape; `arrays` is the number of inputs read twice (1 forward, 2 backward).
+// The plan of a shape; `arrays` is the number of inputs read twice (1 forward, 2 backward);
+// `local`: L2-sized groups where the shape allows (every pass that reduces asks for them).
 // Built on first use and cached (a few shapes, under a mutex); no allocation when cached.
-std::shared_ptr<const Plan> get_plan(const detail::Geometry& g, int arrays);
+std::shared_ptr<const Plan> get_plan(const detail::Geometry& g, int arrays, bool local = false);
 
 // [begin, end) of part t of n of the range [b0, b1), contiguous and balanced.
 inline void split_range(int64_t b0, int64_t b1, int t, int n, int64_t* begin, int64_t* end) {

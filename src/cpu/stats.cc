@@ -99,7 +99,7 @@ void merge_task(void* ctx, int t, int n) {
 }  // namespace
 
 void stats_pass(const Geometry& g, const float* x, double* mean, double* var) {
-  const std::shared_ptr<const Plan> plan = get_plan(g, 1);
+  const std::shared_ptr<const Plan> plan = get_plan(g, 1, true);
   Workspace& ws = thread_workspace();
   double* pivot = ws.channel_data(g.c);
   for (int64_t c = 0; c < g.c; ++c) pivot[c] = channel_pivot(*plan, x, c);

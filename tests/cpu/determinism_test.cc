@@ -1,6 +1,10 @@
-// Bitwise-identical results for 1, 2, 3 and 8 threads: every output of every pass.
+// Bitwise-identical results for 1, 2, 3 and 8 threads: every output of every pass; and the
+// training passes, which run short channels-first channels group by group (plan.h: local
+// plans), give the bits of the separate passes.
 #include <cstring>
 
+#include "cpu/cpu.h"
+#include "kernels.h"
 #include "test_util.h"
 
 namespace bnorm_test {
@@ -89,13 +93,14 @@ void expect_identical(const Outputs& a, const Outputs& b) {
 // Shapes large enough that every thread count up to 8 gets work (>= 8 * 2^17 elements read).
 TEST(CpuDeterminism, BitIdenticalOverThreadCounts) {
   const std::vector<std::pair<std::vector<int64_t>, Layout>> cases = {
-      {{4, 32, 96, 96}, Layout::kChannelsFirst},  // large spatial, rows cut into blocks
+      {{4, 32, 96, 96}, Layout::kChannelsFirst},    // large spatial, rows cut into blocks
       {{9, 40, 100, 100}, Layout::kChannelsFirst},  // 14 MB: several pipelined waves
       {{4, 32, 96, 96}, Layout::kChannelsLast},
       {{96, 256, 7, 7}, Layout::kChannelsFirst},  // 7x7: channel groups
       {{8192, 160}, Layout::kChannelsFirst},      // 2-D (N, C)
       {{3, 5, 40000}, Layout::kChannelsFirst},    // few channels, long rows
       {{40, 7, 33, 129}, Layout::kChannelsLast},  // odd C
+      {{2, 6, 20000}, Layout::kChannelsFirst},    // local groups of one channel, rows in pieces
   };
   for (const auto& [dims, layout] : cases) {
     BNORM_SEEDED_RNG(rng, 99);
@@ -107,6 +112,90 @@ TEST(CpuDeterminism, BitIdenticalOverThreadCounts) {
       SCOPED_TRACE(::testing::Message() << threads << " threads");
       expect_identical(one, run_all(x, dy, threads));
     }
+  }
+}
+
+// forward_train and the training backward run a channels-first tensor whose channels are short
+// (n * S * 4 bytes <= kLocalGroupBytes) group by group, each group of channels sized for L2
+// reduced, merged and applied by one thread; the stats, apply, backward_reduce and backward_apply
+// passes (which sync batch norm composes) each sweep the whole tensor, the apply passes with
+// wider groups. Every output must be bitwise the same. Shapes: several groups with a shorter
+// last one (7x7), groups of one channel, rows cut into pieces, and a tensor of one group.
+TEST(CpuDeterminism, TrainingPassesByGroupEqualTheSeparatePasses) {
+  const std::vector<std::vector<int64_t>> shapes = {
+      {12, 700, 7, 7}, {96, 256, 7, 7}, {6, 40, 28, 28}, {2, 6, 20000}, {3, 9, 5}};
+  for (const auto& dims : shapes) {
+    BNORM_SEEDED_RNG(rng, 5);
+    const Tensor x = RandomTensor(rng, dims, Layout::kChannelsFirst, ChannelOffsets(dims[1], 20.0));
+    const Tensor dy = RandomTensor(rng, dims, Layout::kChannelsFirst);
+    SCOPED_TRACE(x.Describe());
+    const int64_t c = x.c();
+    const std::vector<float> weight = RandomVector(rng, c, 0.5, 1.5),
+                             bias = RandomVector(rng, c, -1, 1);
+    for (int threads : {1, 2}) {
+      bnorm::set_num_threads(threads);
+      // The whole passes.
+      Tensor y(dims, Layout::kChannelsFirst), dx(dims, Layout::kChannelsFirst);
+      std::vector<float> save_mean(c), save_invstd(c), dw(c), db(c);
+      bnorm::ForwardTrainArgs f;
+      f.x = x.cview();
+      f.y = y.view();
+      f.weight = weight;
+      f.bias = bias;
+      f.save_mean = save_mean;
+      f.save_invstd = save_invstd;
+      ASSERT_TRUE(IsOk(bnorm::forward_train(f)));
+      bnorm::BackwardArgs b;
+      b.dy = dy.cview();
+      b.x = x.cview();
+      b.weight = weight;
+      b.training = true;
+      b.save_mean = save_mean;
+      b.save_invstd = save_invstd;
+      b.dx = dx.view();
+      b.dweight = dw;
+      b.dbias = db;
+      ASSERT_TRUE(IsOk(bnorm::backward(b)));
+
+      // The separate passes.
+      bnorm::detail::Geometry g;
+      g.layout = Layout::kChannelsFirst;
+      g.n = x.n();
+      g.c = c;
+      g.s = x.s();
+      const size_t cs = static_cast<size_t>(c);
+      std::vector<double> mean(cs), var(cs), invstd(cs), w64(weight.begin(), weight.end()),
+          b64(bias.begin(), bias.end());
+      bnorm::cpu::stats(g, x.data.data(), mean.data(), var.data());
+      bnorm::cpu::finalize(g, mean.data(), var.data(), 1e-5, 0.1, invstd.data(), nullptr, nullptr);
+      std::vector<float> y2(x.data.size()), dx2(x.data.size());
+      bnorm::cpu::apply(g, x.data.data(), mean.data(), invstd.data(), w64.data(), b64.data(),
+                        y2.data());
+      std::vector<float> mean32(cs), invstd32(cs);
+      for (size_t k = 0; k < cs; ++k) {
+        mean32[k] = static_cast<float>(mean[k]);
+        invstd32[k] = static_cast<float>(invstd[k]);
+      }
+      EXPECT_TRUE(BitIdentical(save_mean, mean32)) << threads << " threads: save_mean";
+      EXPECT_TRUE(BitIdentical(save_invstd, invstd32)) << threads << " threads: save_invstd";
+      EXPECT_TRUE(BitIdentical(y.data, y2)) << threads << " threads: y";
+
+      std::vector<double> m(save_mean.begin(), save_mean.end()),
+          is(save_invstd.begin(), save_invstd.end()), sum_dy(cs), sum_dy_xhat(cs);
+      bnorm::cpu::backward_reduce(g, dy.data.data(), x.data.data(), m.data(), is.data(),
+                                  sum_dy.data(), sum_dy_xhat.data());
+      bnorm::cpu::backward_apply(g, dy.data.data(), x.data.data(), m.data(), is.data(), w64.data(),
+                                 sum_dy.data(), sum_dy_xhat.data(), true, dx2.data());
+      std::vector<float> dw2(cs), db2(cs);
+      for (size_t k = 0; k < cs; ++k) {
+        dw2[k] = static_cast<float>(sum_dy_xhat[k]);
+        db2[k] = static_cast<float>(sum_dy[k]);
+      }
+      EXPECT_TRUE(BitIdentical(dw, dw2)) << threads << " threads: dweight";
+      EXPECT_TRUE(BitIdentical(db, db2)) << threads << " threads: dbias";
+      EXPECT_TRUE(BitIdentical(dx.data, dx2)) << threads << " threads: dx";
+    }
+    bnorm::set_num_threads(0);
   }
 }
 
