@@ -125,13 +125,16 @@ void apply_runs(const Plan& p, const float* x, const Block& b, const ApplyParams
   }
 }
 
-// Channels-last, row by row: the parameters loaded per vector.
-template <int kAct>
-void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyParams& q,
-                     float* y, bool stream) {
+// Channels-last, row by row: the parameters loaded per vector; without mlo when it is zero
+// (inference: (x - mhi) - 0 is x - mhi, bit for bit, so the load is skipped). A streamed row
+// whose output is not vector-aligned starts with one masked vector up to the alignment
+// (BNORM_MASKED_TAIL targets; elsewhere such rows are not streamed), so that a tensor allocated
+// with 16-byte alignment streams as one allocated with 64.
+template <int kAct, bool kLo>
+void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
+                     bool stream) {
   const hn::ScalableTag<float> df;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-  const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
   const size_t align = static_cast<size_t>(nf) * sizeof(float);
   // Locals, not q's members: the stores to y could alias q as far as the compiler knows.
   const float* const mhi = q.mhi;
@@ -143,22 +146,41 @@ void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyP
     const float* xr = x + r * p.c;
     const float* zr = kAct == kAddRelu ? z + r * p.c : nullptr;
     float* yr = y + r * p.c;
+    auto vec = [&](int64_t k) {
+      auto t = hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k));
+      if constexpr (kLo) t = hn::Sub(t, hn::LoadU(df, mlo + k));
+      return activate<kAct>(df, hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k)), zr, k);
+    };
     int64_t k = b.c0;
-    if (stream && reinterpret_cast<uintptr_t>(yr + k) % align == 0) {
-      for (; k < vec_end; k += nf) {
-        const auto t =
-            hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-        const auto v = hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k));
-        hn::Stream(activate<kAct>(df, v, zr, k), df, yr + k);
+    if (stream && b.c1 - b.c0 >= 4 * nf) {
+#if BNORM_MASKED_TAIL
+      const int64_t head = static_cast<int64_t>(
+          (align - reinterpret_cast<uintptr_t>(yr + k) % align) % align / sizeof(float));
+      if (head > 0) {
+        const auto mk = hn::FirstN(df, static_cast<size_t>(head));
+        auto t = hn::Sub(hn::MaskedLoad(mk, df, xr + k), hn::MaskedLoad(mk, df, mhi + k));
+        if constexpr (kLo) t = hn::Sub(t, hn::MaskedLoad(mk, df, mlo + k));
+        const auto v =
+            hn::MulAdd(t, hn::MaskedLoad(mk, df, qa + k), hn::MaskedLoad(mk, df, qb + k));
+        hn::BlendedStore(activate_masked<kAct>(df, mk, v, zr, k), mk, df, yr + k);
+        k += head;
       }
+#endif
+      if (reinterpret_cast<uintptr_t>(yr + k) % align == 0)
+        for (; k + nf <= b.c1; k += nf) hn::Stream(vec(k), df, yr + k);
     }
-    for (; k < vec_end; k += nf) {
-      const auto t =
-          hn::Sub(hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, mhi + k)), hn::LoadU(df, mlo + k));
-      const auto v = hn::MulAdd(t, hn::LoadU(df, qa + k), hn::LoadU(df, qb + k));
-      hn::StoreU(activate<kAct>(df, v, zr, k), df, yr + k);
-    }
+    for (; k + nf <= b.c1; k += nf) hn::StoreU(vec(k), df, yr + k);
     for (; k < b.c1; ++k) yr[k] = apply_one<kAct>(xr[k], mhi[k], mlo[k], qa[k], qb[k], zr, k);
+  }
+}
+
+template <int kAct>
+void apply_rows_last(const Plan& p, const float* x, const Block& b, const ApplyParams& q, float* y,
+                     bool stream) {
+  if (q.mlo_zero) {
+    apply_rows_last<kAct, false>(p, x, b, q, y, stream);
+  } else {
+    apply_rows_last<kAct, true>(p, x, b, q, y, stream);
   }
 }
 

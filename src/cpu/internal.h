@@ -21,6 +21,7 @@ struct ApplyParams {
   const float* b;
   const float* z = nullptr;
   bool relu = false;
+  bool mlo_zero = false;  // every mlo is 0 (eval): the kernels may skip it
 };
 
 // dx = alpha * dy + (beta * (x - m) + gamma) per channel (eval: beta = gamma = 0). With `y`

@@ -24,6 +24,7 @@
 // clang-format on
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 
@@ -293,12 +294,15 @@ void forward_eval_pass(const detail::EvalCall& call) {
   const detail::Geometry& g = call.g;
   float* params = thread_workspace().param_data(4 * g.c);
   float *mhi = params, *mlo = params + g.c, *a = params + 2 * g.c, *b = params + 3 * g.c;
+  // The running mean is an fp32 value, so mlo is +0 unless it is infinite or NaN.
+  bool mlo_zero = true;
   for (int64_t c = 0; c < g.c; ++c) {
     const double invstd = 1.0 / std::sqrt(static_cast<double>(call.running_var[c]) + call.eps);
     set_apply_params(call.running_mean[c], invstd, call.weight ? call.weight[c] : 1.0,
                      call.bias ? call.bias[c] : 0.0, c, mhi, mlo, a, b);
+    mlo_zero = mlo_zero && std::bit_cast<uint32_t>(mlo[c]) == 0;
   }
-  apply_with_params(g, call.x, ApplyParams{mhi, mlo, a, b, call.z, call.relu}, call.y);
+  apply_with_params(g, call.x, ApplyParams{mhi, mlo, a, b, call.z, call.relu, mlo_zero}, call.y);
 }
 
 void backward_pass(const detail::BackwardCall& call) {

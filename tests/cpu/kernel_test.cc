@@ -4,6 +4,9 @@
 #include <hwy/highway.h>
 #include <hwy/tests/hwy_gtest.h>
 
+#include <cstdlib>
+#include <memory>
+
 #include "kernel_tester.h"
 
 namespace bnorm_test {
@@ -46,8 +49,9 @@ TEST_P(CpuKernelTest, RowsLongerThanABlock) {
 }
 
 // Batch sizes around the block sizes. Channels-first: groups of G = clamp(16384 / S, 1, C)
-// channels, blocks of max(1, 16384 / (G * S)) batch items; channels-last: blocks of
-// max(32, 32768 / C) rows.
+// channels, blocks of max(1, 16384 / (G * S)) batch items (the passes that reduce take
+// G = clamp(65536 / (n * S), 1, C) instead when n * S * 4 <= 256 KiB); channels-last: blocks
+// of max(32, 32768 / C) rows.
 TEST_P(CpuKernelTest, BatchAroundBlockSize) {
   for (int64_t n : {26, 27, 28, 55})  // S = 196, C = 3: G = 3, 27 items a block
     KernelTester()
@@ -70,6 +74,17 @@ TEST_P(CpuKernelTest, BatchAroundBlockSize) {
         .layout(Layout::kChannelsFirst)
         .channels(40)
         .spatial({28, 28})
+        .batch(n)
+        .seed(n)
+        .test_all();
+  // The training passes' local plans (plan.h: groups of 256 KiB / (4 n S) channels, sized
+  // for L2): C = 300, S = 49, n = 40: groups of 33 channels with blocks of 10 items, the last
+  // group of 3 channels.
+  for (int64_t n : {40, 41})
+    KernelTester()
+        .layout(Layout::kChannelsFirst)
+        .channels(300)
+        .spatial({7, 7})
         .batch(n)
         .seed(n)
         .test_all();
@@ -154,6 +169,55 @@ TEST_P(CpuKernelTest, LargeShapeUsesThreads) {
 TEST_P(CpuKernelTest, WideAndNarrowChannelsLast) {
   for (int64_t c : {bnorm::cpu::kTileApplyMaxChannels + 37, bnorm::cpu::kTileApplyMaxChannels})
     KernelTester().layout(Layout::kChannelsLast).channels(c).spatial({5}).batch(13).test_all();
+}
+
+// Inference outputs of 16 MiB and more are streamed; a channels-last row whose output is not
+// vector-aligned starts with one masked vector up to the alignment (apply.cc). Every alignment
+// of the tensors gives the bits of the aligned call, plain and fused, on every target.
+TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
+  const int64_t n = 4100, c = 1024;  // 16.4 MiB
+  const size_t count = static_cast<size_t>(n * c);
+  BNORM_SEEDED_RNG(rng, 3);
+  const Tensor x = RandomTensor(rng, {n, c}, Layout::kChannelsLast, {}, 2.0);
+  const std::vector<float> weight = RandomVector(rng, c, 0.5, 1.5),
+                           bias = RandomVector(rng, c, -1, 1), rm = RandomVector(rng, c, -1, 1),
+                           rv = RandomVector(rng, c, 0.5, 2);
+  // 64-byte aligned buffers with room for a shift of up to 15 floats.
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  const size_t bytes = (count + 16) * sizeof(float);
+  std::unique_ptr<float, Free> in(static_cast<float*>(std::aligned_alloc(64, bytes))),
+      out(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  ASSERT_TRUE(in && out);
+  auto run = [&](size_t shift, bool relu) {
+    std::copy(x.data.begin(), x.data.end(), in.get() + shift);
+    bnorm::ForwardEvalArgs e;
+    e.x = bnorm::ConstTensorView(in.get() + shift, {n, c}, Layout::kChannelsLast);
+    e.y = bnorm::TensorView(out.get() + shift, {n, c}, Layout::kChannelsLast);
+    e.weight = weight;
+    e.bias = bias;
+    e.running_mean = rm;
+    e.running_var = rv;
+    EXPECT_TRUE(IsOk(relu ? bnorm::forward_eval_relu(e) : bnorm::forward_eval(e)));
+    return std::vector<float>(out.get() + shift, out.get() + shift + count);
+  };
+  for (bool relu : {false, true}) {
+    // Shift 0: every row's output is aligned, and the rows stream with no head.
+    const std::vector<float> want = run(0, relu);
+    // Spot checks of want against the formula in fp64.
+    for (size_t k : {size_t{0}, size_t{1}, count / 2 + 7, count - 1}) {
+      const size_t ch = k % static_cast<size_t>(c);
+      const double a = weight[ch] / std::sqrt(static_cast<double>(rv[ch]) + 1e-5);
+      double v = (x.data[k] - static_cast<double>(rm[ch])) * a + bias[ch];
+      if (relu && v <= 0) v = 0;
+      EXPECT_NEAR(want[k], v, 1e-5 * (1 + std::abs(v))) << "element " << k;
+    }
+    for (size_t shift : {1, 4, 7, 13}) {
+      SCOPED_TRACE(::testing::Message() << "shift " << shift << (relu ? " relu" : ""));
+      EXPECT_TRUE(BitIdentical(run(shift, relu), want));
+    }
+  }
 }
 
 // Channels-first data larger than a wave (plan.h: 6 MiB): the pipelined sweeps apply one wave
