@@ -32,7 +32,8 @@ std::shared_ptr<Plan> build_plan(const detail::Geometry& g, int arrays, bool loc
     p->group_first_block.push_back(static_cast<int64_t>(p->blocks.size()));
   } else {
     const int64_t channel_bytes = g.n * g.s * 4;
-    p->local = local && channel_bytes <= kLocalGroupBytes && (arrays == 1 || g.s >= kLocalMinS2);
+    p->local =
+        local && channel_bytes <= kLocalMaxChannelBytes && (arrays == 1 || g.s >= kLocalMinS2);
     const int64_t group = std::clamp<int64_t>(
         p->local ? kLocalGroupBytes / channel_bytes : kBlockElems / g.s, 1, g.c);
     p->group_channels = group;

@@ -12,17 +12,20 @@
 //       block is a range of rows r = i*S + j, each row C contiguous floats.
 //
 //   channels-first, local (`Plan::local`; asked for by the passes that reduce): when one
-//       channel of one array (n * S floats) is at most kLocalGroupBytes, groups of
-//       G = kLocalGroupBytes / (4 n S) channels instead, so that a group's whole data stays in
-//       the core's L2 cache, with blocks of G*S floats per item for several items as above. The
-//       training passes run a group's reduce, merge and apply in turn on one thread (passes.cc):
-//       the second read of the inputs comes from L2, with no pool job between. The blocks, hence
-//       the order of the sums, differ from the wide groups', so the stats and backward_reduce
-//       passes ask for the same plan (sync batch norm composes them and must give the bits of
-//       forward_train and backward); the apply-only passes keep the wide groups (their bits do
-//       not depend on the blocks, and longer runs stream faster). Two-array plans (backward)
-//       are local only for S >= kLocalMinS2: at 7x7 the backward's reduce, walking G channels of
-//       8 items, 16 short streams, ran 0.93-0.96x of the wide groups (1.27x at 14x14).
+//       channel of one array (n * S floats) is at most kLocalMaxChannelBytes, groups of
+//       G = max(1, kLocalGroupBytes / (4 n S)) channels instead, so that a group's whole data
+//       stays in the core's L2 cache, with blocks of G*S floats per item for several items as
+//       above. The training passes run a group's reduce, merge and apply in turn on one thread
+//       (passes.cc): the second read of the inputs comes from L2, with no pool job between. The
+//       blocks, hence the order of the sums, differ from the wide groups', so the stats and
+//       backward_reduce passes ask for the same plan (sync batch norm composes them and must
+//       give the bits of forward_train and backward); the apply-only passes keep the wide groups
+//       (their bits do not depend on the blocks, and longer runs stream faster). Two-array plans
+//       (backward) are local only for S >= kLocalMinS2: at 7x7 the backward's reduce, walking G
+//       channels of 8 items, 16 short streams, ran 0.93-0.96x of the wide groups (1.27x at
+//       14x14). Measured at batch 32 (docs/benchmarks.md): 1.1-1.27x on 14x14 and 28x28, 1.15x
+//       on the 7x7 forward, 1.08-1.13x on 56x56 (one channel of 392 KiB a group); 256 KiB
+//       groups beat 128 and 512.
 //
 // Waves: consecutive groups whose data fits in the cache budget. A forward (or backward) runs
 // stats, merge and apply wave by wave, so the second read of x (and dy) comes from cache.
@@ -47,6 +50,7 @@ inline constexpr int64_t kWaveBytes = int64_t{6} << 20;  // data per wave; two a
 inline constexpr int64_t kParallelMinElems = int64_t{1} << 17;  // below: one thread
 inline constexpr int64_t kStreamMinBytes = int64_t{16} << 20;   // output larger: streaming stores
 inline constexpr int64_t kLocalGroupBytes = int64_t{256} << 10;  // one array of a local group
+inline constexpr int64_t kLocalMaxChannelBytes = int64_t{512} << 10;  // a channel alone, at most
 inline constexpr int64_t kLocalMinS2 = 64;  // local plans of two arrays (backward): S at least
 
 // A product set of elements: channels [c0, c1) x (channels-first) batch [i0, i1) x spatial
