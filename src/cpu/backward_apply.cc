@@ -225,10 +225,34 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
     const float* yr = kRelu ? qy + r * p.c : nullptr;
     float* zr = kRelu && qdz != nullptr ? qdz + r * p.c : nullptr;
     float* out = dx + r * p.c;
-    const bool nt = stream && reinterpret_cast<uintptr_t>(out + b.c0) % align == 0;
     int64_t k = b.c0;
+#if BNORM_MASKED_TAIL
+    // A streamed row whose output is not aligned starts with one masked vector up to the
+    // alignment (as the inference apply's rows, apply.cc).
+    if (stream && b.c1 - b.c0 >= 4 * nf) {
+      const int64_t head = static_cast<int64_t>(
+          (align - reinterpret_cast<uintptr_t>(out + k) % align) % align / sizeof(float));
+      if (head > 0) {
+        const auto mk = hn::FirstN(df, static_cast<size_t>(head));
+        const auto g = grad_masked<kRelu>(df, mk, gr, yr, zr, k);
+        const auto va = hn::MaskedLoad(mk, df, qalpha + k);
+        hn::Vec<decltype(df)> v;
+        if (training) {
+          const auto xv = hn::MaskedLoad(mk, df, xr + k);
+          v = dx_vec(g, xv, hn::MaskedLoad(mk, df, qm + k), va, hn::MaskedLoad(mk, df, qbeta + k),
+                     hn::MaskedLoad(mk, df, qgamma + k));
+        } else {
+          v = hn::Mul(va, g);
+        }
+        hn::BlendedStore(v, mk, df, out + k);
+        k += head;
+      }
+    }
+#endif
+    const int64_t vend = k + (b.c1 - k) / nf * nf;
+    const bool nt = stream && reinterpret_cast<uintptr_t>(out + k) % align == 0;
     if (!training) {
-      for (; k < vec_end; k += nf) {
+      for (; k < vend; k += nf) {
         const auto v = hn::Mul(hn::LoadU(df, qalpha + k), grad<kRelu>(df, gr, yr, zr, k));
         if (nt) {
           hn::Stream(v, df, out + k);
@@ -239,7 +263,7 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
       for (; k < b.c1; ++k) out[k] = qalpha[k] * grad_one<kRelu>(gr, yr, zr, k);
       continue;
     }
-    for (; k < vec_end; k += nf) {
+    for (; k < vend; k += nf) {
       const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
                                 hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
                                 hn::LoadU(df, qgamma + k));

@@ -4,6 +4,8 @@
 #include <hwy/highway.h>
 #include <hwy/tests/hwy_gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 
@@ -171,9 +173,10 @@ TEST_P(CpuKernelTest, WideAndNarrowChannelsLast) {
     KernelTester().layout(Layout::kChannelsLast).channels(c).spatial({5}).batch(13).test_all();
 }
 
-// Inference outputs of 16 MiB and more are streamed; a channels-last row whose output is not
-// vector-aligned starts with one masked vector up to the alignment (apply.cc). Every alignment
-// of the tensors gives the bits of the aligned call, plain and fused, on every target.
+// Outputs of 16 MiB and more are streamed; a channels-last row whose output is not
+// vector-aligned starts with one masked vector up to the alignment (apply.cc,
+// backward_apply.cc). Every alignment of the tensors gives the bits of the aligned call:
+// inference plain and fused, the backward in training and eval, on every target.
 TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
   const int64_t n = 4100, c = 1024;  // 16.4 MiB
   const size_t count = static_cast<size_t>(n * c);
@@ -216,6 +219,47 @@ TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
     for (size_t shift : {1, 4, 7, 13}) {
       SCOPED_TRACE(::testing::Message() << "shift " << shift << (relu ? " relu" : ""));
       EXPECT_TRUE(BitIdentical(run(shift, relu), want));
+    }
+  }
+  // The backward's rows (dx streamed), training and eval.
+  const Tensor dy = RandomTensor(rng, {n, c}, Layout::kChannelsLast);
+  std::vector<float> save_mean(static_cast<size_t>(c)), save_invstd(static_cast<size_t>(c));
+  {
+    std::vector<float> y(count);
+    bnorm::ForwardTrainArgs f;
+    f.x = x.cview();
+    f.y = bnorm::TensorView(y.data(), {n, c}, Layout::kChannelsLast);
+    f.weight = weight;
+    f.bias = bias;
+    f.save_mean = save_mean;
+    f.save_invstd = save_invstd;
+    ASSERT_TRUE(IsOk(bnorm::forward_train(f)));
+  }
+  std::unique_ptr<float, Free> grad(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  ASSERT_TRUE(grad);
+  auto backward = [&](size_t shift, bool training) {
+    std::copy(x.data.begin(), x.data.end(), in.get() + shift);
+    std::copy(dy.data.begin(), dy.data.end(), grad.get() + shift);
+    bnorm::BackwardArgs b;
+    b.dy = bnorm::ConstTensorView(grad.get() + shift, {n, c}, Layout::kChannelsLast);
+    b.x = bnorm::ConstTensorView(in.get() + shift, {n, c}, Layout::kChannelsLast);
+    b.weight = weight;
+    b.training = training;
+    b.save_mean = save_mean;
+    b.save_invstd = save_invstd;
+    b.running_mean = rm;
+    b.running_var = rv;
+    b.dx = bnorm::TensorView(out.get() + shift, {n, c}, Layout::kChannelsLast);
+    EXPECT_TRUE(IsOk(bnorm::backward(b)));
+    return std::vector<float>(out.get() + shift, out.get() + shift + count);
+  };
+  for (bool training : {true, false}) {
+    const std::vector<float> want = backward(0, training);
+    EXPECT_TRUE(std::all_of(want.begin(), want.end(), [](float v) { return std::isfinite(v); }));
+    for (size_t shift : {3, 4, 13}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "backward, shift " << shift << (training ? " training" : " eval"));
+      EXPECT_TRUE(BitIdentical(backward(shift, training), want));
     }
   }
 }
