@@ -87,7 +87,9 @@ struct PlanKey {
   bool operator==(const PlanKey&) const = default;
 };
 
-constexpr int kCacheSize = 16;
+// A shape takes up to four plans (forward and backward, local and wide), and a ResNet-50 has
+// a dozen batch-norm shapes or more; a linear scan of 64 keys costs far less than a plan.
+constexpr int kCacheSize = 64;
 
 struct PlanCache {
   std::mutex mutex;

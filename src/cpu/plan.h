@@ -88,7 +88,7 @@ struct Plan {
 
 // The plan of a shape; `arrays` is the number of inputs read twice (1 forward, 2 backward);
 // `local`: L2-sized groups where the shape allows (every pass that reduces asks for them).
-// Built on first use and cached (a few shapes, under a mutex); no allocation when cached.
+// Built on first use and cached (64 plans, under a mutex); no allocation when cached.
 std::shared_ptr<const Plan> get_plan(const detail::Geometry& g, int arrays, bool local = false);
 
 // [begin, end) of part t of n of the range [b0, b1), contiguous and balanced.

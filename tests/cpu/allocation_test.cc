@@ -60,5 +60,62 @@ TEST(CpuAllocation, NoneAfterTheFirstCallForAShape) {
   bnorm::set_num_threads(0);
 }
 
+// A network's worth of shapes in turn (each takes up to four plans: forward and backward, local
+// and wide): after one pass over them, the next passes allocate nothing, so the plan cache holds
+// them all.
+TEST(CpuAllocation, NoneForTwentyShapesInTurn) {
+  struct Layer {
+    Tensor x, dy, y, dx;
+    std::vector<float> w, b, rm, rv, sm, si, dw, db;
+  };
+  std::vector<Layer> layers;
+  BNORM_SEEDED_RNG(rng, 4);
+  for (int64_t k = 0; k < 20; ++k) {
+    const std::vector<int64_t> dims = {2, 8 + k, 5 + k % 4, 6};  // 20 distinct shapes
+    const Layout layout = k % 3 == 2 ? Layout::kChannelsLast : Layout::kChannelsFirst;
+    const size_t c = static_cast<size_t>(dims[1]);
+    layers.push_back(Layer{RandomTensor(rng, dims, layout), RandomTensor(rng, dims, layout),
+                           Tensor(dims, layout), Tensor(dims, layout), std::vector<float>(c, 1.0f),
+                           std::vector<float>(c, 0.0f), std::vector<float>(c, 0.0f),
+                           std::vector<float>(c, 1.0f), std::vector<float>(c),
+                           std::vector<float>(c), std::vector<float>(c), std::vector<float>(c)});
+  }
+  auto run_all = [&] {
+    for (Layer& l : layers) {
+      bnorm::ForwardTrainArgs f;
+      f.x = l.x.cview();
+      f.y = l.y.view();
+      f.weight = l.w;
+      f.bias = l.b;
+      f.running_mean = l.rm;
+      f.running_var = l.rv;
+      f.save_mean = l.sm;
+      f.save_invstd = l.si;
+      EXPECT_TRUE(IsOk(bnorm::forward_train(f)));
+      bnorm::ForwardEvalArgs e;
+      e.x = l.x.cview();
+      e.y = l.y.view();
+      e.running_mean = l.rm;
+      e.running_var = l.rv;
+      EXPECT_TRUE(IsOk(bnorm::forward_eval(e)));
+      bnorm::BackwardArgs k;
+      k.dy = l.dy.cview();
+      k.x = l.x.cview();
+      k.save_mean = l.sm;
+      k.save_invstd = l.si;
+      k.dx = l.dx.view();
+      k.dweight = l.dw;
+      k.dbias = l.db;
+      EXPECT_TRUE(IsOk(bnorm::backward(k)));
+    }
+  };
+  bnorm::set_num_threads(2);
+  run_all();
+  const long before = bnorm_test::alloc::count.load();
+  for (int rep = 0; rep < 2; ++rep) run_all();
+  EXPECT_EQ(bnorm_test::alloc::count.load() - before, 0);
+  bnorm::set_num_threads(0);
+}
+
 }  // namespace
 }  // namespace bnorm_test
