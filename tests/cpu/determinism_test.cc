@@ -93,15 +93,14 @@ void expect_identical(const Outputs& a, const Outputs& b) {
 // Shapes large enough that every thread count up to 8 gets work (>= 8 * 2^17 elements read).
 TEST(CpuDeterminism, BitIdenticalOverThreadCounts) {
   const std::vector<std::pair<std::vector<int64_t>, Layout>> cases = {
-      {{4, 32, 96, 96}, Layout::kChannelsFirst},     // large spatial, rows cut into blocks
-      {{13, 40, 100, 100}, Layout::kChannelsFirst},  // 21 MB, 520 KB a channel: pipelined waves
+      {{4, 32, 96, 96}, Layout::kChannelsFirst},   // large spatial, local: a channel a group
+      {{33, 12, 64, 64}, Layout::kChannelsFirst},  // 528 KB a channel: pipelined waves
       {{4, 32, 96, 96}, Layout::kChannelsLast},
-      {{96, 256, 7, 7}, Layout::kChannelsFirst},    // 7x7: channel groups
-      {{8192, 160}, Layout::kChannelsFirst},        // 2-D (N, C)
-      {{5, 5, 40000}, Layout::kChannelsFirst},      // few channels, long rows (not local)
-      {{40, 7, 33, 129}, Layout::kChannelsLast},    // odd C
-      {{2, 6, 20000}, Layout::kChannelsFirst},      // local groups of one channel, rows in pieces
-      {{9, 40, 100, 100}, Layout::kChannelsFirst},  // local: 360 KB a channel, a group each
+      {{96, 256, 7, 7}, Layout::kChannelsFirst},  // 7x7: local channel groups
+      {{8192, 160}, Layout::kChannelsFirst},      // 2-D (N, C)
+      {{3, 5, 40000}, Layout::kChannelsFirst},    // few channels, long rows in pieces, local
+      {{9, 2, 60000}, Layout::kChannelsFirst},    // rows in pieces, not local (2.2 MB a channel)
+      {{40, 7, 33, 129}, Layout::kChannelsLast},  // odd C
   };
   for (const auto& [dims, layout] : cases) {
     BNORM_SEEDED_RNG(rng, 99);

@@ -80,16 +80,15 @@ TEST_P(CpuKernelTest, BatchAroundBlockSize) {
         .seed(n)
         .test_all();
   // The training passes' local plans (plan.h: groups of 256 KiB / (4 n S) channels, sized
-  // for L2): C = 300, S = 49, n = 40: groups of 33 channels with blocks of 10 items, the last
-  // group of 3 channels.
-  for (int64_t n : {40, 41})
-    KernelTester()
-        .layout(Layout::kChannelsFirst)
-        .channels(300)
-        .spatial({7, 7})
-        .batch(n)
-        .seed(n)
-        .test_all();
+  // for L2): C = 100, S = 49, n = 40: groups of 33 channels with blocks of 10 items, the last
+  // group of 1 channel.
+  KernelTester()
+      .layout(Layout::kChannelsFirst)
+      .channels(100)
+      .spatial({7, 7})
+      .batch(40)
+      .seed(40)
+      .test_all();
   for (int64_t n : {31, 32, 33, 65})  // C = 1024: 32 rows a block
     KernelTester()
         .layout(Layout::kChannelsLast)
@@ -175,9 +174,11 @@ TEST_P(CpuKernelTest, WideAndNarrowChannelsLast) {
 
 // Outputs of 16 MiB and more are streamed; a channels-last row whose output is not
 // vector-aligned starts with one masked vector up to the alignment (apply.cc,
-// backward_apply.cc). Every alignment of the tensors gives the bits of the aligned call:
-// inference plain and fused, the backward in training and eval, on every target.
-TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
+// backward_apply.cc; AVX-512 targets, the others do not stream such rows). Every alignment of
+// the tensors gives the bits of the aligned call: inference plain and fused, the backward in
+// training and eval. On the best target of the machine only: 16 MiB a call is slow under the
+// sanitizers, and the head exists on AVX-512 only.
+TEST(CpuKernelStreaming, ChannelsLastRowsAtAnyAlignment) {
   const int64_t n = 4100, c = 1024;  // 16.4 MiB
   const size_t count = static_cast<size_t>(n * c);
   BNORM_SEEDED_RNG(rng, 3);
@@ -216,7 +217,7 @@ TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
       if (relu && v <= 0) v = 0;
       EXPECT_NEAR(want[k], v, 1e-5 * (1 + std::abs(v))) << "element " << k;
     }
-    for (size_t shift : {1, 4, 7, 13}) {
+    for (size_t shift : {1, 7}) {
       SCOPED_TRACE(::testing::Message() << "shift " << shift << (relu ? " relu" : ""));
       EXPECT_TRUE(BitIdentical(run(shift, relu), want));
     }
@@ -256,7 +257,7 @@ TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
   for (bool training : {true, false}) {
     const std::vector<float> want = backward(0, training);
     EXPECT_TRUE(std::all_of(want.begin(), want.end(), [](float v) { return std::isfinite(v); }));
-    for (size_t shift : {3, 4, 13}) {
+    for (size_t shift : {4}) {
       SCOPED_TRACE(::testing::Message()
                    << "backward, shift " << shift << (training ? " training" : " eval"));
       EXPECT_TRUE(BitIdentical(backward(shift, training), want));
@@ -265,14 +266,15 @@ TEST_P(CpuKernelTest, StreamedChannelsLastRowsAtAnyAlignment) {
 }
 
 // Channels-first data larger than a wave (plan.h: 6 MiB), with channels too long for a local
-// plan (26 x 72 x 72 floats: 539 KB): the pipelined sweeps apply one wave while they reduce
-// the next, in place (the harder case: y overwrites x).
+// plan (33 x 64 x 64 floats: 528 KB; groups of 4 channels, 2 waves forward and 3 backward):
+// the pipelined sweeps apply one wave while they reduce the next, in place (the harder case:
+// y overwrites x).
 TEST_P(CpuKernelTest, ManyWavesPipelined) {
   KernelTester()
       .layout(Layout::kChannelsFirst)
-      .channels(24)
-      .spatial({72, 72})
-      .batch(26)
+      .channels(12)
+      .spatial({64, 64})
+      .batch(33)
       .in_place(true)
       .test_all();
 }
