@@ -97,6 +97,22 @@ void run_groups(const Plan& plan, int threads, Job* job, void (*task)(void*, int
   ThreadPool::instance().run(threads, block_slots(plan.groups(), threads), task, job);
 }
 
+// Slot t of n of a local plan's job: each of its groups reduced block by block, its channels
+// merged, then applied block by block.
+template <class Reduce, class Merge, class Apply>
+void run_group_slot(const Plan& p, int t, int n, bool stream, const Reduce& reduce,
+                    const Merge& merge, const Apply& apply) {
+  int64_t begin, end;
+  split_range(0, p.groups(), t, n, &begin, &end);
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t b0 = p.group_first_block[g], b1 = p.group_first_block[g + 1];
+    for (int64_t k = b0; k < b1; ++k) reduce(k);
+    merge(p.group_first_channel[g], p.group_first_channel[g + 1]);
+    for (int64_t k = b0; k < b1; ++k) apply(k);
+  }
+  if (stream) hwy::FlushStream();
+}
+
 struct TrainJob {
   const Plan* plan;
   const detail::TrainCall* call;
@@ -141,14 +157,9 @@ void train_task(void* ctx, int t, int n) {
   auto apply = [&](int64_t k) { apply_block(p, call.x, p.blocks[k], q, call.y, job.stream); };
   int64_t begin, end;
   if (job.phase == Phase::kGroups) {
-    split_range(0, p.groups(), t, n, &begin, &end);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b0 = p.group_first_block[g], b1 = p.group_first_block[g + 1];
-      for (int64_t k = b0; k < b1; ++k) reduce(k);
-      train_merge(job, p.group_first_channel[g], p.group_first_channel[g + 1]);
-      for (int64_t k = b0; k < b1; ++k) apply(k);
-    }
-    if (job.stream) hwy::FlushStream();
+    run_group_slot(
+        p, t, n, job.stream, reduce, [&](int64_t c0, int64_t c1) { train_merge(job, c0, c1); },
+        apply);
     return;
   }
   const Wave& w = *job.wave;
@@ -225,14 +236,9 @@ void backward_task(void* ctx, int t, int n) {
   };
   int64_t begin, end;
   if (job.phase == Phase::kGroups) {  // training
-    split_range(0, p.groups(), t, n, &begin, &end);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b0 = p.group_first_block[g], b1 = p.group_first_block[g + 1];
-      for (int64_t k = b0; k < b1; ++k) reduce(k);
-      backward_merge(job, p.group_first_channel[g], p.group_first_channel[g + 1]);
-      for (int64_t k = b0; k < b1; ++k) apply(k, true);
-    }
-    if (job.stream) hwy::FlushStream();
+    run_group_slot(
+        p, t, n, job.stream, reduce, [&](int64_t c0, int64_t c1) { backward_merge(job, c0, c1); },
+        [&](int64_t k) { apply(k, true); });
     return;
   }
   const Wave& w = *job.wave;
