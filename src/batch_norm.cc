@@ -33,6 +33,18 @@ std::string layout_name(Layout layout) {
   return "invalid(" + std::to_string(static_cast<int>(layout)) + ")";
 }
 
+std::string dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat16:
+      return "float16";
+  }
+  return "invalid(" + std::to_string(static_cast<int>(dtype)) + ")";
+}
+
 namespace {
 
 

@@ -11,9 +11,11 @@ namespace {
 // Fastest first, the reference last.
 const Implementation kImplementations[] = {
     {"cpu", &cpu::stats, &cpu::apply, &cpu::backward_reduce, &cpu::backward_apply,
-     &cpu::forward_train, &cpu::forward_eval, &cpu::backward},
+     &cpu::forward_train, &cpu::forward_eval, &cpu::backward, nullptr, nullptr, nullptr, nullptr,
+     nullptr, nullptr},
     {"reference", &ref::stats<float>, &ref::apply<float>, &ref::backward_reduce<float>,
-     &ref::backward_apply<float>, &ref::forward_train, &ref::forward_eval, &ref::backward},
+     &ref::backward_apply<float>, &ref::forward_train, &ref::forward_eval, &ref::backward,
+     nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 constexpr size_t kCount = sizeof(kImplementations) / sizeof(kImplementations[0]);
 

@@ -16,6 +16,7 @@
 #include <exception>
 #include <new>
 #include <span>
+#include <type_traits>
 
 #include "bnorm/batch_norm.h"
 #include "bnorm/tensor.h"
@@ -37,40 +38,45 @@ struct Geometry {
   }
 };
 
-struct TrainCall {
+// The whole passes' calls, on tensors of element type E (float, bfloat16 or float16); the
+// per-channel vectors are fp32 whatever E is.
+template <class E>
+struct TrainCallOf {
   Geometry g;
-  const float* x = nullptr;
+  const E* x = nullptr;
   const float* weight = nullptr;  // null: 1
   const float* bias = nullptr;    // null: 0
   float* running_mean = nullptr;  // both null or both set
   float* running_var = nullptr;
   double factor = 0;  // running-stat factor f (momentum or 1/num_batches_tracked)
   double eps = 0;
-  float* y = nullptr;            // may equal x
+  E* y = nullptr;                // may equal x
   float* save_mean = nullptr;    // optional
   float* save_invstd = nullptr;  // optional
   // Fused activation: y = relu(bn(x) [+ z]). z (optional, only with relu) may equal y.
   bool relu = false;
-  const float* z = nullptr;
+  const E* z = nullptr;
 };
 
-struct EvalCall {
+template <class E>
+struct EvalCallOf {
   Geometry g;
-  const float* x = nullptr;
+  const E* x = nullptr;
   const float* weight = nullptr;
   const float* bias = nullptr;
   const float* running_mean = nullptr;
   const float* running_var = nullptr;
   double eps = 0;
-  float* y = nullptr;  // may equal x
-  bool relu = false;   // fused activation, as TrainCall
-  const float* z = nullptr;
+  E* y = nullptr;     // may equal x
+  bool relu = false;  // fused activation, as TrainCall
+  const E* z = nullptr;
 };
 
-struct BackwardCall {
+template <class E>
+struct BackwardCallOf {
   Geometry g;
-  const float* dy = nullptr;
-  const float* x = nullptr;
+  const E* dy = nullptr;
+  const E* x = nullptr;
   const float* weight = nullptr;  // null: 1
   bool training = true;
   const float* save_mean = nullptr;     // set when training
@@ -78,15 +84,19 @@ struct BackwardCall {
   const float* running_mean = nullptr;  // set when !training
   const float* running_var = nullptr;   // set when !training
   double eps = 0;
-  float* dx = nullptr;       // may equal dy or x
+  E* dx = nullptr;           // may equal dy or x
   float* dweight = nullptr;  // optional
   float* dbias = nullptr;    // optional
   // Fused ReLU: y is the forward's output (dy is masked by y > 0; dx may equal y) and dz
   // (optional) receives the masked dy, the gradient of the added tensor; dz may equal dy and
   // overlaps nothing else.
-  const float* y = nullptr;
-  float* dz = nullptr;
+  const E* y = nullptr;
+  E* dz = nullptr;
 };
+
+using TrainCall = TrainCallOf<float>;
+using EvalCall = EvalCallOf<float>;
+using BackwardCall = BackwardCallOf<float>;
 
 // finalize: invstd = 1 / sqrt(var + eps); when running_mean is not null, the running statistics
 // move towards the batch ones by factor f, the variance with Bessel's correction n / (n - 1)
@@ -115,7 +125,34 @@ struct Implementation {
   void (*forward_train)(const TrainCall&);
   void (*forward_eval)(const EvalCall&);
   void (*backward)(const BackwardCall&);
+  // The whole passes on bf16 and fp16 tensors, where the implementation has them (null: the
+  // front end converts the tensors to fp32, runs the passes above and rounds the outputs, which
+  // is what these must give bit for bit: every value is computed in fp32 as for fp32 data, and
+  // rounded to nearest even once on output).
+  void (*forward_train_bf16)(const TrainCallOf<bfloat16>&) = nullptr;
+  void (*forward_eval_bf16)(const EvalCallOf<bfloat16>&) = nullptr;
+  void (*backward_bf16)(const BackwardCallOf<bfloat16>&) = nullptr;
+  void (*forward_train_f16)(const TrainCallOf<float16>&) = nullptr;
+  void (*forward_eval_f16)(const EvalCallOf<float16>&) = nullptr;
+  void (*backward_f16)(const BackwardCallOf<float16>&) = nullptr;
 };
+
+// The native pass of element type E, or null (the front end then stages through fp32).
+template <class E>
+auto native_forward_train(const Implementation& impl) {
+  if constexpr (std::is_same_v<E, bfloat16>) return impl.forward_train_bf16;
+  else return impl.forward_train_f16;
+}
+template <class E>
+auto native_forward_eval(const Implementation& impl) {
+  if constexpr (std::is_same_v<E, bfloat16>) return impl.forward_eval_bf16;
+  else return impl.forward_eval_f16;
+}
+template <class E>
+auto native_backward(const Implementation& impl) {
+  if constexpr (std::is_same_v<E, bfloat16>) return impl.backward_bf16;
+  else return impl.backward_f16;
+}
 
 // Runs a kernel pass: the kernels cannot fail, but may run out of memory (workspaces), which
 // happens before their first write; that becomes a kInternal status.
