@@ -11,6 +11,7 @@
 #include <exception>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bnorm/batch_norm.h"
@@ -59,13 +60,31 @@ bnorm::Status check_dims(const bnorm_layout& layout, int64_t n, int64_t c, int64
   return bnorm::Status();
 }
 
-// (N, C) when s == 1, else (N, C, S): the rank only shows in messages.
-template <class T>
-bnorm::BasicTensorView<T> view(T* data, const bnorm_layout& layout, int64_t n, int64_t c,
-                               int64_t s) {
+// The dtype as the caller passed it (an int: any value can arrive from C or ctypes), checked
+// before anything else of a *_dt call.
+bnorm::Status check_dtype(int dtype) {
+  if (dtype == BNORM_FLOAT32 || dtype == BNORM_BFLOAT16 || dtype == BNORM_FLOAT16)
+    return bnorm::Status();
+  return bnorm::Status::invalid_argument(
+      "dtype " + std::to_string(dtype) +
+      " is not one of float32 (0), bfloat16 (1), float16 (2); float64 tensors are not "
+      "supported");
+}
+
+// A tensor of the C API: its data (fp32, bf16 or fp16 elements) and their dtype.
+using CTensor = const void*;
+using MTensor = void*;
+
+// (N, C) when s == 1, else (N, C, S): the rank only shows in messages. dtype: already checked.
+template <class Raw>
+auto view(Raw* data, int dtype, const bnorm_layout& layout, int64_t n, int64_t c, int64_t s) {
+  using T = std::conditional_t<std::is_const_v<Raw>, const float, float>;
   const auto l = static_cast<bnorm::Layout>(raw_layout(layout));
-  if (s == 1) return bnorm::BasicTensorView<T>(data, {n, c}, l);
-  return bnorm::BasicTensorView<T>(data, {n, c, s}, l);
+  const auto dt = static_cast<bnorm::DType>(dtype);
+  const int64_t dims2[2] = {n, c};
+  const int64_t dims3[3] = {n, c, s};
+  if (s == 1) return bnorm::BasicTensorView<T>(data, dt, std::span<const int64_t>(dims2, 2), l);
+  return bnorm::BasicTensorView<T>(data, dt, std::span<const int64_t>(dims3, 3), l);
 }
 
 template <class T>
@@ -82,10 +101,11 @@ int64_t ghost_chunks(int64_t n, int64_t c, int64_t ghost_batch) {
 }
 
 // A view of an optional tensor (the fused passes' z and dz): empty when p is NULL.
-template <class T>
-bnorm::BasicTensorView<T> optional_view(T* p, const bnorm_layout& layout, int64_t n, int64_t c,
-                                        int64_t s) {
-  return p == nullptr ? bnorm::BasicTensorView<T>() : view(p, layout, n, c, s);
+template <class Raw>
+auto optional_view(Raw* p, int dtype, const bnorm_layout& layout, int64_t n, int64_t c,
+                   int64_t s) {
+  using View = decltype(view(p, dtype, layout, n, c, s));
+  return p == nullptr ? View() : view(p, dtype, layout, n, c, s);
 }
 
 // What the C API checks of a training forward's running statistics and momentum before any
@@ -104,11 +124,11 @@ bnorm::Status check_train_state(const float* running_mean, const float* running_
 
 // The arguments of every training forward but save_mean and save_invstd (whose size depends on
 // the ghost batch), from dimensions and state already checked.
-void fill_train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s, const float* x,
-                     const float* weight, const float* bias, float* running_mean,
+void fill_train_args(const bnorm_layout& layout, int dtype, int64_t n, int64_t c, int64_t s,
+                     CTensor x, const float* weight, const float* bias, float* running_mean,
                      float* running_var, int64_t* num_batches_tracked, double momentum,
-                     double eps, float* y, bnorm::ForwardTrainArgs& a) {
-  a.x = view(x, layout, n, c, s);
+                     double eps, MTensor y, bnorm::ForwardTrainArgs& a) {
+  a.x = view(x, dtype, layout, n, c, s);
   a.weight = vec(weight, c);
   a.bias = vec(bias, c);
   a.running_mean = vec(running_mean, c);
@@ -119,50 +139,53 @@ void fill_train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s
   else
     a.momentum = momentum;
   a.eps = eps;
-  a.y = view(y, layout, n, c, s);
+  a.y = view(y, dtype, layout, n, c, s);
 }
 
 // fill_train_args after the checks of a local (not synchronized) call.
-bnorm::Status train_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s,
-                         const float* x, const float* weight, const float* bias,
+bnorm::Status train_args(const bnorm_layout& layout, int dtype, int64_t n, int64_t c, int64_t s,
+                         CTensor x, const float* weight, const float* bias,
                          float* running_mean, float* running_var, int64_t* num_batches_tracked,
-                         double momentum, double eps, float* y, bnorm::ForwardTrainArgs& a) {
+                         double momentum, double eps, MTensor y, bnorm::ForwardTrainArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dtype(dtype));
   BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
   BNORM_RETURN_IF_ERROR(check_train_state(running_mean, running_var, momentum));
-  fill_train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
+  fill_train_args(layout, dtype, n, c, s, x, weight, bias, running_mean, running_var,
                   num_batches_tracked, momentum, eps, y, a);
   return bnorm::Status();
 }
 
 // The arguments of an eval forward; train_entry names the entry point to call instead when
 // there are no running statistics.
-bnorm::Status eval_args(const char* train_entry, const bnorm_layout& layout, int64_t n,
-                        int64_t c, int64_t s, const float* x, const float* weight,
+bnorm::Status eval_args(const char* train_entry, const bnorm_layout& layout, int dtype,
+                        int64_t n, int64_t c, int64_t s, CTensor x, const float* weight,
                         const float* bias, const float* running_mean, const float* running_var,
-                        double eps, float* y, bnorm::ForwardEvalArgs& a) {
+                        double eps, MTensor y, bnorm::ForwardEvalArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dtype(dtype));
   BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
   if (running_mean == nullptr || running_var == nullptr)
     return bnorm::Status::invalid_argument(
         std::string(running_mean == nullptr ? "running_mean" : "running_var") +
         ": is NULL; eval needs running statistics (with track_running_stats=false, call " +
         train_entry + " with running_* NULL)");
-  a.x = view(x, layout, n, c, s);
+  a.x = view(x, dtype, layout, n, c, s);
   a.weight = vec(weight, c);
   a.bias = vec(bias, c);
   a.running_mean = vec(running_mean, c);
   a.running_var = vec(running_var, c);
   a.eps = eps;
-  a.y = view(y, layout, n, c, s);
+  a.y = view(y, dtype, layout, n, c, s);
   return bnorm::Status();
 }
 
 // The arguments of every backward: save_* are required in training, running_* in eval.
-bnorm::Status backward_args(const bnorm_layout& layout, int64_t n, int64_t c, int64_t s,
-                            const float* dy, const float* x, const float* weight,
+bnorm::Status backward_args(const bnorm_layout& layout, int dtype, int64_t n, int64_t c,
+                            int64_t s, CTensor dy, CTensor x, const float* weight,
                             const float* save_mean, const float* save_invstd,
                             const float* running_mean, const float* running_var, double eps,
-                            int training, float* dx, float* dweight, float* dbias,
+                            int training, MTensor dx, float* dweight, float* dbias,
                             bnorm::BackwardArgs& a) {
+  BNORM_RETURN_IF_ERROR(check_dtype(dtype));
   BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
   const char* missing = nullptr;
   if (training) {
@@ -179,8 +202,8 @@ bnorm::Status backward_args(const bnorm_layout& layout, int64_t n, int64_t c, in
   if (missing != nullptr)
     return bnorm::Status::invalid_argument(
         std::string(missing) + ": is NULL; required when training = " + std::to_string(training));
-  a.dy = view(dy, layout, n, c, s);
-  a.x = view(x, layout, n, c, s);
+  a.dy = view(dy, dtype, layout, n, c, s);
+  a.x = view(x, dtype, layout, n, c, s);
   a.weight = vec(weight, c);
   a.training = training != 0;
   a.save_mean = vec(save_mean, c);
@@ -188,7 +211,7 @@ bnorm::Status backward_args(const bnorm_layout& layout, int64_t n, int64_t c, in
   a.running_mean = vec(running_mean, c);
   a.running_var = vec(running_var, c);
   a.eps = eps;
-  a.dx = view(dx, layout, n, c, s);
+  a.dx = view(dx, dtype, layout, n, c, s);
   a.dweight = vec(dweight, c);
   a.dbias = vec(dbias, c);
   return bnorm::Status();
@@ -286,13 +309,25 @@ bnorm::SyncOptions sync_options(const bnorm_sync_options* o, const bnorm_comm& c
 
 extern "C" {
 
+// The fp32 entry points are the *_dt ones with BNORM_FLOAT32.
+
 int bnorm_forward_train(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
                         const float* weight, const float* bias, float* running_mean,
                         float* running_var, int64_t* num_batches_tracked, double momentum,
                         double eps, float* y, float* save_mean, float* save_invstd) {
-  return bnorm_forward_train_ext(layout, n, c, s, x, weight, bias, running_mean, running_var,
-                                 num_batches_tracked, momentum, eps, y, save_mean, save_invstd,
-                                 nullptr);
+  return bnorm_forward_train_ext_dt(layout, BNORM_FLOAT32, n, c, s, x, weight, bias,
+                                    running_mean, running_var, num_batches_tracked, momentum, eps,
+                                    y, save_mean, save_invstd, nullptr);
+}
+
+int bnorm_forward_train_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                           const void* x, const float* weight, const float* bias,
+                           float* running_mean, float* running_var, int64_t* num_batches_tracked,
+                           double momentum, double eps, void* y, float* save_mean,
+                           float* save_invstd) {
+  return bnorm_forward_train_ext_dt(layout, dtype, n, c, s, x, weight, bias, running_mean,
+                                    running_var, num_batches_tracked, momentum, eps, y, save_mean,
+                                    save_invstd, nullptr);
 }
 
 int bnorm_forward_train_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
@@ -300,10 +335,21 @@ int bnorm_forward_train_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s
                             float* running_var, int64_t* num_batches_tracked, double momentum,
                             double eps, float* y, float* save_mean, float* save_invstd,
                             const bnorm_train_extensions* ext) {
+  return bnorm_forward_train_ext_dt(layout, BNORM_FLOAT32, n, c, s, x, weight, bias,
+                                    running_mean, running_var, num_batches_tracked, momentum, eps,
+                                    y, save_mean, save_invstd, ext);
+}
+
+int bnorm_forward_train_ext_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                               const void* x, const float* weight, const float* bias,
+                               float* running_mean, float* running_var,
+                               int64_t* num_batches_tracked, double momentum, double eps, void* y,
+                               float* save_mean, float* save_invstd,
+                               const bnorm_train_extensions* ext) {
   return guard([&]() -> bnorm::Status {
     bnorm::ForwardTrainArgs a;
-    BNORM_RETURN_IF_ERROR(train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
-                                     num_batches_tracked, momentum, eps, y, a));
+    BNORM_RETURN_IF_ERROR(train_args(layout, dtype, n, c, s, x, weight, bias, running_mean,
+                                     running_var, num_batches_tracked, momentum, eps, y, a));
     int64_t chunks = 1;
     if (ext != nullptr) {
       BNORM_RETURN_IF_ERROR(bnorm::detail::check_ghost_batch(ext->ghost_batch));
@@ -327,10 +373,20 @@ int bnorm_forward_train_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s
 int bnorm_forward_eval(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
                        const float* weight, const float* bias, const float* running_mean,
                        const float* running_var, double eps, float* y) {
+  return bnorm_forward_eval_dt(layout, BNORM_FLOAT32, n, c, s, x, weight, bias, running_mean,
+                               running_var, eps, y);
+}
+
+int bnorm_forward_eval_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                          const void* x, const float* weight, const float* bias,
+                          const float* running_mean, const float* running_var, double eps,
+                          void* y) {
   return guard([&]() -> bnorm::Status {
     bnorm::ForwardEvalArgs a;
-    BNORM_RETURN_IF_ERROR(eval_args("bnorm_forward_train", layout, n, c, s, x, weight, bias,
-                                    running_mean, running_var, eps, y, a));
+    BNORM_RETURN_IF_ERROR(eval_args(dtype == BNORM_FLOAT32 ? "bnorm_forward_train"
+                                                           : "bnorm_forward_train_dt",
+                                    layout, dtype, n, c, s, x, weight, bias, running_mean,
+                                    running_var, eps, y, a));
     return bnorm::forward_eval(a, options_from_environment());
   });
 }
@@ -339,8 +395,19 @@ int bnorm_backward(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const f
                    const float* x, const float* weight, const float* save_mean,
                    const float* save_invstd, const float* running_mean, const float* running_var,
                    double eps, int training, float* dx, float* dweight, float* dbias) {
-  return bnorm_backward_ext(layout, n, c, s, dy, x, weight, save_mean, save_invstd, running_mean,
-                            running_var, eps, training, dx, dweight, dbias, nullptr);
+  return bnorm_backward_ext_dt(layout, BNORM_FLOAT32, n, c, s, dy, x, weight, save_mean,
+                               save_invstd, running_mean, running_var, eps, training, dx, dweight,
+                               dbias, nullptr);
+}
+
+int bnorm_backward_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                      const void* dy, const void* x, const float* weight, const float* save_mean,
+                      const float* save_invstd, const float* running_mean,
+                      const float* running_var, double eps, int training, void* dx,
+                      float* dweight, float* dbias) {
+  return bnorm_backward_ext_dt(layout, dtype, n, c, s, dy, x, weight, save_mean, save_invstd,
+                               running_mean, running_var, eps, training, dx, dweight, dbias,
+                               nullptr);
 }
 
 int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* dy,
@@ -348,11 +415,22 @@ int bnorm_backward_ext(bnorm_layout layout, int64_t n, int64_t c, int64_t s, con
                        const float* save_invstd, const float* running_mean,
                        const float* running_var, double eps, int training, float* dx,
                        float* dweight, float* dbias, const bnorm_backward_extensions* ext) {
+  return bnorm_backward_ext_dt(layout, BNORM_FLOAT32, n, c, s, dy, x, weight, save_mean,
+                               save_invstd, running_mean, running_var, eps, training, dx, dweight,
+                               dbias, ext);
+}
+
+int bnorm_backward_ext_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                          const void* dy, const void* x, const float* weight,
+                          const float* save_mean, const float* save_invstd,
+                          const float* running_mean, const float* running_var, double eps,
+                          int training, void* dx, float* dweight, float* dbias,
+                          const bnorm_backward_extensions* ext) {
   return guard([&]() -> bnorm::Status {
     bnorm::BackwardArgs a;
-    BNORM_RETURN_IF_ERROR(backward_args(layout, n, c, s, dy, x, weight, save_mean, save_invstd,
-                                        running_mean, running_var, eps, training, dx, dweight,
-                                        dbias, a));
+    BNORM_RETURN_IF_ERROR(backward_args(layout, dtype, n, c, s, dy, x, weight, save_mean,
+                                        save_invstd, running_mean, running_var, eps, training, dx,
+                                        dweight, dbias, a));
     if (ext != nullptr) {
       BNORM_RETURN_IF_ERROR(bnorm::detail::check_ghost_batch(ext->ghost_batch));
       const int64_t chunks = ghost_chunks(n, c, ext->ghost_batch);
@@ -371,13 +449,23 @@ int bnorm_forward_train_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t 
                              float* running_var, int64_t* num_batches_tracked, double momentum,
                              double eps, const float* z, float* y, float* save_mean,
                              float* save_invstd) {
+  return bnorm_forward_train_relu_dt(layout, BNORM_FLOAT32, n, c, s, x, weight, bias,
+                                     running_mean, running_var, num_batches_tracked, momentum,
+                                     eps, z, y, save_mean, save_invstd);
+}
+
+int bnorm_forward_train_relu_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                                const void* x, const float* weight, const float* bias,
+                                float* running_mean, float* running_var,
+                                int64_t* num_batches_tracked, double momentum, double eps,
+                                const void* z, void* y, float* save_mean, float* save_invstd) {
   return guard([&]() -> bnorm::Status {
     bnorm::ForwardTrainArgs a;
-    BNORM_RETURN_IF_ERROR(train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
-                                     num_batches_tracked, momentum, eps, y, a));
+    BNORM_RETURN_IF_ERROR(train_args(layout, dtype, n, c, s, x, weight, bias, running_mean,
+                                     running_var, num_batches_tracked, momentum, eps, y, a));
     a.save_mean = vec(save_mean, c);
     a.save_invstd = vec(save_invstd, c);
-    return bnorm::forward_train_relu(a, optional_view(z, layout, n, c, s),
+    return bnorm::forward_train_relu(a, optional_view(z, dtype, layout, n, c, s),
                                      options_from_environment());
   });
 }
@@ -385,11 +473,21 @@ int bnorm_forward_train_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t 
 int bnorm_forward_eval_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* x,
                             const float* weight, const float* bias, const float* running_mean,
                             const float* running_var, double eps, const float* z, float* y) {
+  return bnorm_forward_eval_relu_dt(layout, BNORM_FLOAT32, n, c, s, x, weight, bias,
+                                    running_mean, running_var, eps, z, y);
+}
+
+int bnorm_forward_eval_relu_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                               const void* x, const float* weight, const float* bias,
+                               const float* running_mean, const float* running_var, double eps,
+                               const void* z, void* y) {
   return guard([&]() -> bnorm::Status {
     bnorm::ForwardEvalArgs a;
-    BNORM_RETURN_IF_ERROR(eval_args("bnorm_forward_train_relu", layout, n, c, s, x, weight, bias,
-                                    running_mean, running_var, eps, y, a));
-    return bnorm::forward_eval_relu(a, optional_view(z, layout, n, c, s),
+    BNORM_RETURN_IF_ERROR(eval_args(dtype == BNORM_FLOAT32 ? "bnorm_forward_train_relu"
+                                                           : "bnorm_forward_train_relu_dt",
+                                    layout, dtype, n, c, s, x, weight, bias, running_mean,
+                                    running_var, eps, y, a));
+    return bnorm::forward_eval_relu(a, optional_view(z, dtype, layout, n, c, s),
                                     options_from_environment());
   });
 }
@@ -399,16 +497,28 @@ int bnorm_backward_relu(bnorm_layout layout, int64_t n, int64_t c, int64_t s, co
                         const float* save_mean, const float* save_invstd,
                         const float* running_mean, const float* running_var, double eps,
                         int training, float* dx, float* dweight, float* dbias, float* dz) {
+  return bnorm_backward_relu_dt(layout, BNORM_FLOAT32, n, c, s, dy, x, y, weight, save_mean,
+                                save_invstd, running_mean, running_var, eps, training, dx,
+                                dweight, dbias, dz);
+}
+
+int bnorm_backward_relu_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                           const void* dy, const void* x, const void* y, const float* weight,
+                           const float* save_mean, const float* save_invstd,
+                           const float* running_mean, const float* running_var, double eps,
+                           int training, void* dx, float* dweight, float* dbias, void* dz) {
   return guard([&]() -> bnorm::Status {
+    BNORM_RETURN_IF_ERROR(check_dtype(dtype));
     BNORM_RETURN_IF_ERROR(check_dims(layout, n, c, s));
     if (y == nullptr)
       return bnorm::Status::invalid_argument("y: is NULL; required when training = " +
                                              std::to_string(training));
     bnorm::BackwardArgs a;
-    BNORM_RETURN_IF_ERROR(backward_args(layout, n, c, s, dy, x, weight, save_mean, save_invstd,
-                                        running_mean, running_var, eps, training, dx, dweight,
-                                        dbias, a));
-    return bnorm::backward_relu(a, view(y, layout, n, c, s), optional_view(dz, layout, n, c, s),
+    BNORM_RETURN_IF_ERROR(backward_args(layout, dtype, n, c, s, dy, x, weight, save_mean,
+                                        save_invstd, running_mean, running_var, eps, training, dx,
+                                        dweight, dbias, a));
+    return bnorm::backward_relu(a, view(y, dtype, layout, n, c, s),
+                                optional_view(dz, dtype, layout, n, c, s),
                                 options_from_environment());
   });
 }
@@ -418,13 +528,25 @@ int bnorm_sync_forward_train(const bnorm_comm* comm, const bnorm_sync_options* o
                              const float* weight, const float* bias, float* running_mean,
                              float* running_var, int64_t* num_batches_tracked, double momentum,
                              double eps, float* y, float* save_mean, float* save_invstd) {
+  return bnorm_sync_forward_train_dt(comm, options, layout, BNORM_FLOAT32, n, c, s, x, weight,
+                                     bias, running_mean, running_var, num_batches_tracked,
+                                     momentum, eps, y, save_mean, save_invstd);
+}
+
+int bnorm_sync_forward_train_dt(const bnorm_comm* comm, const bnorm_sync_options* options,
+                                bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                                const void* x, const float* weight, const float* bias,
+                                float* running_mean, float* running_var,
+                                int64_t* num_batches_tracked, double momentum, double eps,
+                                void* y, float* save_mean, float* save_invstd) {
   return guard([&]() -> bnorm::Status {
     BNORM_RETURN_IF_ERROR(check_comm(comm));
     CallbackCommunicator communicator(*comm);
     std::vector<int64_t> used;
     const bnorm::SyncOptions sync = sync_options(options, *comm, &used);
     // Errors from here on travel in the exchange.
-    bnorm::Status prior = check_sync_dims(layout, n, c, s);
+    bnorm::Status prior = check_dtype(dtype);
+    if (prior.ok()) prior = check_sync_dims(layout, n, c, s);
     if (prior.ok()) prior = check_train_state(running_mean, running_var, momentum);
     bnorm::ForwardTrainArgs a;
     if (!prior.ok()) {  // only C, for the size of a fused exchange
@@ -432,7 +554,7 @@ int bnorm_sync_forward_train(const bnorm_comm* comm, const bnorm_sync_options* o
       return bnorm::detail::sync_forward_train(communicator, a, options_from_environment(), sync,
                                                prior);
     }
-    fill_train_args(layout, n, c, s, x, weight, bias, running_mean, running_var,
+    fill_train_args(layout, dtype, n, c, s, x, weight, bias, running_mean, running_var,
                     num_batches_tracked, momentum, eps, y, a);
     a.save_mean = vec(save_mean, c);
     a.save_invstd = vec(save_invstd, c);
@@ -448,12 +570,22 @@ int bnorm_sync_backward(const bnorm_comm* comm, const bnorm_sync_options* option
                         bnorm_layout layout, int64_t n, int64_t c, int64_t s, const float* dy,
                         const float* x, const float* weight, const float* save_mean,
                         const float* save_invstd, float* dx, float* dweight, float* dbias) {
+  return bnorm_sync_backward_dt(comm, options, layout, BNORM_FLOAT32, n, c, s, dy, x, weight,
+                                save_mean, save_invstd, dx, dweight, dbias);
+}
+
+int bnorm_sync_backward_dt(const bnorm_comm* comm, const bnorm_sync_options* options,
+                           bnorm_layout layout, int dtype, int64_t n, int64_t c, int64_t s,
+                           const void* dy, const void* x, const float* weight,
+                           const float* save_mean, const float* save_invstd, void* dx,
+                           float* dweight, float* dbias) {
   return guard([&]() -> bnorm::Status {
     BNORM_RETURN_IF_ERROR(check_comm(comm));
     CallbackCommunicator communicator(*comm);
     bnorm::SyncOptions sync = sync_options(options, *comm, nullptr);
     sync.split_out = nullptr;
-    bnorm::Status prior = check_sync_dims(layout, n, c, s);
+    bnorm::Status prior = check_dtype(dtype);
+    if (prior.ok()) prior = check_sync_dims(layout, n, c, s);
     if (prior.ok() && (save_mean == nullptr || save_invstd == nullptr))
       prior = bnorm::Status::invalid_argument(
           std::string(save_mean == nullptr ? "save_mean" : "save_invstd") +
@@ -464,13 +596,13 @@ int bnorm_sync_backward(const bnorm_comm* comm, const bnorm_sync_options* option
       return bnorm::detail::sync_backward(communicator, a, options_from_environment(), sync,
                                           prior);
     }
-    a.dy = view(dy, layout, n, c, s);
-    a.x = view(x, layout, n, c, s);
+    a.dy = view(dy, dtype, layout, n, c, s);
+    a.x = view(x, dtype, layout, n, c, s);
     a.weight = vec(weight, c);
     a.training = true;
     a.save_mean = vec(save_mean, c);
     a.save_invstd = vec(save_invstd, c);
-    a.dx = view(dx, layout, n, c, s);
+    a.dx = view(dx, dtype, layout, n, c, s);
     a.dweight = vec(dweight, c);
     a.dbias = vec(dbias, c);
     return bnorm::detail::sync_backward(communicator, a, options_from_environment(), sync, prior);

@@ -1,6 +1,8 @@
 /* bnorm C API: batch normalization with PyTorch's semantics, for C callers and Python ctypes.
  *
- * Data are fp32, dense, in one of two layouts:
+ * Data are dense, fp32 (the functions below taking float*), or fp32, bf16 or fp16 (the *_dt
+ * functions, which take the tensors as void* and their element type as a bnorm_dtype; see
+ * "Element types" below), in one of two layouts:
  *   BNORM_CHANNELS_FIRST: x[i][c][j]  (N, C, S)   -- PyTorch's contiguous (N,C,...) tensors
  *   BNORM_CHANNELS_LAST:  x[i][j][c]  (N, S, C)   -- PyTorch's channels_last / NHWC tensors
  * where n is the batch, c the channels and s the product of the spatial dims (1 for (N,C)).
@@ -30,6 +32,16 @@ extern "C" {
 #endif
 
 typedef enum { BNORM_CHANNELS_FIRST = 0, BNORM_CHANNELS_LAST = 1 } bnorm_layout;
+
+/* The element type of the tensors (x, y, dy, dx, z, dz) of a *_dt call: IEEE binary32,
+   bfloat16 (1 sign, 8 exponent, 7 mantissa bits: the top half of a float) or IEEE binary16,
+   as PyTorch's torch.float32, torch.bfloat16 and torch.float16 store them. Every tensor of a
+   call has that type; the per-channel vectors (weight, bias, running_*, save_*, dweight,
+   dbias) are always fp32. The statistics of 16-bit data are accumulated as for fp32 data (the
+   elements widened exactly), and 16-bit outputs are rounded once, to nearest even. fp64
+   tensors are not supported: any other value (e.g. 3, or -1) is rejected with
+   BNORM_ERROR_INVALID_ARGUMENT and a message naming it, nothing written. */
+typedef enum { BNORM_FLOAT32 = 0, BNORM_BFLOAT16 = 1, BNORM_FLOAT16 = 2 } bnorm_dtype;
 
 /* Status codes returned by every call that can fail. */
 typedef enum {
@@ -153,6 +165,74 @@ BNORM_C_EXPORT int bnorm_backward_relu(bnorm_layout layout, int64_t n, int64_t c
                                        const float* running_var, double eps, int training,
                                        float* dx, float* dweight, float* dbias, float* dz);
 
+/* ---- Element types: the functions above for fp32, bf16 or fp16 tensors ----
+ *
+ * Each *_dt function is the function of the same name without the suffix, with `int dtype` (a
+ * bnorm_dtype) right after `layout`, and the tensors x, y, dy, dx, z and dz given as void
+ * pointers to elements of that type (n * c * s of them, in the layout). Everything else, the
+ * per-channel float vectors included, is as documented above. With dtype = BNORM_FLOAT32 a
+ * *_dt call is the fp32 call (the fp32 functions are these with BNORM_FLOAT32). dtype is
+ * checked first: a value outside the bnorm_dtype enumerators fails with
+ * BNORM_ERROR_INVALID_ARGUMENT, "dtype 3 is not one of float32 (0), bfloat16 (1), float16 (2);
+ * float64 tensors are not supported", nothing written. */
+BNORM_C_EXPORT int bnorm_forward_train_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c,
+                                          int64_t s, const void* x, const float* weight,
+                                          const float* bias, float* running_mean,
+                                          float* running_var, int64_t* num_batches_tracked,
+                                          double momentum, double eps, void* y, float* save_mean,
+                                          float* save_invstd);
+
+BNORM_C_EXPORT int bnorm_forward_eval_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c,
+                                         int64_t s, const void* x, const float* weight,
+                                         const float* bias, const float* running_mean,
+                                         const float* running_var, double eps, void* y);
+
+BNORM_C_EXPORT int bnorm_backward_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c,
+                                     int64_t s, const void* dy, const void* x,
+                                     const float* weight, const float* save_mean,
+                                     const float* save_invstd, const float* running_mean,
+                                     const float* running_var, double eps, int training,
+                                     void* dx, float* dweight, float* dbias);
+
+BNORM_C_EXPORT int bnorm_forward_train_ext_dt(bnorm_layout layout, int dtype, int64_t n,
+                                              int64_t c, int64_t s, const void* x,
+                                              const float* weight, const float* bias,
+                                              float* running_mean, float* running_var,
+                                              int64_t* num_batches_tracked, double momentum,
+                                              double eps, void* y, float* save_mean,
+                                              float* save_invstd,
+                                              const bnorm_train_extensions* ext);
+
+BNORM_C_EXPORT int bnorm_backward_ext_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c,
+                                         int64_t s, const void* dy, const void* x,
+                                         const float* weight, const float* save_mean,
+                                         const float* save_invstd, const float* running_mean,
+                                         const float* running_var, double eps, int training,
+                                         void* dx, float* dweight, float* dbias,
+                                         const bnorm_backward_extensions* ext);
+
+BNORM_C_EXPORT int bnorm_forward_train_relu_dt(bnorm_layout layout, int dtype, int64_t n,
+                                               int64_t c, int64_t s, const void* x,
+                                               const float* weight, const float* bias,
+                                               float* running_mean, float* running_var,
+                                               int64_t* num_batches_tracked, double momentum,
+                                               double eps, const void* z, void* y,
+                                               float* save_mean, float* save_invstd);
+
+BNORM_C_EXPORT int bnorm_forward_eval_relu_dt(bnorm_layout layout, int dtype, int64_t n,
+                                              int64_t c, int64_t s, const void* x,
+                                              const float* weight, const float* bias,
+                                              const float* running_mean, const float* running_var,
+                                              double eps, const void* z, void* y);
+
+BNORM_C_EXPORT int bnorm_backward_relu_dt(bnorm_layout layout, int dtype, int64_t n, int64_t c,
+                                          int64_t s, const void* dy, const void* x,
+                                          const void* y, const float* weight,
+                                          const float* save_mean, const float* save_invstd,
+                                          const float* running_mean, const float* running_var,
+                                          double eps, int training, void* dx, float* dweight,
+                                          float* dbias, void* dz);
+
 /* ---- Synchronized batch norm over the caller's communicator ----
  *
  * Batch norm over the global batch of a group of ranks (processes, or threads), each holding a
@@ -242,6 +322,28 @@ BNORM_C_EXPORT int bnorm_sync_backward(const bnorm_comm* comm, const bnorm_sync_
                                        const float* dy, const float* x, const float* weight,
                                        const float* save_mean, const float* save_invstd,
                                        float* dx, float* dweight, float* dbias);
+
+/* bnorm_sync_forward_train and bnorm_sync_backward for fp32, bf16 or fp16 tensors: `int dtype`
+   (a bnorm_dtype) right after `layout`, x, y, dy and dx as void pointers to elements of that
+   type (see "Element types" above). Every rank passes the same dtype. A rank whose dtype is
+   not a bnorm_dtype fails every rank's call (collective, like any argument error), its own
+   message naming the value. */
+BNORM_C_EXPORT int bnorm_sync_forward_train_dt(const bnorm_comm* comm,
+                                               const bnorm_sync_options* options,
+                                               bnorm_layout layout, int dtype, int64_t n,
+                                               int64_t c, int64_t s, const void* x,
+                                               const float* weight, const float* bias,
+                                               float* running_mean, float* running_var,
+                                               int64_t* num_batches_tracked, double momentum,
+                                               double eps, void* y, float* save_mean,
+                                               float* save_invstd);
+
+BNORM_C_EXPORT int bnorm_sync_backward_dt(const bnorm_comm* comm,
+                                          const bnorm_sync_options* options, bnorm_layout layout,
+                                          int dtype, int64_t n, int64_t c, int64_t s,
+                                          const void* dy, const void* x, const float* weight,
+                                          const float* save_mean, const float* save_invstd,
+                                          void* dx, float* dweight, float* dbias);
 
 /* Message of this thread's last failed call ("" if none failed yet). Valid until the next
    failing call on the same thread. */
