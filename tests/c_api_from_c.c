@@ -1,12 +1,27 @@
 /* The C API from a C99 program: the header compiles as C, the library links without C++, and a
    training step, an eval step, a backward and a rejected call behave as documented. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "bnorm/c_api.h"
 
 static int failures = 0;
+
+/* bf16 <-> float by bits: the top half of a float (narrowing by truncation is exact for the
+   values used here, which have at most 8 significant bits). */
+static float bf16_to_float(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+static uint16_t float_to_bf16_exact(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return (uint16_t)(u >> 16);
+}
 
 static void expect(int ok, const char* what) {
   if (!ok) {
@@ -72,6 +87,40 @@ int main(void) {
          "PyTorch's message");
   expect(y1[0] == -7 && y1[1] == -7 && batches == 1, "nothing written on error");
   expect(strlen(bnorm_version()) > 0, "version string");
+
+  /* bf16 tensors through the *_dt entry points: the same step as above, y within bf16's
+     rounding (2^-8 relative) of the fp32 result, the fp32 statistics equal. */
+  uint16_t xh[8], yh[8], dyh[8], dxh[8];
+  for (int i = 0; i < 8; ++i) {
+    xh[i] = float_to_bf16_exact(x[i]);
+    dyh[i] = float_to_bf16_exact(dy[i]);
+  }
+  float mh[2], sh[2], rmh[2] = {0, 0}, rvh[2] = {1, 1};
+  int64_t batches_h = 0;
+  rc = bnorm_forward_train_dt(BNORM_CHANNELS_FIRST, BNORM_BFLOAT16, 4, 2, 1, xh, NULL, NULL, rmh,
+                              rvh, &batches_h, 0.1, 1e-5, yh, mh, sh);
+  expect(rc == BNORM_OK, "forward_train_dt (bf16) returns BNORM_OK");
+  expect(mh[0] == mean[0] && sh[0] == invstd[0] && rmh[0] == rm[0] && batches_h == 1,
+         "bf16 statistics are those of the same values in fp32");
+  int close = 1;
+  for (int i = 0; i < 8; ++i)
+    if (fabsf(bf16_to_float(yh[i]) - y[i]) > ldexpf(1.0f, -8) * fabsf(y[i])) close = 0;
+  expect(close, "bf16 y within 2^-8 of the fp32 y");
+  float dwh[2], dbh[2];
+  rc = bnorm_backward_dt(BNORM_CHANNELS_FIRST, BNORM_BFLOAT16, 4, 2, 1, dyh, xh, NULL, mh, sh,
+                         NULL, NULL, 1e-5, 1, dxh, dwh, dbh);
+  expect(rc == BNORM_OK && dbh[0] == 4.0f && fabsf(bf16_to_float(dxh[0])) < 1e-6f,
+         "backward_dt (bf16): dbias = N, dx = 0");
+  /* fp64 is not a dtype: refused, its value named, nothing written. */
+  uint16_t yb[8] = {7, 7, 7, 7, 7, 7, 7, 7};
+  rc = bnorm_forward_train_dt(BNORM_CHANNELS_FIRST, 3, 4, 2, 1, xh, NULL, NULL, rmh, rvh,
+                              &batches_h, 0.1, 1e-5, yb, NULL, NULL);
+  expect(rc == BNORM_ERROR_INVALID_ARGUMENT &&
+             strstr(bnorm_last_error(), "dtype 3 is not one of float32 (0), bfloat16 (1), "
+                                        "float16 (2); float64 tensors are not supported") != NULL,
+         "dtype 3 refused with its message");
+  expect(yb[0] == 7 && yb[7] == 7 && batches_h == 1 && rmh[0] == rm[0],
+         "nothing written for a bad dtype");
 
   printf("bnorm %s from C: %d failed\n", bnorm_version(), failures);
   return failures == 0 ? 0 : 1;

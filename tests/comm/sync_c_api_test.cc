@@ -428,7 +428,7 @@ struct Outcome {
 struct Faults {
   bool (*callback_fails)(int rank, const char* pass) = nullptr;
   int bad_rank = -1;
-  std::string bad_argument;  // "n", "x", "c", "save_mean"
+  std::string bad_argument;  // "n", "x", "c", "save_mean", "dtype" (3, fp64, in the forward)
 };
 
 struct FailingCtx {
@@ -474,8 +474,9 @@ std::vector<Outcome> RunFaulty(const Problem& p, const std::vector<int64_t>& spl
     const int64_t channels = bad && faults.bad_argument == "c" ? -3 : p.c;
     Outcome& mine = out[static_cast<size_t>(r)];
     ctx.fail = std::strcmp(failing_pass, "forward") == 0 && bad;
-    mine.rc = bnorm_sync_forward_train(
-        &c, &options, layout, local_n, channels, p.s,
+    const int dtype = bad && faults.bad_argument == "dtype" ? 3 : BNORM_FLOAT32;
+    mine.rc = bnorm_sync_forward_train_dt(
+        &c, &options, layout, dtype, local_n, channels, p.s,
         bad && faults.bad_argument == "x" ? nullptr : x, p.weight.data(), p.bias.data(),
         o.running_mean.data(), o.running_var.data(), &o.num_batches_tracked, 0.1, 1e-5,
         n > 0 ? y.data() + begin : nullptr, o.save_mean.data(), o.save_invstd.data());
@@ -540,7 +541,9 @@ TEST(SyncCApi, BadArgumentsOnOneRankFailEveryRankAndWriteNothing) {
   };
   for (const Fault& f : {Fault{"n", "n: must be >= 0, got -2"},
                          Fault{"x", "x: data is null"}, Fault{"c", "c: must be > 0, got -3"},
-                         Fault{"save_mean", "save_mean: is NULL"}}) {
+                         Fault{"save_mean", "save_mean: is NULL"},
+                         Fault{"dtype", "dtype 3 is not one of float32 (0), bfloat16 (1), "
+                                        "float16 (2); float64 tensors are not supported"}}) {
     for (bool give : {false, true}) {
       SCOPED_TRACE(std::string(f.argument) + (give ? ", split given" : ", split exchanged"));
       Faults faults;
@@ -558,6 +561,128 @@ TEST(SyncCApi, BadArgumentsOnOneRankFailEveryRankAndWriteNothing) {
                                      : r == 2 ? f.bad_rank_says
                                               : "rank 2 failed";
         EXPECT_NE(out[r].error.find(expected), std::string::npos) << out[r].error;
+      }
+    }
+  }
+}
+
+// bf16 and fp16 tensors through bnorm_sync_forward_train_dt / bnorm_sync_backward_dt: bitwise
+// the C++ sync path on views of the same 16-bit data, for several splits and both modes.
+struct Run16 {
+  std::vector<uint16_t> y, dx;
+  std::vector<RankOutputs> ranks;
+};
+
+Run16 Run16Bit(const Problem& p, const std::vector<uint16_t>& x, const std::vector<uint16_t>& dy,
+               int dtype, const std::vector<int64_t>& split, int mode, bool through_c) {
+  const int k = static_cast<int>(split.size());
+  std::unique_ptr<InProcessGroup> group;
+  EXPECT_TRUE(InProcessGroup::create(k, &group, 20.0).ok());
+  Run16 run;
+  run.y.assign(x.size(), 0xABCD);
+  run.dx.assign(x.size(), 0xABCD);
+  run.ranks.resize(static_cast<size_t>(k));
+  const auto dt = static_cast<bnorm::DType>(dtype);
+  const Status s = group->run([&](Communicator& comm) -> Status {
+    const int r = comm.rank();
+    const int64_t n = split[static_cast<size_t>(r)];
+    const size_t begin = static_cast<size_t>(Offset(split, r) * p.sample());
+    RankOutputs& o = run.ranks[static_cast<size_t>(r)];
+    Prepare(p, &o);
+    const uint16_t* xr = n > 0 ? x.data() + begin : nullptr;
+    const uint16_t* dyr = n > 0 ? dy.data() + begin : nullptr;
+    uint16_t* yr = n > 0 ? run.y.data() + begin : nullptr;
+    uint16_t* dxr = n > 0 ? run.dx.data() + begin : nullptr;
+    o.split_out.assign(static_cast<size_t>(k), -1);
+    if (through_c) {
+      const bnorm_comm c = CommOf(comm);
+      bnorm_sync_options options{};
+      options.mode = mode;
+      options.split_out = o.split_out.data();
+      o.forward_rc = bnorm_sync_forward_train_dt(
+          &c, &options, CLayout(p.layout), dtype, n, p.c, p.s, xr, p.weight.data(),
+          p.bias.data(), o.running_mean.data(), o.running_var.data(), &o.num_batches_tracked,
+          0.1, 1e-5, yr, o.save_mean.data(), o.save_invstd.data());
+      if (o.forward_rc != BNORM_OK) {
+        o.error = bnorm_last_error();
+        return Status();
+      }
+      bnorm_sync_options back{};
+      back.mode = mode;
+      back.split = o.split_out.data();
+      o.backward_rc = bnorm_sync_backward_dt(&c, &back, CLayout(p.layout), dtype, n, p.c, p.s,
+                                             dyr, xr, p.weight.data(), o.save_mean.data(),
+                                             o.save_invstd.data(), dxr, o.dweight.data(),
+                                             o.dbias.data());
+      if (o.backward_rc != BNORM_OK) o.error = bnorm_last_error();
+      return Status();
+    }
+    const std::vector<int64_t> dims =
+        p.s == 1 ? std::vector<int64_t>{n, p.c} : std::vector<int64_t>{n, p.c, p.s};
+    bnorm::ForwardTrainArgs f;
+    f.x = bnorm::ConstTensorView(xr, dt, dims, p.layout);
+    f.weight = p.weight;
+    f.bias = p.bias;
+    f.running_mean = o.running_mean;
+    f.running_var = o.running_var;
+    f.num_batches_tracked = &o.num_batches_tracked;
+    f.momentum = 0.1;
+    f.eps = 1e-5;
+    f.y = bnorm::TensorView(yr, dt, dims, p.layout);
+    f.save_mean = o.save_mean;
+    f.save_invstd = o.save_invstd;
+    bnorm::SyncOptions sync;
+    sync.mode = static_cast<SyncMode>(mode);
+    sync.split_out = &o.split_out;
+    BNORM_RETURN_IF_ERROR(bnorm::sync_forward_train(comm, f, {}, sync));
+    o.forward_rc = BNORM_OK;
+    bnorm::BackwardArgs b;
+    b.dy = bnorm::ConstTensorView(dyr, dt, dims, p.layout);
+    b.x = f.x;
+    b.weight = p.weight;
+    b.save_mean = o.save_mean;
+    b.save_invstd = o.save_invstd;
+    b.dx = bnorm::TensorView(dxr, dt, dims, p.layout);
+    b.dweight = o.dweight;
+    b.dbias = o.dbias;
+    bnorm::SyncOptions back;
+    back.mode = static_cast<SyncMode>(mode);
+    back.split = o.split_out;
+    BNORM_RETURN_IF_ERROR(bnorm::sync_backward(comm, b, {}, back));
+    o.backward_rc = BNORM_OK;
+    return Status();
+  });
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  return run;
+}
+
+TEST(SyncCApiDtype, Bf16AndFp16EqualTheCppSyncPathBitwise) {
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    const Problem p = MakeProblem(9, 5, 6, layout, 41);
+    for (int dtype : {BNORM_BFLOAT16, BNORM_FLOAT16}) {
+      std::vector<uint16_t> x, dy;
+      for (float v : p.x)
+        x.push_back(dtype == BNORM_BFLOAT16 ? bnorm::to_bfloat16(v).bits : bnorm::to_float16(v).bits);
+      for (float v : p.dy)
+        dy.push_back(dtype == BNORM_BFLOAT16 ? bnorm::to_bfloat16(v).bits
+                                             : bnorm::to_float16(v).bits);
+      for (int mode : {BNORM_SYNC_REPRODUCIBLE, BNORM_SYNC_PER_RANK}) {
+        for (const std::vector<int64_t>& split :
+             {std::vector<int64_t>{9}, std::vector<int64_t>{4, 5}, std::vector<int64_t>{2, 0, 7}}) {
+          SCOPED_TRACE(Name(split) + (dtype == BNORM_BFLOAT16 ? " bf16" : " fp16") +
+                       (mode == 0 ? " reproducible" : " per-rank") +
+                       (layout == Layout::kChannelsLast ? " channels_last" : " channels_first"));
+          const Run16 c = Run16Bit(p, x, dy, dtype, split, mode, true);
+          const Run16 cpp = Run16Bit(p, x, dy, dtype, split, mode, false);
+          for (size_t r = 0; r < split.size(); ++r) {
+            ASSERT_EQ(c.ranks[r].forward_rc, BNORM_OK) << c.ranks[r].error;
+            ASSERT_EQ(c.ranks[r].backward_rc, BNORM_OK) << c.ranks[r].error;
+            ExpectRankBitwise(c.ranks[r], cpp.ranks[r], "rank " + std::to_string(r));
+          }
+          EXPECT_EQ(c.y, cpp.y) << "y";
+          EXPECT_EQ(c.dx, cpp.dx) << "dx";
+          for (uint16_t v : c.dx) ASSERT_NE(v, 0xABCD) << "dx written everywhere";
+        }
       }
     }
   }
