@@ -15,6 +15,10 @@ Search order (first that loads wins):
   3. the build trees of the repository this file sits in (<repo>/python/bnorm/_lib.py):
      build/release/lib (what scripts/train.sh builds), build/lib, build/test-release/lib;
   4. ctypes.util.find_library("bnorm") (the system's library path).
+
+Every entry point that takes tensors has a *_dt form (bnorm_forward_train_dt, ...) with the
+element type (FLOAT32, BFLOAT16, FLOAT16) as an int right after layout; the fp32 forms are
+those with FLOAT32.
 """
 
 import ctypes
@@ -24,7 +28,11 @@ import re
 import threading
 
 __all__ = ["BnormError", "BnormLibraryNotFound", "lib", "check", "library_path",
-           "load_library", "version", "candidates"]
+           "load_library", "version", "candidates", "DTYPES", "FLOAT32", "BFLOAT16", "FLOAT16"]
+
+# bnorm_dtype (include/bnorm/c_api.h): the element type of the tensors of a *_dt call.
+FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
+DTYPES = {"float32": FLOAT32, "bfloat16": BFLOAT16, "float16": FLOAT16}
 
 _LIB_NAME = "libbnorm.so"
 _REPO_BUILD_DIRS = (("build", "release", "lib"), ("build", "lib"), ("build", "test-release", "lib"))
@@ -159,6 +167,13 @@ def _declare(cdll):
         c_double, c_int,             # eps, training
         vp, vp, vp, vp,              # dx, dweight, dbias, dz (NULL: not wanted)
     ]
+    # The *_dt forms: `int dtype` (DTYPES) right after layout, the tensors of that element type.
+    for name in ("bnorm_forward_train", "bnorm_forward_eval", "bnorm_backward",
+                 "bnorm_forward_train_ext", "bnorm_backward_ext", "bnorm_forward_train_relu",
+                 "bnorm_forward_eval_relu", "bnorm_backward_relu"):
+        f, dt = getattr(cdll, name), getattr(cdll, name + "_dt")
+        dt.restype = c_int
+        dt.argtypes = f.argtypes[:1] + [c_int] + f.argtypes[1:]
     cdll.bnorm_last_error.restype = ctypes.c_char_p
     cdll.bnorm_last_error.argtypes = []
     cdll.bnorm_version.restype = ctypes.c_char_p

@@ -7,8 +7,9 @@ The backward keeps no mask: it reads the forward's output y (the mask is y > 0, 
 threshold_backward on relu's result), so y must not be modified in place before the backward
 (autograd's version check says so if it is).  What the library takes, the running-statistics
 rules and the fallbacks are batch_norm's (bnorm.torch's docstring); a residual must have the
-input's shape (no broadcasting), any memory format (copied once into the input's when they
-differ), and falls back with the input when its device or dtype is not the library's.
+input's shape (no broadcasting) and dtype, any memory format (copied once into the input's
+when they differ), and falls back with the input when its device or dtype is not the
+library's (or not the input's).
 """
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _lib
 from .torch import (_CHANNELS_FIRST, _EXTENSION_DEFAULTS, _TORCH_TO_BNORM, _carried_over,
-                    _fallback_warning, _layout_of, _library_arguments, _module_arguments, _nsc,
+                    _dtype_code, _fallback_warning, _grad_as, _layout_of, _library_arguments, _module_arguments, _nsc,
                     _ptr, _recomputed_grads, _resolve, _sync_threads, _to_layout,
                     _torch_batch_norm, _vec, _writable, _write_back)
 
@@ -38,6 +39,7 @@ class _ReLUFunction(torch.autograd.Function):
             layout = _CHANNELS_FIRST
         z = None if residual is None else _to_layout(residual, layout)
         n, c, s = _nsc(x_mem)
+        dt = _dtype_code(x_mem)
         w, b = _vec(weight), _vec(bias)
         y = torch.empty_like(x_mem)
         lib = _lib.lib()
@@ -45,16 +47,16 @@ class _ReLUFunction(torch.autograd.Function):
             stat_a = torch.empty(c, dtype=torch.float32)  # save_mean
             stat_b = torch.empty(c, dtype=torch.float32)  # save_invstd
             rm_mem, rv_mem = _writable(running_mean), _writable(running_var)
-            _lib.check(lib.bnorm_forward_train_relu(
-                layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
+            _lib.check(lib.bnorm_forward_train_relu_dt(
+                layout, dt, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
                 _ptr(num_batches_tracked), momentum, eps, _ptr(z), _ptr(y), _ptr(stat_a),
                 _ptr(stat_b)), x.shape)
             _write_back(running_mean, rm_mem)
             _write_back(running_var, rv_mem)
         else:
             stat_a, stat_b = running_mean, running_var
-            _lib.check(lib.bnorm_forward_eval_relu(
-                layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(_vec(stat_a)),
+            _lib.check(lib.bnorm_forward_eval_relu_dt(
+                layout, dt, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(_vec(stat_a)),
                 _ptr(_vec(stat_b)), eps, _ptr(z), _ptr(y)), x.shape)
         ctx.save_for_backward(x, x_mem, y, weight, bias, residual, stat_a, stat_b)
         ctx.layout = layout
@@ -72,8 +74,9 @@ class _ReLUFunction(torch.autograd.Function):
             return _differentiable_backward(ctx, dy, x, weight, bias, residual, stat_a, stat_b)
         _sync_threads()
         layout = ctx.layout
-        dy = _to_layout(dy.to(torch.float32) if dy.dtype != torch.float32 else dy, layout)
+        dy = _to_layout(dy.to(x_mem.dtype) if dy.dtype != x_mem.dtype else dy, layout)
         n, c, s = _nsc(x_mem)
+        dt = _dtype_code(x_mem)
         dx = torch.empty_like(x_mem)  # required by the C API even when only dz is wanted
         want_params = need_w or need_b
         dweight = torch.empty(c, dtype=torch.float32) if want_params else None
@@ -83,13 +86,13 @@ class _ReLUFunction(torch.autograd.Function):
             save_mean, save_invstd, rm, rv, training = stat_a, stat_b, None, None, 1
         else:
             save_mean, save_invstd, rm, rv, training = None, None, _vec(stat_a), _vec(stat_b), 0
-        _lib.check(_lib.lib().bnorm_backward_relu(
-            layout, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(y), _ptr(_vec(weight)), _ptr(save_mean),
+        _lib.check(_lib.lib().bnorm_backward_relu_dt(
+            layout, dt, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(y), _ptr(_vec(weight)), _ptr(save_mean),
             _ptr(save_invstd), _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx), _ptr(dweight),
             _ptr(dbias), _ptr(dz)), x.shape)
         return (dx if need_x else None,
-                dweight if need_w else None,
-                dbias if need_b and bias is not None else None,
+                _grad_as(dweight, weight) if need_w else None,
+                _grad_as(dbias, bias) if need_b and bias is not None else None,
                 dz,
                 None, None, None, None, None, None)
 

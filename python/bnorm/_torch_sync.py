@@ -5,7 +5,8 @@
 
 torch.nn.SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on
 GPU"); this module has its API (the constructor's arguments, ``process_group``,
-``convert_sync_batchnorm``, the ``state_dict``) and computes CPU float32 batch norm over the
+``convert_sync_batchnorm``, the ``state_dict``) and computes CPU batch norm (float32, bfloat16,
+float16) over the
 global batch of the module's process group (default: the WORLD group) with libbnorm's
 synchronized passes
 (bnorm_sync_forward_train / bnorm_sync_backward): the library computes each rank's partials
@@ -37,10 +38,16 @@ What it gives:
     (a dead peer, gloo's timeout) is raised again from the module's forward/backward after the
     library returned; the module's buffers are then untouched.
 
+Element types: float32, bfloat16 and float16 input (x, y, dx of the input's dtype; the
+statistics exchanged in fp64 as for fp32); parameters and buffers of any of the three are
+used as fp32, 16-bit running statistics written back rounded, and weight.grad / bias.grad
+have the parameters' dtype.
+
 What it does not compute: a non-CPU input goes to torch.nn.SyncBatchNorm's forward (CUDA),
-a CPU input of another dtype than float32 to torch's batch norm when nothing needs to be
-synchronized, each with a one-time BnormFallbackWarning saying why; synchronizing a CPU input
-of another dtype raises TypeError (torch has no CPU implementation to fall back to).
+a CPU input of another dtype (float64: the library does not support float64 tensors) to
+torch's batch norm when nothing needs to be synchronized, each with a one-time
+BnormFallbackWarning saying why; synchronizing a CPU input of another dtype raises TypeError
+(torch has no CPU implementation to fall back to).
 """
 
 import ctypes
@@ -54,8 +61,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _lib
 # The package's memory-layout helpers and fallback warning (python/bnorm/torch.py).
-from .torch import (_empty, _fallback_warning, _layout_of, _nsc, _ptr, _sync_threads,
-                    _to_layout, _vec, batch_norm)
+from .torch import (_dtype_code, _dtype_reason, _empty, _fallback_warning, _grad_as,
+                    _layout_of, _nsc, _ptr, _sync_threads, _to_layout, _vec, _writable,
+                    _write_back, batch_norm)
 
 __all__ = ["SyncBatchNorm", "SYNC_MODES"]
 
@@ -90,19 +98,21 @@ def _cdll():
         i64, vp, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
         comm_p, opt_p = ctypes.POINTER(_BnormComm), ctypes.POINTER(_BnormSyncOptions)
         try:
-            f, b = lib.bnorm_sync_forward_train, lib.bnorm_sync_backward
+            f, b = lib.bnorm_sync_forward_train_dt, lib.bnorm_sync_backward_dt
         except AttributeError:
             raise _lib.BnormLibraryNotFound(
-                "%s has no bnorm_sync_forward_train: a libbnorm.so older than the "
-                "synchronized C API; rebuild it" % _lib.library_path()) from None
+                "%s has no bnorm_sync_forward_train_dt: a libbnorm.so older than the "
+                "synchronized C API with element types; rebuild it" % _lib.library_path()) from None
         f.restype = ctypes.c_int
-        f.argtypes = [comm_p, opt_p, ctypes.c_int, i64, i64, i64,  # comm, options, layout, n, c, s
+        f.argtypes = [comm_p, opt_p, ctypes.c_int, ctypes.c_int,   # comm, options, layout, dtype
+                      i64, i64, i64,                               # n, c, s
                       vp, vp, vp,                                  # x, weight, bias
                       vp, vp, vp,                                  # running_*, num_batches_tracked
                       dbl, dbl,                                    # momentum, eps
                       vp, vp, vp]                                  # y, save_mean, save_invstd
         b.restype = ctypes.c_int
-        b.argtypes = [comm_p, opt_p, ctypes.c_int, i64, i64, i64,  # comm, options, layout, n, c, s
+        b.argtypes = [comm_p, opt_p, ctypes.c_int, ctypes.c_int,   # comm, options, layout, dtype
+                      i64, i64, i64,                               # n, c, s
                       vp, vp, vp,                                  # dy, x, weight
                       vp, vp,                                      # save_mean, save_invstd
                       vp, vp, vp]                                  # dx, dweight, dbias
@@ -168,18 +178,23 @@ class _SyncFunction(torch.autograd.Function):
         if layout is None:
             layout = _CHANNELS_FIRST
         n, c, s = _nsc(x_mem)
+        dt = _dtype_code(x_mem)
         w, b = _vec(weight), _vec(bias)
-        y = _empty(x_mem.shape, layout)
+        y = _empty(x_mem.shape, layout, x_mem.dtype)
         save_mean = torch.empty(c, dtype=torch.float32)
         save_invstd = torch.empty(c, dtype=torch.float32)
         size = comm.struct.size
         split = _i64_array([-1] * size)
         options = _BnormSyncOptions(mode, None, split, 0)
         data = (lambda t: _ptr(t) if n > 0 else None)
-        comm.check(_cdll().bnorm_sync_forward_train(
-            ctypes.byref(comm.struct), ctypes.byref(options), layout, n, c, s, data(x_mem),
-            _ptr(w), _ptr(b), _ptr(running_mean), _ptr(running_var), _ptr(num_batches_tracked),
+        # 16-bit running statistics: fp32 copies, written back (rounded) after success.
+        rm_mem, rv_mem = _writable(running_mean), _writable(running_var)
+        comm.check(_cdll().bnorm_sync_forward_train_dt(
+            ctypes.byref(comm.struct), ctypes.byref(options), layout, dt, n, c, s, data(x_mem),
+            _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem), _ptr(num_batches_tracked),
             momentum, eps, data(y), _ptr(save_mean), _ptr(save_invstd)))
+        _write_back(running_mean, rm_mem)
+        _write_back(running_var, rv_mem)
         ctx.save_for_backward(x_mem, weight, save_mean, save_invstd)
         ctx.split = list(split)
         ctx.layout, ctx.comm, ctx.mode = layout, comm, mode
@@ -193,19 +208,21 @@ class _SyncFunction(torch.autograd.Function):
         x_mem, weight, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         layout, comm = ctx.layout, ctx.comm
-        dy = _to_layout(dy if dy.dtype == torch.float32 else dy.to(torch.float32), layout)
+        dy = _to_layout(dy if dy.dtype == x_mem.dtype else dy.to(x_mem.dtype), layout)
         n, c, s = _nsc(x_mem)
-        dx = _empty(x_mem.shape, layout)
+        dt = _dtype_code(x_mem)
+        dx = _empty(x_mem.shape, layout, x_mem.dtype)
         dweight = torch.empty(c, dtype=torch.float32) if need_w else None
         dbias = torch.empty(c, dtype=torch.float32) if need_b and ctx.has_bias else None
         options = _BnormSyncOptions(ctx.mode, _i64_array(ctx.split), None, 1)
         data = (lambda t: _ptr(t) if n > 0 else None)
         # Every rank takes part, whatever it needs: the exchange is collective.
-        comm.check(_cdll().bnorm_sync_backward(
-            ctypes.byref(comm.struct), ctypes.byref(options), layout, n, c, s, data(dy),
+        comm.check(_cdll().bnorm_sync_backward_dt(
+            ctypes.byref(comm.struct), ctypes.byref(options), layout, dt, n, c, s, data(dy),
             data(x_mem), _ptr(_vec(weight)), _ptr(save_mean), _ptr(save_invstd), data(dx),
             _ptr(dweight), _ptr(dbias)))
-        return (dx if need_x else None, dweight, dbias) + (None,) * 7
+        return (dx if need_x else None, _grad_as(dweight, weight),
+                _grad_as(dbias, weight)) + (None,) * 7
 
 
 def _unsupported(x, module):
@@ -217,9 +234,9 @@ def _unsupported(x, module):
         if t.device.type != "cpu":
             return "device", "%s on device %s (the library runs on the CPU only)" % (name, t.device)
     for name, t in tensors:
-        if t.dtype != torch.float32:
-            return "dtype", "%s has dtype %s (the library takes float32 only)" % (
-                name, str(t.dtype).replace("torch.", ""))
+        why = _dtype_reason(name, t.dtype)
+        if why is not None:
+            return "dtype", why
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
         return "type", "input of type %s (not a plain torch.Tensor)" % type(x).__name__
     if x.layout != torch.strided:
@@ -230,7 +247,7 @@ def _unsupported(x, module):
 
 
 class SyncBatchNorm(_BatchNorm):
-    """torch.nn.SyncBatchNorm's API whose CPU float32 forward and backward are libbnorm's
+    """torch.nn.SyncBatchNorm's API whose CPU forward and backward are libbnorm's
     synchronized batch norm over ``process_group`` (default: torch.distributed's WORLD).
 
     Same constructor as torch's, plus ``sync_mode`` ("reproducible", the default, or
@@ -297,8 +314,9 @@ class SyncBatchNorm(_BatchNorm):
         if track:
             for name, t in (("running_mean", running_mean), ("running_var", running_var)):
                 if t is None or not t.is_contiguous():
-                    raise ValueError("%s: must be a contiguous float32 buffer to be updated in "
-                                     "place, got %s" % (name, None if t is None else t.stride()))
+                    raise ValueError("%s: must be a contiguous buffer (float32, bfloat16 or "
+                                     "float16) to be updated in place, got %s"
+                                     % (name, None if t is None else t.stride()))
             if nbt is None or nbt.dtype != torch.int64 or nbt.numel() != 1:
                 raise ValueError("num_batches_tracked: must be one int64 value")
         c = int(input.shape[1])

@@ -10,9 +10,10 @@ replace ``forward``.  ``BatchNorm`` takes any rank >= 2: it is what ``convert`` 
 ``torch.nn.SyncBatchNorm`` when no process group is initialized (with one, bnorm's
 ``SyncBatchNorm``).
 
-What the library computes: fp32 CPU tensors, contiguous or channels_last/channels_last_3d
-(and, for (N, C, L), ``x.transpose(1, 2).contiguous().transpose(1, 2)``) are passed by
-pointer, with no copy; the output has the input's strides; other strides are made contiguous
+What the library computes: float32, bfloat16 and float16 CPU tensors, contiguous or
+channels_last/channels_last_3d (and, for (N, C, L), ``x.transpose(1, 2).contiguous()
+.transpose(1, 2)``) are passed by pointer, with no copy; the output has the input's strides;
+other strides are made contiguous
 once.  Train and eval mode, momentum=None (cumulative average), affine=False,
 track_running_stats=False (batch statistics in eval too, like torch).  The running statistics
 and num_batches_tracked are updated in place on the module's buffers, also under
@@ -21,10 +22,20 @@ whose message is the library's, raised as bnorm.BnormError, a RuntimeError; a pe
 vector of the wrong length is found before the call and reported in the library's words)
 leaves the module untouched.  Training with one value per channel raises torch's ValueError.
 
+bfloat16 and float16 input: x, y and the gradients are passed as 16-bit tensors (y, dx and a
+residual's gradient have the input's dtype, like torch), the statistics are those of the same
+values in fp32 (accumulated as for fp32 input) and every 16-bit output is rounded once.  The
+per-channel vectors (weight, bias, running statistics) are fp32 in the library: a module whose
+parameters and buffers are bfloat16 or float16 (``model.to(torch.bfloat16)``) has them
+converted to fp32 for the call, and its running statistics are written back rounded to their
+dtype, and weight.grad / bias.grad have the parameters' dtype, as torch gives them.  (torch
+1.13 has no float16 batch norm on the CPU; bnorm.torch computes it.)
+
 What falls back to torch's own implementation, with a one-time warning (BnormFallbackWarning)
-naming the reason: a non-CPU tensor, a dtype other than float32, an empty batch, an input that
-is not a plain torch.Tensor, and double backward (create_graph=True: the gradient is then
-computed by torch's batch norm, so that it is differentiable again).
+naming the reason: a non-CPU tensor, a float64 input or parameter (the library does not
+support float64 tensors) or another dtype than float32, bfloat16 and float16, an empty batch,
+an input that is not a plain torch.Tensor, and double backward (create_graph=True: the
+gradient is then computed by torch's batch norm, so that it is differentiable again).
 
 Fused with the ReLU after it (bnorm/_torch_fused.py): batch_norm_relu, BatchNormReLU1d/2d/3d
 (relu(bn(x) [+ residual]) in one pass, forward and backward), convert(model, fuse_relu=True).
@@ -45,6 +56,26 @@ __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BnormFallb
            "convert", "batch_norm"]
 
 _CHANNELS_FIRST, _CHANNELS_LAST = 0, 1
+
+# The element types of the library's tensors (bnorm_dtype of include/bnorm/c_api.h); the
+# per-channel vectors of these dtypes are converted to float32 for a call.
+_DTYPE_CODES = {torch.float32: _lib.FLOAT32, torch.bfloat16: _lib.BFLOAT16,
+                torch.float16: _lib.FLOAT16}
+
+
+def _dtype_code(t):
+    return _DTYPE_CODES[t.dtype]
+
+
+def _dtype_reason(name, dtype):
+    """Why a tensor of this dtype is not the library's (None: it is)."""
+    if dtype in _DTYPE_CODES:
+        return None
+    d = str(dtype).replace("torch.", "")
+    if dtype == torch.float64:
+        return "%s has dtype float64 (the library does not support float64 tensors; it takes " \
+               "float32, bfloat16 and float16)" % name
+    return "%s has dtype %s (the library takes float32, bfloat16 and float16 only)" % (name, d)
 
 
 class BnormFallbackWarning(UserWarning):
@@ -128,16 +159,24 @@ def _to_layout(t, layout):
     return out
 
 
-def _empty(shape, layout):
+def _empty(shape, layout, dtype=torch.float32):
     return torch.empty_strided(tuple(shape), _dense_strides(shape, _order(len(shape), layout)),
-                               dtype=torch.float32)
+                               dtype=dtype)
 
 
 def _vec(t):
-    """A per-channel read-only vector: contiguous float32 (detached; a copy only if strided)."""
+    """A per-channel read-only vector: contiguous float32 (detached; a copy only if strided or
+    of a 16-bit dtype)."""
     if t is None:
         return None
+    if t.dtype != torch.float32:
+        return t.detach().to(torch.float32).contiguous()
     return t if t.is_contiguous() else t.detach().contiguous()
+
+
+def _grad_as(g, t):
+    """A per-channel gradient (float32) in the dtype of the parameter t it is for."""
+    return g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype)
 
 
 def _ptr(t):
@@ -146,8 +185,13 @@ def _ptr(t):
 
 def _writable(t):
     """A running-statistics buffer the library writes in place: t itself, or (strided, never a
-    module's own buffer) a contiguous copy that _write_back copies into t after success."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
+    module's own buffer, or bfloat16/float16) a contiguous float32 copy that _write_back copies
+    into t (rounding to its dtype) after success."""
+    if t is None:
+        return t
+    if t.dtype != torch.float32:
+        return t.detach().to(torch.float32).contiguous()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _write_back(t, mem):
@@ -205,6 +249,7 @@ class _Function(torch.autograd.Function):
         if layout is None:
             layout = _CHANNELS_FIRST
         n, c, s = _nsc(x_mem)
+        dt = _dtype_code(x_mem)
         w, b = _vec(weight), _vec(bias)
         y = torch.empty_like(x_mem)  # x_mem is dense: its strides, faster than _empty
         lib = _lib.lib()
@@ -215,14 +260,14 @@ class _Function(torch.autograd.Function):
             rm_mem, rv_mem = _writable(rm), _writable(rv)
             nbt = num_batches_tracked
             if ext is None:
-                _lib.check(lib.bnorm_forward_train(
-                    layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
+                _lib.check(lib.bnorm_forward_train_dt(
+                    layout, dt, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm_mem), _ptr(rv_mem),
                     _ptr(nbt), momentum, eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd)),
                     x.shape)
                 save_r = save_d = None
             else:
                 save_mean, save_invstd, save_r, save_d = _forward_ext(
-                    ext, layout, n, c, s, x_mem, w, b, rm_mem, rv_mem, nbt, momentum, eps, y)
+                    ext, layout, dt, n, c, s, x_mem, w, b, rm_mem, rv_mem, nbt, momentum, eps, y)
             _write_back(rm, rm_mem)
             _write_back(rv, rv_mem)
             if save_r is not None:
@@ -230,8 +275,8 @@ class _Function(torch.autograd.Function):
             ctx.save_for_backward(x, x_mem, weight, bias, save_mean, save_invstd)
         else:
             rm, rv = _vec(running_mean), _vec(running_var)
-            _lib.check(lib.bnorm_forward_eval(
-                layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), eps,
+            _lib.check(lib.bnorm_forward_eval_dt(
+                layout, dt, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), eps,
                 _ptr(y)), x.shape)
             ctx.save_for_backward(x, x_mem, weight, bias, running_mean, running_var)
         ctx.layout = layout
@@ -252,8 +297,9 @@ class _Function(torch.autograd.Function):
             return _differentiable_backward(ctx, dy, x, weight, bias, stat_a, stat_b)
         _sync_threads()
         layout = ctx.layout
-        dy = _to_layout(dy.to(torch.float32) if dy.dtype != torch.float32 else dy, layout)
+        dy = _to_layout(dy.to(x_mem.dtype) if dy.dtype != x_mem.dtype else dy, layout)
         n, c, s = _nsc(x_mem)
+        dt = _dtype_code(x_mem)
         dx = torch.empty_like(x_mem)  # x_mem is dense: its strides
         want_params = need_w or need_b
         dweight = torch.empty(c, dtype=torch.float32) if want_params else None
@@ -270,20 +316,20 @@ class _Function(torch.autograd.Function):
             if ctx.ext.batch_renorm:
                 save_invstd, r, d = stat_b[0], stat_b[1], stat_b[2]
                 bext.renorm_r, bext.renorm_d = _ptr(r), _ptr(d)
-        args = (layout, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(w), _ptr(save_mean),
+        args = (layout, dt, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(w), _ptr(save_mean),
                 _ptr(save_invstd), _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx),
                 _ptr(dweight), _ptr(dbias))
         if bext is None:
-            _lib.check(_lib.lib().bnorm_backward(*args), x.shape)
+            _lib.check(_lib.lib().bnorm_backward_dt(*args), x.shape)
         else:
-            _lib.check(_lib.lib().bnorm_backward_ext(*args, ctypes.byref(bext)), x.shape)
+            _lib.check(_lib.lib().bnorm_backward_ext_dt(*args, ctypes.byref(bext)), x.shape)
         return (dx if need_x else None,
-                dweight if need_w else None,
-                dbias if need_b and bias is not None else None,
+                _grad_as(dweight, weight) if need_w else None,
+                _grad_as(dbias, bias) if need_b and bias is not None else None,
                 None, None, None, None, None, None, None)
 
 
-def _forward_ext(ext, layout, n, c, s, x_mem, w, b, rm, rv, nbt, momentum, eps, y):
+def _forward_ext(ext, layout, dt, n, c, s, x_mem, w, b, rm, rv, nbt, momentum, eps, y):
     """The training forward with the extensions (ghost chunks, batch renorm, stateless
     outputs): returns save_mean, save_invstd, save_r, save_d."""
     chunks = -(-n // ext.ghost_batch) if 2 <= ext.ghost_batch <= n else 1
@@ -301,8 +347,8 @@ def _forward_ext(ext, layout, n, c, s, x_mem, w, b, rm, rv, nbt, momentum, eps, 
         e.running_mean_out = _ptr(ext.running_out[0])
         e.running_var_out = _ptr(ext.running_out[1])
         e.num_batches_tracked_out = _ptr(ext.running_out[2])
-    _lib.check(_lib.lib().bnorm_forward_train_ext(
-        layout, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), _ptr(nbt), momentum,
+    _lib.check(_lib.lib().bnorm_forward_train_ext_dt(
+        layout, dt, n, c, s, _ptr(x_mem), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), _ptr(nbt), momentum,
         eps, _ptr(y), _ptr(save_mean), _ptr(save_invstd), ctypes.byref(e)), x_mem.shape)
     return save_mean, save_invstd, save_r, save_d
 
@@ -388,9 +434,14 @@ def _fallback_reason(x, tensors):
         if not t.is_cpu:
             return "%s on device %s (the library runs on the CPU only)" % (name, t.device)
     for name, t in (("input", x),) + tuple(tensors):
-        if name != "num_batches_tracked" and t is not None and t.dtype != torch.float32:
-            return "%s has dtype %s (the library takes float32 only)" % (
-                name, str(t.dtype).replace("torch.", ""))
+        if name != "num_batches_tracked" and t is not None:
+            why = _dtype_reason(name, t.dtype)
+            if why is not None:
+                return why
+            if name == "residual" and t.dtype != x.dtype:
+                return "residual has dtype %s, the input %s (the library takes one dtype for " \
+                       "both)" % (str(t.dtype).replace("torch.", ""),
+                                  str(x.dtype).replace("torch.", ""))
     if x.dim() < 2:
         return "input of rank %d (batch norm needs (N, C, ...))" % x.dim()
     if x.numel() == 0:
@@ -654,8 +705,8 @@ class _BnormForward:
                    "rmax": float(self.rmax), "dmax": float(self.dmax)}
             if self.batch_renorm and not track:  # mu and sigma read, not updated
                 running_mean, running_var = self.running_mean, self.running_var
-                ext["running_mean_out"] = torch.empty_like(running_mean)
-                ext["running_var_out"] = torch.empty_like(running_var)
+                ext["running_mean_out"] = torch.empty_like(running_mean, dtype=torch.float32)
+                ext["running_var_out"] = torch.empty_like(running_var, dtype=torch.float32)
         return batch_norm(input, running_mean, running_var, weight, bias,
                           use_batch_stats, momentum, self.eps, num_batches_tracked=nbt, **ext)
 

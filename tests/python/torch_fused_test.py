@@ -94,14 +94,19 @@ class Spy:
     def __enter__(self):
         self.lib = bnorm._lib.lib()
         self.calls = []
-        self.saved = {name: getattr(self.lib, name) for name in FUSED_NAMES + PLAIN_NAMES}
+        # bnorm.torch calls the *_dt entry points (the element type after layout): recorded
+        # under the plain name with the arguments of the fp32 entry point (dtype dropped) and
+        # the dtype in self.dtypes.
+        self.dtypes = []
+        self.saved = {name + "_dt": getattr(self.lib, name + "_dt") for name in FUSED_NAMES + PLAIN_NAMES}
         for name, fn in self.saved.items():
             setattr(self.lib, name, self._wrap(name, fn))
         return self
 
     def _wrap(self, name, fn):
         def call(*args):
-            self.calls.append((name, args))
+            self.calls.append((name[:-len("_dt")], args[:1] + args[2:]))
+            self.dtypes.append(args[1])
             return fn(*args)
         return call
 
