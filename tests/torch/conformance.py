@@ -77,8 +77,11 @@ Per channel, n = N * prod(spatial) is the reduction length.
 
 Output: one line per failing configuration (seed, config, worst ratio per output), then the
 largest error against PyTorch per output (absolute, and relative to the tolerance), and the
-closing line "N passed, M failed".  Exit 0 iff all passed; 77 (skip) without numpy/torch; a
-library that cannot be loaded is a failure (exit 1).
+closing line "N passed, M failed".  After the fp32 configurations, half_conformance.py's bf16
+and fp16 configurations run (the *_dt entry points against float64 and, for bf16, torch's
+native_batch_norm; --half-count, its docstring says how) and are counted in the same line.
+Exit 0 iff all passed; 77 (skip) without numpy/torch; a library that cannot be loaded is a
+failure (exit 1).
 """
 
 import argparse
@@ -716,6 +719,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
     ap.add_argument("--only", type=int, action="append", help="run only this seed (repeatable)")
     ap.add_argument("--no-bad-input", action="store_true", help="skip the bad-input checks")
+    ap.add_argument("--half-count", type=int, default=150,
+                    help="bf16 and fp16 configurations each (half_conformance.py; 0: none)")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per configuration")
     args = ap.parse_args()
 
@@ -775,6 +780,15 @@ def main():
                 if args.verbose:
                     print("ok   bad-input: %s" % name)
 
+    # bf16 / fp16 through the *_dt entry points (half_conformance.py: against float64 and, for
+    # bf16, torch's native_batch_norm).
+    half = None
+    if args.half_count > 0 and not args.only:
+        import half_conformance
+        h_passed, h_failed, half = half_conformance.run(args.half_count, args.verbose)
+        passed += h_passed
+        failed += h_failed
+
     print("")
     print("%d random configurations, %d bad-input checks, %.1f s" % (n_configs, n_bad,
                                                                     time.time() - t0))
@@ -785,6 +799,8 @@ def main():
     for k in OUTPUTS:
         print("  %-20s %12.4g %12.4g %14.4g %14.4g" % (k, total.abs[k], total.ratio[k],
                                                        total.t_ex[k], total.l_ex[k]))
+    if half is not None:
+        half_conformance.report(half)
     print("%d passed, %d failed" % (passed, failed))
     return 0 if failed == 0 else 1
 
