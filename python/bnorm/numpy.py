@@ -1,4 +1,5 @@
-"""bnorm.numpy: the bnorm C API (libbnorm.so) for float32 numpy arrays, through ctypes.
+"""bnorm.numpy: the bnorm C API (libbnorm.so) for float32 (and float16) numpy arrays, through
+ctypes.
 
 bnorm is batch normalization with PyTorch's semantics.  This module wraps the C functions of
 include/bnorm/c_api.h for float32 numpy arrays, so that a PyTorch user can write::
@@ -40,6 +41,12 @@ one-element np.int64 array (e.g. ``module.num_batches_tracked.view(1).numpy()``)
 per-channel inputs that are not contiguous (e.g. a strided slice) are copied with
 ``np.ascontiguousarray``; that copy is the only conversion this module makes.  Any dtype other
 than float32 (int64 for num_batches_tracked) raises TypeError: no silent down-casting.
+
+float16 activations: x and dy (and out) may be np.float16 instead, all of one call the same
+dtype; y and dx are then float16 (the library's fp16 path: statistics of the same values in
+fp32, each output rounded once to nearest even), the per-channel vectors stay float32.  numpy
+has no bfloat16 (use bnorm.torch for it); float64 raises TypeError (the library does not
+support float64 tensors).
 
 Errors
 ------
@@ -101,8 +108,10 @@ def _activation(name, a, layout):
     """Check an activation array; return (layout_name, n, c, s)."""
     if not isinstance(a, np.ndarray):
         raise TypeError("%s must be a numpy.ndarray, got %s" % (name, type(a).__name__))
-    if a.dtype != np.float32:
-        raise TypeError("%s must have dtype float32, got %s" % (name, a.dtype))
+    if a.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError("%s must have dtype float32 or float16, got %s%s" % (
+            name, a.dtype, " (the library does not support float64 tensors)"
+            if a.dtype == np.float64 else ""))
     if not a.dtype.isnative:
         raise TypeError("%s must be in native byte order" % name)
     if not 2 <= a.ndim <= 5:
@@ -137,6 +146,9 @@ def _same_activation(name, a, ref_name, ref, layout):
     if a.shape != ref.shape:
         raise ValueError("%s has shape %s but %s has shape %s" % (name, a.shape, ref_name, ref.shape))
     _activation(name, a, layout)
+    if a.dtype != ref.dtype:
+        raise TypeError("%s has dtype %s but %s has dtype %s (one dtype per call)"
+                        % (name, a.dtype, ref_name, ref.dtype))
 
 
 def _vector(name, v, c, required=False, writeable=False):
@@ -184,11 +196,11 @@ def _counter(v):
 
 
 def _output_like(name, out, x, layout):
-    """out if given (checked), else a new float32 array with x's shape and strides."""
+    """out if given (checked), else a new array of x's dtype, shape and strides."""
     if out is None:
         if layout == CHANNELS_FIRST:
-            return np.empty(x.shape, dtype=np.float32)
-        mem = np.empty((x.shape[0],) + x.shape[2:] + (x.shape[1],), dtype=np.float32)
+            return np.empty(x.shape, dtype=x.dtype)
+        mem = np.empty((x.shape[0],) + x.shape[2:] + (x.shape[1],), dtype=x.dtype)
         return np.moveaxis(mem, -1, 1)
     _same_activation(name, out, "x", x, layout)
     if not out.flags.writeable:
@@ -198,6 +210,10 @@ def _output_like(name, out, x, layout):
 
 def _ptr(a):
     return None if a is None else a.ctypes.data
+
+
+# The activations' dtypes and their bnorm_dtype codes (numpy has no bfloat16).
+_ACTIVATION_DTYPES = {np.dtype(np.float32): _lib.FLOAT32, np.dtype(np.float16): _lib.FLOAT16}
 
 
 def _eps(eps):
@@ -237,8 +253,8 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     y = _output_like("out", out, x, layout)
     save_mean = np.empty(c, dtype=np.float32)
     save_invstd = np.empty(c, dtype=np.float32)
-    _lib.check(_lib.lib().bnorm_forward_train(
-        _LAYOUT_CODE[layout], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
+    _lib.check(_lib.lib().bnorm_forward_train_dt(
+        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
         _ptr(running_mean), _ptr(running_var), _ptr(num_batches_tracked),
         mom, _eps(eps), _ptr(y), _ptr(save_mean), _ptr(save_invstd)), x.shape)
     return y, save_mean, save_invstd
@@ -259,8 +275,8 @@ def forward_eval(x, weight=None, bias=None, running_mean=None, running_var=None,
     running_mean = _vector("running_mean", running_mean, c, required=True)
     running_var = _vector("running_var", running_var, c, required=True)
     y = _output_like("out", out, x, layout)
-    _lib.check(_lib.lib().bnorm_forward_eval(
-        _LAYOUT_CODE[layout], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
+    _lib.check(_lib.lib().bnorm_forward_eval_dt(
+        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
         _ptr(running_mean), _ptr(running_var), _eps(eps), _ptr(y)), x.shape)
     return y
 
@@ -299,8 +315,8 @@ def backward(dy, x, weight=None, save_mean=None, save_invstd=None, running_mean=
     dx = _output_like("out", out, dy, layout)
     dweight = np.empty(c, dtype=np.float32) if param_grads else None
     dbias = np.empty(c, dtype=np.float32) if param_grads else None
-    _lib.check(_lib.lib().bnorm_backward(
-        _LAYOUT_CODE[layout], n, c, s, _ptr(dy), _ptr(x), _ptr(weight),
+    _lib.check(_lib.lib().bnorm_backward_dt(
+        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(dy), _ptr(x), _ptr(weight),
         _ptr(save_mean), _ptr(save_invstd), _ptr(running_mean), _ptr(running_var),
         _eps(eps), 1 if training else 0, _ptr(dx), _ptr(dweight), _ptr(dbias)), x.shape)
     return dx, dweight, dbias
