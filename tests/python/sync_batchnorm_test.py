@@ -43,7 +43,18 @@ CONFIGS = [
     ("4d-channels_last-uneven", (6, 2, 3), "channels_last", 0.1, True,
      {1: [7], 2: [6, 1], 3: [3, 0, 4]}),
     ("3d-no-affine", (3, 6), "contiguous", 0.3, False, {1: [7], 2: [2, 5], 3: [5, 1, 1]}),
+    # 16-bit input (the name says the dtype): x, y, dx bf16/fp16, parameters fp32; "buffers":
+    # the module itself converted (model.to(dtype)), its running statistics 16-bit.
+    ("4d-channels_last-bf16", (4, 3, 5), "channels_last", 0.1, True,
+     {1: [7], 2: [3, 4], 3: [2, 0, 5]}),
+    ("3d-fp16", (3, 6), "contiguous", None, True, {1: [7], 2: [4, 3], 3: [1, 5, 1]}),
+    ("2d-bf16-buffers", (5,), "contiguous", 0.1, False, {1: [7], 2: [5, 2], 3: [2, 3, 2]}),
 ]
+
+
+def _dtype_of(name):
+    return torch.bfloat16 if "bf16" in name else torch.float16 if "fp16" in name else \
+        torch.float32
 STEPS = 3
 
 failures = []
@@ -73,19 +84,24 @@ def scenario(k, rank):
             with torch.no_grad():
                 m.weight.copy_(1 + 0.5 * torch.randn(c, generator=gen))
                 m.bias.copy_(torch.randn(c, generator=gen))
+        dtype = _dtype_of(name)
+        if "buffers" in name:
+            m.to(dtype)
         rec = {"y": [], "dx": [], "dweight": [], "dbias": [], "running_mean": [],
                "running_var": [], "nbt": [], "save_mean": [], "save_invstd": [], "fmt_ok": []}
         for step in range(STEPS):
-            x = 3 * torch.randn((N,) + sample, generator=gen) - 2 + step
-            dy = torch.randn((N,) + sample, generator=gen)
+            x = (3 * torch.randn((N,) + sample, generator=gen) - 2 + step).to(dtype)
+            dy = torch.randn((N,) + sample, generator=gen).to(dtype)
             xl = _fmt(x[lo:hi].clone(), fmt).requires_grad_(True)
             y = m(xl)
-            rec["fmt_ok"].append(fmt != "channels_last" or xl.dim() != 4 or
-                                 hi == lo or y.is_contiguous(memory_format=torch.channels_last))
+            rec["fmt_ok"].append((fmt != "channels_last" or xl.dim() != 4 or hi == lo or
+                                  y.is_contiguous(memory_format=torch.channels_last)) and
+                                 y.dtype == dtype and xl.grad is None)
             saved = y.grad_fn.saved_tensors
             y.backward(_fmt(dy[lo:hi].clone(), fmt))
             rec["y"].append(y.detach().contiguous())
             rec["dx"].append(xl.grad.contiguous())
+            rec["fmt_ok"][-1] = rec["fmt_ok"][-1] and xl.grad.dtype == dtype
             rec["save_mean"].append(saved[2].clone())
             rec["save_invstd"].append(saved[3].clone())
             if affine:
@@ -97,7 +113,7 @@ def scenario(k, rank):
             rec["running_var"].append(m.running_var.clone())
             rec["nbt"].append(m.num_batches_tracked.clone())
         m.eval()
-        xe = 2 * torch.randn((N,) + sample, generator=gen) + 1
+        xe = (2 * torch.randn((N,) + sample, generator=gen) + 1).to(dtype)
         with torch.no_grad():
             rec["eval"] = m(_fmt(xe[lo:hi].clone(), fmt)).contiguous()
         out[name] = rec
@@ -220,11 +236,11 @@ def check_module_api():
 
 
 def bits(t):
-    return t.contiguous().view(torch.int32)
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
 def same_bits(a, b):
-    return a.shape == b.shape and bool(torch.equal(bits(a), bits(b)))
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(bits(a), bits(b)))
 
 
 def max_diff(a, b):
@@ -306,7 +322,8 @@ def check_equality(ref, world, tmp):
                         tag, step, key, max_diff(got, r0[key][step])))
             for rk_i, rk in enumerate(ranks):
                 if not rk[name]["fmt_ok"][step]:
-                    fail("%s rank %d: y lost the channels_last format" % (tag, rk_i))
+                    fail("%s rank %d: y lost the channels_last format, or y / dx the input's "
+                         "dtype" % (tag, rk_i))
                 for key in ("running_mean", "running_var", "nbt", "save_mean", "save_invstd"):
                     compared += rk[name][key][step].numel()
                     if not same_bits(rk[name][key][step].float() if key == "nbt" else
@@ -402,6 +419,29 @@ def main():
     d = max_diff(m(x), tm(x))
     if not d < 1e-5:
         fail("single process vs torch.nn.BatchNorm2d: y differs by %.3g" % d)
+    # 16-bit input in one process: the fp32 pass on the widened values, y and dx rounded once
+    # to bf16 / fp16 (what the library's 16-bit path is), the statistics bit for bit; a module
+    # converted to bf16 keeps bf16 running statistics (rounded), as torch's does.
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (3 * torch.randn(7, 4, 3, 5) - 2).to(dtype).requires_grad_(True)
+        x32 = x.detach().float().requires_grad_(True)
+        dy = torch.randn(7, 4, 3, 5).to(dtype)
+        m16, m32 = bt.SyncBatchNorm(4), bt.SyncBatchNorm(4)
+        y16, y32 = m16(x), m32(x32)
+        y16.backward(dy)
+        y32.backward(dy.float())
+        if not (same_bits(y16, y32.detach().to(dtype)) and same_bits(x.grad, x32.grad.to(dtype))):
+            fail("%s: y or dx is not the fp32 pass rounded once (largest %.3g, %.3g)" % (
+                dtype, max_diff(y16, y32), max_diff(x.grad, x32.grad)))
+        if not (same_bits(m16.running_mean, m32.running_mean) and
+                same_bits(m16.running_var, m32.running_var)):
+            fail("%s: running statistics differ from the fp32 pass's" % dtype)
+        mb = bt.SyncBatchNorm(4).to(dtype)
+        mb(x.detach())
+        if mb.running_mean.dtype != dtype or not same_bits(mb.running_var,
+                                                           m32.running_var.to(dtype)):
+            fail("%s buffers: running statistics not the fp32 update rounded (%s)" % (
+                dtype, mb.running_var.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         for world in (1, 2, 3):
             check_equality(ref, world, tmp)
