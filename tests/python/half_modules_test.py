@@ -15,8 +15,11 @@
    module (BatchNormReLU2d with a residual: y, dx, dz of the input's dtype, the fp32 pass
    rounded once); a residual of another dtype falls back, naming it; a bf16 conv net with
    torch.nn.ReLU(inplace=True) converted with fuse_relu=True against torch's.
-4. float64 falls back to torch with a warning saying the library does not support float64.
-5. bnorm.numpy: float16 arrays in, float16 out, the fp32 computation rounded once; float64
+4. The extensions (ghost batch, batch renorm, frozen switches) on 16-bit input, plain and
+   converted modules: the fp32 pass rounded once; update_bn_stats and fold_batch_norm on a
+   bf16 model.
+5. float64 falls back to torch with a warning saying the library does not support float64.
+6. bnorm.numpy: float16 arrays in, float16 out, the fp32 computation rounded once; float64
    rejected naming it.
 Exit 0 on success, 1 on a failure, 77 without torch.
 """
@@ -350,6 +353,50 @@ def functional_fused_inplace():
                   "bfloat16 fused conv net: %.3g from torch's" % max_diff(got, ref))
 
 
+def extensions_and_inference():
+    """The extensions (ghost batch, batch renorm, frozen statistics, frozen affine) on 16-bit
+    input, with fp32 and with converted 16-bit modules: the fp32 pass rounded once; and
+    update_bn_stats / fold_batch_norm on a bf16 model."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for kw in ({"ghost_batch": 4}, {"batch_renorm": True},
+                   {"normalize_with_running_stats": True}, {"freeze_affine": True}):
+            for converted in (False, True):
+                tag = "%s %s%s" % (str(dtype)[6:], kw, " converted" if converted else "")
+                gen = torch.Generator().manual_seed(11)
+                m, m32 = bt.BatchNorm2d(3, **kw), bt.BatchNorm2d(3, **kw)
+                if converted:
+                    m.to(dtype)
+                x = (2 * torch.randn(8, 3, 4, 4, generator=gen) + 1).to(dtype)
+                x.requires_grad_(True)
+                x32 = x.detach().float().requires_grad_(True)
+                dy = torch.randn(8, 3, 4, 4, generator=gen).to(dtype)
+                y, y32 = m(x), m32(x32)
+                y.backward(dy)
+                y32.backward(dy.float())
+                rdt = dtype if converted else torch.float32
+                check(same_bits(y, y32.detach().to(dtype)) and
+                      same_bits(x.grad, x32.grad.to(dtype)) and
+                      same_bits(m.running_mean, m32.running_mean.to(rdt)) and
+                      same_bits(m.running_var, m32.running_var.to(rdt)),
+                      "%s: not the fp32 pass rounded once" % tag)
+    # update_bn_stats and fold_batch_norm on a bf16 model (torch ops in float64 inside).
+    gen = torch.Generator().manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(
+        torch.bfloat16)
+    net = bt.convert(net)
+    batches = [torch.randn(4, 3, 8, 8, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    bt.update_bn_stats(net, batches, 3)
+    check(net[1].running_mean.dtype == torch.bfloat16 and
+          bool(torch.isfinite(net[1].running_var.float()).all()),
+          "update_bn_stats on a bf16 model: running statistics %s" % net[1].running_mean.dtype)
+    net.eval()
+    folded = bt.fold_batch_norm(net)
+    with torch.no_grad():
+        a, b = net(batches[0]), folded(batches[0])
+    check(b.dtype == torch.bfloat16 and max_diff(a, b) <= 8 * UNIT[torch.bfloat16] *
+          (1 + float(a.abs().max())), "fold_batch_norm on a bf16 model: %.3g" % max_diff(a, b))
+
+
 def fallbacks_and_numpy():
     bt._reset_fallback_warnings()
     m = bt.BatchNorm2d(3).double()
@@ -391,6 +438,7 @@ def main():
     print("library: %s; torch %s" % (bnorm._lib.library_path(), torch.__version__))
     for name, fn in (("modules", modules_fp32_parameters), ("converted", modules_converted),
                      ("functional/fused/in place", functional_fused_inplace),
+                     ("extensions/inference", extensions_and_inference),
                      ("fallbacks/numpy", fallbacks_and_numpy)):
         t = time.time()
         before = len(failures)
