@@ -32,8 +32,9 @@ struct Buf {
     return dtype == BNORM_FLOAT32 ? static_cast<const void*>(f.data()) : h.data();
   }
   bool operator==(const Buf& o) const {
-    return dtype == o.dtype && h == o.h &&
-           (f.size() == o.f.size() && std::memcmp(f.data(), o.f.data(), f.size() * 4) == 0);
+    // memcmp only on non-empty data (an empty vector's data() may be null).
+    return dtype == o.dtype && h == o.h && f.size() == o.f.size() &&
+           (f.empty() || std::memcmp(f.data(), o.f.data(), f.size() * sizeof(float)) == 0);
   }
 };
 
