@@ -609,6 +609,7 @@ struct CallBuffers {
 struct CallState {
   std::vector<float> rm, rv, mean, invstd, dweight, dbias;
   int64_t tracked = 0;
+  std::string error;  // the message of the last call that failed
 };
 
 // One call of op on b. unfused: batch norm's plain pass and the ReLU pass apart (backward: the
@@ -632,6 +633,10 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
   } b = {static_cast<const float*>(cb.z), static_cast<const float*>(cb.dy),
          static_cast<const float*>(cb.y_in), static_cast<float*>(cb.y), static_cast<float*>(cb.dx)};
   bnorm::ConstTensorView xv = cview(cb.x);
+  auto ok = [&](const bnorm::Status& s) {
+    if (!s.ok()) st.error = s.message();
+    return s.ok();
+  };
   if (training_forward(op)) {
     bnorm::ForwardTrainArgs ft;
     ft.x = xv;
@@ -648,14 +653,14 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     bnorm::ConstTensorView zv;
     if (op == Op::kFwdTrainAddRelu) zv = cview(cb.z);
     if (op == Op::kFwdTrain || unfused) {
-      if (!bnorm::forward_train(ft).ok()) return false;
+      if (!ok(bnorm::forward_train(ft))) return false;
       if (op == Op::kFwdTrainRelu)
         team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
       if (op == Op::kFwdTrainAddRelu)
         team.run(count, [&](size_t i, size_t e) { add_relu_inplace(b.y + i, b.z + i, e - i); });
       return true;
     }
-    return bnorm::forward_train_relu(ft, zv).ok();
+    return ok(bnorm::forward_train_relu(ft, zv));
   }
   if (inference(op)) {
     bnorm::ForwardEvalArgs fe;
@@ -666,9 +671,9 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     fe.running_var = p.eval_var;
     fe.eps = p.eps;
     fe.y = mview(cb.y);
-    if (op == Op::kFwdInfer) return bnorm::forward_eval(fe).ok();
-    if (!unfused) return bnorm::forward_eval_relu(fe).ok();
-    if (!bnorm::forward_eval(fe).ok()) return false;
+    if (op == Op::kFwdInfer) return ok(bnorm::forward_eval(fe));
+    if (!unfused) return ok(bnorm::forward_eval_relu(fe));
+    if (!ok(bnorm::forward_eval(fe))) return false;
     team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
     return true;
   }
@@ -683,11 +688,11 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
   bw.dx = mview(cb.dx);
   bw.dweight = st.dweight;
   bw.dbias = st.dbias;
-  if (op == Op::kBwd) return bnorm::backward(bw).ok();
-  if (!unfused) return bnorm::backward_relu(bw, cview(cb.y_in)).ok();
+  if (op == Op::kBwd) return ok(bnorm::backward(bw));
+  if (!unfused) return ok(bnorm::backward_relu(bw, cview(cb.y_in)));
   team.run(count, [&](size_t i, size_t e) { relu_mask(b.dy + i, b.y_in + i, b.dx + i, e - i); });
   bw.dy = bnorm::ConstTensorView(b.dx, dims, layout);  // dx may alias dy exactly
-  return bnorm::backward(bw).ok();
+  return ok(bnorm::backward(bw));
 }
 
 // Times call(set) over the mode's rotation of buffer sets: set 0 is `base` (validated);
@@ -803,7 +808,7 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
       st.tracked = 0;
       const std::string w = what + (unfused ? " (unfused)" : "");
       if (!call_bnorm(p, op, unfused, layout, base, st, team))
-        throw std::runtime_error(w + ": the call failed");
+        throw std::runtime_error(w + ": the call failed: " + st.error);
       double err = 0;
       if (training_forward(op)) {
         const Buffer& want = op == Op::kFwdTrain       ? p.y_train
@@ -874,6 +879,7 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
                            return call_bnorm(p, op, variants[v], layout, b, states[v], team);
                          },
                          r);
+            if (r.status == "error") r.note += "; a timed call failed: " + states[v].error;
           } catch (const std::exception& e) {  // e.g. out of memory for the cold sets
             r.status = "error";
             r.note = e.what();

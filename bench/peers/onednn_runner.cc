@@ -151,7 +151,7 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
       layout_unsupported = unimplemented(e);
       layout_error = (layout_unsupported ? unsupported + "reorder to " + dtype_text + " " + lc.name
                                          : std::string("oneDNN error: ")) + " (" + e.what() + ")";
-      std::fprintf(stderr, "\n!!! %s: %s\n\n", who.c_str(), layout_error.c_str());
+      if (!layout_unsupported) std::fprintf(stderr, "\n!!! %s: %s\n\n", who.c_str(), layout_error.c_str());
     }
     memory weight = vector_memory(eng, p.weight.data(), C);
     memory bias = vector_memory(eng, p.bias.data(), C);
@@ -285,7 +285,8 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
           error = refused ? unsupported + dtype_text + " batch normalization (" + op_name(op) + ", " +
                                 lc.name + "): no implementation (" + e.what() + ")"
                           : std::string("oneDNN error: ") + e.what();
-          std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), error.c_str());
+          if (!refused)  // a refusal is a skip row, printed with the rows
+            std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), error.c_str());
         }
       }
 
