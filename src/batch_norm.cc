@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <array>
+#include <type_traits>
 #include <limits>
 #include <new>
 #include <vector>
@@ -54,48 +56,51 @@ Status check_forward_common(const Args& a, Geometry* g) {
   BNORM_RETURN_IF_ERROR(detail::check_tensor("x", a.x, g));
   BNORM_RETURN_IF_ERROR(detail::check_same_shape("y", a.y, "x", a.x));
   BNORM_RETURN_IF_ERROR(
-      detail::check_no_partial_overlap("y", a.y.data(), "x", a.x.data(), g->numel()));
+      detail::check_no_partial_overlap("y", a.y.raw(), "x", a.x.raw(), g->numel(), dtype_size(a.x.dtype())));
   BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g->c, false, a.x));
   BNORM_RETURN_IF_ERROR(detail::check_channel_vector("bias", a.bias.size(), g->c, false, a.x));
   return Status();
 }
 
 // The kernel call of each pass's (validated) arguments; the fused forms set relu, z, y and dz.
-detail::TrainCall train_call(const ForwardTrainArgs& a, const Geometry& g, double factor) {
+template <class E = float>
+detail::TrainCallOf<E> train_call(const ForwardTrainArgs& a, const Geometry& g, double factor) {
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
-  detail::TrainCall call;
+  detail::TrainCallOf<E> call;
   call.g = g;
-  call.x = a.x.data();
+  call.x = a.x.template data_as<E>();
   call.weight = a.weight.empty() ? nullptr : a.weight.data();
   call.bias = a.bias.empty() ? nullptr : a.bias.data();
   call.running_mean = tracking ? a.running_mean.data() : nullptr;
   call.running_var = tracking ? a.running_var.data() : nullptr;
   call.factor = factor;
   call.eps = a.eps;
-  call.y = a.y.data();
+  call.y = a.y.template data_as<E>();
   call.save_mean = a.save_mean.empty() ? nullptr : a.save_mean.data();
   call.save_invstd = a.save_invstd.empty() ? nullptr : a.save_invstd.data();
   return call;
 }
 
-detail::EvalCall eval_call(const ForwardEvalArgs& a, const Geometry& g) {
-  detail::EvalCall call;
+template <class E = float>
+detail::EvalCallOf<E> eval_call(const ForwardEvalArgs& a, const Geometry& g) {
+  detail::EvalCallOf<E> call;
   call.g = g;
-  call.x = a.x.data();
+  call.x = a.x.template data_as<E>();
   call.weight = a.weight.empty() ? nullptr : a.weight.data();
   call.bias = a.bias.empty() ? nullptr : a.bias.data();
   call.running_mean = a.running_mean.data();
   call.running_var = a.running_var.data();
   call.eps = a.eps;
-  call.y = a.y.data();
+  call.y = a.y.template data_as<E>();
   return call;
 }
 
-detail::BackwardCall backward_call(const BackwardArgs& a, const Geometry& g) {
-  detail::BackwardCall call;
+template <class E = float>
+detail::BackwardCallOf<E> backward_call(const BackwardArgs& a, const Geometry& g) {
+  detail::BackwardCallOf<E> call;
   call.g = g;
-  call.dy = a.dy.data();
-  call.x = a.x.data();
+  call.dy = a.dy.template data_as<E>();
+  call.x = a.x.template data_as<E>();
   call.weight = a.weight.empty() ? nullptr : a.weight.data();
   call.training = a.training;
   if (a.training) {
@@ -106,7 +111,7 @@ detail::BackwardCall backward_call(const BackwardArgs& a, const Geometry& g) {
     call.running_var = a.running_var.data();
   }
   call.eps = a.eps;
-  call.dx = a.dx.data();
+  call.dx = a.dx.template data_as<E>();
   call.dweight = a.dweight.empty() ? nullptr : a.dweight.data();
   call.dbias = a.dbias.empty() ? nullptr : a.dbias.data();
   return call;
@@ -301,6 +306,159 @@ Status backward_extended(const BackwardArgs& a, const detail::BackwardCall& base
   return Status();
 }
 
+
+// ---- bf16 and fp16 tensors ----
+//
+// A call on 16-bit tensors runs the implementation's native pass when it has one (no extension
+// used), else it is staged: the 16-bit inputs are widened into fp32 copies (exact), the fp32
+// pass runs on them, and the outputs are rounded to nearest even. The native passes give the
+// staged results bit for bit (tests/cpu/half_kernel_test.cc). Validation has passed before
+// either path starts, so nothing is written unless the fp32 pass succeeds.
+
+template <class E>
+E narrow_one(float f) {
+  if constexpr (std::is_same_v<E, bfloat16>) {
+    return to_bfloat16(f);
+  } else {
+    return to_float16(f);
+  }
+}
+
+template <class E>
+void widen(ConstTensorView t, int64_t numel, std::vector<float>* out) {
+  out->resize(static_cast<size_t>(numel));
+  const E* in = t.template data_as<E>();
+  float* o = out->data();
+  for (int64_t k = 0; k < numel; ++k) o[k] = to_float(in[k]);
+}
+
+template <class E>
+void narrow(const std::vector<float>& in, TensorView t) {
+  E* out = t.template data_as<E>();
+  const float* p = in.data();
+  const auto numel = static_cast<int64_t>(in.size());
+  for (int64_t k = 0; k < numel; ++k) out[k] = narrow_one<E>(p[k]);
+}
+
+// An fp32 view of `data` with t's dims and layout.
+TensorView staged_view(ConstTensorView t, float* data) {
+  std::array<int64_t, kMaxRank> dims{};
+  for (int i = 0; i < t.rank(); ++i) dims[i] = t.dim(i);
+  return TensorView(data, std::span<const int64_t>(dims.data(), static_cast<size_t>(t.rank())),
+                    t.layout());
+}
+
+// fn(E{}) for the 16-bit dtype d.
+template <class Fn>
+Status by_dtype(DType d, Fn&& fn) {
+  if (d == DType::kBFloat16) return fn(bfloat16{});
+  return fn(float16{});
+}
+
+CallOptions staged_options(const CallOptions& options) {
+  CallOptions o = options;
+  o.check_finite = false;  // checked on the 16-bit tensors already
+  return o;
+}
+
+template <class E>
+Status half_forward_train(const ForwardTrainArgs& a, ConstTensorView z, bool relu,
+                          const Geometry& g, double factor, int64_t batches,
+                          const CallOptions& options) {
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  const auto native = detail::native_forward_train<E>(impl);
+  if (native != nullptr && !detail::has_extensions(a)) {
+    detail::TrainCallOf<E> call = train_call<E>(a, g, factor);
+    call.relu = relu;
+    call.z = z.template data_as<E>();
+    BNORM_RETURN_IF_ERROR(detail::run_kernels([&] { native(call); }));
+    const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
+    if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
+    return Status();
+  }
+  std::vector<float> xs, zs;
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
+    widen<E>(a.x, g.numel(), &xs);
+    if (z.raw() != nullptr) widen<E>(z, g.numel(), &zs);
+  }));
+  ForwardTrainArgs f = a;
+  f.x = staged_view(a.x, xs.data());
+  f.y = staged_view(a.x, xs.data());
+  const ConstTensorView fz = z.raw() != nullptr ? staged_view(z, zs.data()) : ConstTensorView();
+  const Status st = relu ? forward_train_relu(f, fz, staged_options(options))
+                         : forward_train(f, staged_options(options));
+  if (st.ok()) narrow<E>(xs, a.y);
+  return st;
+}
+
+template <class E>
+Status half_forward_eval(const ForwardEvalArgs& a, ConstTensorView z, bool relu, const Geometry& g,
+                         const CallOptions& options) {
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  const auto native = detail::native_forward_eval<E>(impl);
+  if (native != nullptr) {
+    detail::EvalCallOf<E> call = eval_call<E>(a, g);
+    call.relu = relu;
+    call.z = z.template data_as<E>();
+    return detail::run_kernels([&] { native(call); });
+  }
+  std::vector<float> xs, zs;
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
+    widen<E>(a.x, g.numel(), &xs);
+    if (z.raw() != nullptr) widen<E>(z, g.numel(), &zs);
+  }));
+  ForwardEvalArgs f = a;
+  f.x = staged_view(a.x, xs.data());
+  f.y = staged_view(a.x, xs.data());
+  const ConstTensorView fz = z.raw() != nullptr ? staged_view(z, zs.data()) : ConstTensorView();
+  const Status st = relu ? forward_eval_relu(f, fz, staged_options(options))
+                         : forward_eval(f, staged_options(options));
+  if (st.ok()) narrow<E>(xs, a.y);
+  return st;
+}
+
+// y (the fused forms' forward output) set: backward_relu, with dz when it has data.
+template <class E>
+Status half_backward(const BackwardArgs& a, ConstTensorView y, TensorView dz, const Geometry& g,
+                     const CallOptions& options) {
+  const bool relu = y.raw() != nullptr;
+  const detail::Implementation& impl = detail::select_implementation(options.backend);
+  const auto native = detail::native_backward<E>(impl);
+  if (native != nullptr && !detail::has_extensions(a)) {
+    detail::BackwardCallOf<E> call = backward_call<E>(a, g);
+    call.y = y.template data_as<E>();
+    call.dz = dz.template data_as<E>();
+    return detail::run_kernels([&] { native(call); });
+  }
+  // dx goes to the copy of dy (it may alias dy), or with the ReLU to the copy of x, dz then
+  // taking the copy of dy (dz may alias dy, dx must not overlap dz).
+  std::vector<float> dys, xs, ys;
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
+    widen<E>(a.dy, g.numel(), &dys);
+    widen<E>(a.x, g.numel(), &xs);
+    if (relu) widen<E>(y, g.numel(), &ys);
+  }));
+  BackwardArgs f = a;
+  f.dy = staged_view(a.x, dys.data());
+  f.x = staged_view(a.x, xs.data());
+  f.dx = staged_view(a.x, relu ? xs.data() : dys.data());
+  Status st;
+  if (relu) {
+    const bool want_dz = dz.raw() != nullptr;
+    st = backward_relu(f, staged_view(a.x, ys.data()),
+                       want_dz ? staged_view(a.x, dys.data()) : TensorView(),
+                       staged_options(options));
+    if (st.ok()) {
+      narrow<E>(xs, a.dx);
+      if (want_dz) narrow<E>(dys, dz);
+    }
+  } else {
+    st = backward(f, staged_options(options));
+    if (st.ok()) narrow<E>(dys, a.dx);
+  }
+  return st;
+}
+
 }  // namespace
 
 Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
@@ -314,6 +472,10 @@ Status forward_train(const ForwardTrainArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(detail::check_train_extensions(a, g, batches, &chunks));
   BNORM_RETURN_IF_ERROR(detail::check_more_than_one_value_per_channel(a.x, g));
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+  if (a.x.dtype() != DType::kFloat32)
+    return by_dtype(a.x.dtype(), [&](auto e) {
+      return half_forward_train<decltype(e)>(a, {}, false, g, factor, batches, options);
+    });
   if (detail::has_extensions(a)) return forward_train_extended(a, g, batches, chunks, options);
 
   detail::TrainCall call = train_call(a, g, factor);
@@ -332,6 +494,10 @@ Status forward_eval(const ForwardEvalArgs& a, const CallOptions& options) {
       detail::check_channel_vector("running_var", a.running_var.size(), g.c, true, a.x));
   BNORM_RETURN_IF_ERROR(detail::check_eps(a.eps));
   if (options.check_finite) BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
+  if (a.x.dtype() != DType::kFloat32)
+    return by_dtype(a.x.dtype(), [&](auto e) {
+      return half_forward_eval<decltype(e)>(a, {}, false, g, options);
+    });
 
   detail::EvalCall call = eval_call(a, g);
   const detail::Implementation& impl = detail::select_implementation(options.backend);
@@ -344,15 +510,19 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
   BNORM_RETURN_IF_ERROR(detail::check_same_shape("dy", a.dy, "x", a.x));
   BNORM_RETURN_IF_ERROR(detail::check_same_shape("dx", a.dx, "x", a.x));
   BNORM_RETURN_IF_ERROR(
-      detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
+      detail::check_no_partial_overlap("dx", a.dx.raw(), "dy", a.dy.raw(), g.numel(), dtype_size(a.x.dtype())));
   BNORM_RETURN_IF_ERROR(
-      detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
+      detail::check_no_partial_overlap("dx", a.dx.raw(), "x", a.x.raw(), g.numel(), dtype_size(a.x.dtype())));
   BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
   BNORM_RETURN_IF_ERROR(detail::check_backward_extensions(a, g));
   if (options.check_finite) {
     BNORM_RETURN_IF_ERROR(detail::check_finite("dy", a.dy, g));
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
   }
+  if (a.x.dtype() != DType::kFloat32)
+    return by_dtype(a.x.dtype(), [&](auto e) {
+      return half_backward<decltype(e)>(a, {}, {}, g, options);
+    });
 
   detail::BackwardCall call = backward_call(a, g);
   if (detail::has_extensions(a)) return backward_extended(a, call, options);
@@ -363,9 +533,11 @@ Status backward(const BackwardArgs& a, const CallOptions& options) {
 namespace {
 
 // An output that must not share any element with another array.
-Status check_disjoint(const char* out_name, const float* out, const char* in_name,
-                      const float* in, int64_t numel) {
-  if (out + numel <= in || in + numel <= out) return Status();
+Status check_disjoint(const char* out_name, const void* out, const char* in_name,
+                      const void* in, int64_t bytes) {
+  const auto o = reinterpret_cast<uintptr_t>(out), i = reinterpret_cast<uintptr_t>(in);
+  const auto n = static_cast<uintptr_t>(bytes);
+  if (o + n <= i || i + n <= o) return Status();
   return Status::invalid_argument(std::string(out_name) + ": overlaps " + in_name +
                                   "; it must be a separate buffer");
 }
@@ -381,11 +553,11 @@ Status forward_train_relu(const ForwardTrainArgs& a, ConstTensorView z,
         "by the fused forms (call forward_train, then the ReLU)");
   Geometry g;
   BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
-  const bool add = z.data() != nullptr;
+  const bool add = z.raw() != nullptr;
   if (add) {
     BNORM_RETURN_IF_ERROR(detail::check_same_shape("z", z, "x", a.x));
     BNORM_RETURN_IF_ERROR(
-        detail::check_no_partial_overlap("y", a.y.data(), "z", z.data(), g.numel()));
+        detail::check_no_partial_overlap("y", a.y.raw(), "z", z.raw(), g.numel(), dtype_size(a.x.dtype())));
   }
   const bool tracking = !a.running_mean.empty() || !a.running_var.empty();
   double factor = 0;
@@ -396,6 +568,10 @@ Status forward_train_relu(const ForwardTrainArgs& a, ConstTensorView z,
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
     if (add) BNORM_RETURN_IF_ERROR(detail::check_finite("z", z, g));
   }
+  if (a.x.dtype() != DType::kFloat32)
+    return by_dtype(a.x.dtype(), [&](auto e) {
+      return half_forward_train<decltype(e)>(a, z, true, g, factor, batches, options);
+    });
 
   detail::TrainCall call = train_call(a, g, factor);
   call.relu = true;
@@ -409,11 +585,11 @@ Status forward_train_relu(const ForwardTrainArgs& a, ConstTensorView z,
 Status forward_eval_relu(const ForwardEvalArgs& a, ConstTensorView z, const CallOptions& options) {
   Geometry g;
   BNORM_RETURN_IF_ERROR(check_forward_common(a, &g));
-  const bool add = z.data() != nullptr;
+  const bool add = z.raw() != nullptr;
   if (add) {
     BNORM_RETURN_IF_ERROR(detail::check_same_shape("z", z, "x", a.x));
     BNORM_RETURN_IF_ERROR(
-        detail::check_no_partial_overlap("y", a.y.data(), "z", z.data(), g.numel()));
+        detail::check_no_partial_overlap("y", a.y.raw(), "z", z.raw(), g.numel(), dtype_size(a.x.dtype())));
   }
   BNORM_RETURN_IF_ERROR(
       detail::check_channel_vector("running_mean", a.running_mean.size(), g.c, true, a.x));
@@ -424,6 +600,10 @@ Status forward_eval_relu(const ForwardEvalArgs& a, ConstTensorView z, const Call
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
     if (add) BNORM_RETURN_IF_ERROR(detail::check_finite("z", z, g));
   }
+  if (a.x.dtype() != DType::kFloat32)
+    return by_dtype(a.x.dtype(), [&](auto e) {
+      return half_forward_eval<decltype(e)>(a, z, true, g, options);
+    });
 
   detail::EvalCall call = eval_call(a, g);
   call.relu = true;
@@ -444,18 +624,18 @@ Status backward_relu(const BackwardArgs& a, ConstTensorView y, TensorView dz,
   BNORM_RETURN_IF_ERROR(detail::check_same_shape("dx", a.dx, "x", a.x));
   const int64_t numel = g.numel();
   BNORM_RETURN_IF_ERROR(
-      detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), numel));
+      detail::check_no_partial_overlap("dx", a.dx.raw(), "dy", a.dy.raw(), numel, dtype_size(a.x.dtype())));
   BNORM_RETURN_IF_ERROR(
-      detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), numel));
-  BNORM_RETURN_IF_ERROR(detail::check_no_partial_overlap("dx", a.dx.data(), "y", y.data(), numel));
-  const bool want_dz = dz.data() != nullptr;
+      detail::check_no_partial_overlap("dx", a.dx.raw(), "x", a.x.raw(), numel, dtype_size(a.x.dtype())));
+  BNORM_RETURN_IF_ERROR(detail::check_no_partial_overlap("dx", a.dx.raw(), "y", y.raw(), numel, dtype_size(a.x.dtype())));
+  const bool want_dz = dz.raw() != nullptr;
   if (want_dz) {
     BNORM_RETURN_IF_ERROR(detail::check_same_shape("dz", dz, "x", a.x));
     BNORM_RETURN_IF_ERROR(
-        detail::check_no_partial_overlap("dz", dz.data(), "dy", a.dy.data(), numel));
-    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.data(), "x", a.x.data(), numel));
-    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.data(), "y", y.data(), numel));
-    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.data(), "dx", a.dx.data(), numel));
+        detail::check_no_partial_overlap("dz", dz.raw(), "dy", a.dy.raw(), numel, dtype_size(a.x.dtype())));
+    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.raw(), "x", a.x.raw(), numel * dtype_size(a.x.dtype())));
+    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.raw(), "y", y.raw(), numel * dtype_size(a.x.dtype())));
+    BNORM_RETURN_IF_ERROR(check_disjoint("dz", dz.raw(), "dx", a.dx.raw(), numel * dtype_size(a.x.dtype())));
   }
   BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
   if (options.check_finite) {
@@ -463,6 +643,10 @@ Status backward_relu(const BackwardArgs& a, ConstTensorView y, TensorView dz,
     BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
     BNORM_RETURN_IF_ERROR(detail::check_finite("y", y, g));
   }
+  if (a.x.dtype() != DType::kFloat32)
+    return by_dtype(a.x.dtype(), [&](auto e) {
+      return half_backward<decltype(e)>(a, y, dz, g, options);
+    });
 
   detail::BackwardCall call = backward_call(a, g);
   call.y = y.data();

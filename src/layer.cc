@@ -238,7 +238,7 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
     if (frozen_stats && update) {
       // The update pass writes a y of its own: y itself unless it is x (then a scratch copy).
       TensorView target = y;
-      if (y.data() == x.data() && x.rank() >= 2) {
+      if (y.raw() == x.raw() && x.rank() >= 2) {
         int64_t numel = 1;
         for (int i = 0; i < x.rank() && i < kMaxRank; ++i) numel *= std::max<int64_t>(x.dim(i), 0);
         try {
@@ -249,7 +249,8 @@ Status BatchNorm::forward(ConstTensorView x, TensorView y) {
         }
         std::array<int64_t, kMaxRank> dims{};
         for (int i = 0; i < x.rank() && i < kMaxRank; ++i) dims[i] = x.dim(i);
-        target = TensorView(y_scratch_.data(),
+        // y_scratch_ holds numel floats: room for numel elements of any dtype.
+        target = TensorView(static_cast<void*>(y_scratch_.data()), x.dtype(),
                             std::span<const int64_t>(dims.data(), static_cast<size_t>(x.rank())),
                             x.layout());
       }

@@ -138,6 +138,28 @@ void merge_sums(const double* table, int64_t channels, int64_t lo, int64_t hi, S
       [](const Sums& a, const Sums& b) { return Sums{a.dy + b.dy, a.dy_xhat + b.dy_xhat}; });
 }
 
+// The fp32 copy of a bf16 / fp16 tensor (exact), and the rounding of one back (nearest even).
+void widen_tensor(ConstTensorView t, int64_t numel, std::vector<float>* out) {
+  out->resize(static_cast<size_t>(numel));
+  if (t.dtype() == DType::kBFloat16) {
+    const bfloat16* in = t.data_as<bfloat16>();
+    for (int64_t k = 0; k < numel; ++k) (*out)[static_cast<size_t>(k)] = to_float(in[k]);
+  } else {
+    const float16* in = t.data_as<float16>();
+    for (int64_t k = 0; k < numel; ++k) (*out)[static_cast<size_t>(k)] = to_float(in[k]);
+  }
+}
+void narrow_tensor(const std::vector<float>& in, TensorView t) {
+  const auto numel = static_cast<int64_t>(in.size());
+  if (t.dtype() == DType::kBFloat16) {
+    bfloat16* out = t.data_as<bfloat16>();
+    for (int64_t k = 0; k < numel; ++k) out[k] = to_bfloat16(in[static_cast<size_t>(k)]);
+  } else {
+    float16* out = t.data_as<float16>();
+    for (int64_t k = 0; k < numel; ++k) out[k] = to_float16(in[static_cast<size_t>(k)]);
+  }
+}
+
 // A tensor that may hold N = 0 samples: checked as check_tensor does with N = 1.
 Status check_local_tensor(const char* name, ConstTensorView t, Geometry* g) {
   if (t.rank() >= 1 && t.rank() <= kMaxRank && t.dim(0) == 0) {
@@ -471,7 +493,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
     BNORM_RETURN_IF_ERROR(check_local_same_shape("y", a.y, "x", a.x));
     if (g.n > 0)
       BNORM_RETURN_IF_ERROR(
-          detail::check_no_partial_overlap("y", a.y.data(), "x", a.x.data(), g.numel()));
+          detail::check_no_partial_overlap("y", a.y.raw(), "x", a.x.raw(), g.numel(), dtype_size(a.x.dtype())));
     BNORM_RETURN_IF_ERROR(detail::check_channel_vector("weight", a.weight.size(), g.c, false, a.x));
     BNORM_RETURN_IF_ERROR(detail::check_channel_vector("bias", a.bias.size(), g.c, false, a.x));
     BNORM_RETURN_IF_ERROR(detail::check_no_extensions_for_sync(a));
@@ -483,7 +505,13 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
       BNORM_RETURN_IF_ERROR(detail::check_finite("x", a.x, g));
     return Status();
   };
-  const Status mine = prior.ok() ? validate() : prior;
+  Status mine = prior.ok() ? validate() : prior;
+  // bf16 / fp16 tensors: the pass runs on an fp32 copy of x (exact), y rounded at the end.
+  std::vector<float> staged;
+  const bool half = mine.ok() && g.n > 0 && a.x.dtype() != DType::kFloat32;
+  if (half) mine = detail::run_kernels([&] { widen_tensor(a.x, g.numel(), &staged); });
+  const float* xp = half ? staged.data() : a.x.data();
+  float* yp = half ? staged.data() : a.y.data();
 
   uint64_t state_hash = 0;
   if (mine.ok() && tracking) {
@@ -516,7 +544,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
          {kStateHash, "a hash of the running statistics and num_batches_tracked"}});
   };
   ex.fill_slots = [&](const Split&, double* slots) {
-    local_stats(g, a.x.data(), impl, sync.mode, slots);
+    local_stats(g, xp, impl, sync.mode, slots);
   };
   std::vector<double> buffer;
   const double* table = nullptr;
@@ -552,9 +580,10 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
     if (g.n > 0) {
       const double* w = weight.empty() ? nullptr : weight.data();
       const double* b = bias.empty() ? nullptr : bias.data();
-      impl.apply(g, a.x.data(), mean.data(), invstd.data(), w, b, a.y.data());
+      impl.apply(g, xp, mean.data(), invstd.data(), w, b, yp);
     }
   }));
+  if (half) narrow_tensor(staged, a.y);
   if (tracking) {
     std::copy(new_running_mean.begin(), new_running_mean.end(), a.running_mean.begin());
     std::copy(new_running_var.begin(), new_running_var.end(), a.running_var.begin());
@@ -582,9 +611,9 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
     BNORM_RETURN_IF_ERROR(check_local_same_shape("dx", a.dx, "x", a.x));
     if (g.n > 0) {
       BNORM_RETURN_IF_ERROR(
-          detail::check_no_partial_overlap("dx", a.dx.data(), "dy", a.dy.data(), g.numel()));
+          detail::check_no_partial_overlap("dx", a.dx.raw(), "dy", a.dy.raw(), g.numel(), dtype_size(a.x.dtype())));
       BNORM_RETURN_IF_ERROR(
-          detail::check_no_partial_overlap("dx", a.dx.data(), "x", a.x.data(), g.numel()));
+          detail::check_no_partial_overlap("dx", a.dx.raw(), "x", a.x.raw(), g.numel(), dtype_size(a.x.dtype())));
     }
     BNORM_RETURN_IF_ERROR(detail::check_no_extensions_for_sync(a));
     BNORM_RETURN_IF_ERROR(detail::check_backward_args(a, g));
@@ -597,7 +626,18 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
     }
     return Status();
   };
-  const Status mine = prior.ok() ? validate() : prior;
+  Status mine = prior.ok() ? validate() : prior;
+  // bf16 / fp16 tensors: the pass runs on fp32 copies of dy and x (exact), dx rounded at the end.
+  std::vector<float> staged_dy, staged_x;
+  const bool half = mine.ok() && g.n > 0 && a.x.dtype() != DType::kFloat32;
+  if (half)
+    mine = detail::run_kernels([&] {
+      widen_tensor(a.dy, g.numel(), &staged_dy);
+      widen_tensor(a.x, g.numel(), &staged_x);
+    });
+  const float* dyp = half ? staged_dy.data() : a.dy.data();
+  const float* xp = half ? staged_x.data() : a.x.data();
+  float* dxp = half ? staged_dy.data() : a.dx.data();
 
   const detail::Implementation& impl = detail::select_implementation(options.backend);
   const int64_t channels = g.c;
@@ -621,7 +661,7 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
                             {kBLayout, "layout"}});
   };
   ex.fill_slots = [&](const Split&, double* slots) {
-    local_backward_sums(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), impl, sync.mode,
+    local_backward_sums(g, dyp, xp, mean.data(), invstd.data(), impl, sync.mode,
                         slots);
   };
   std::vector<double> buffer;
@@ -645,9 +685,10 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
     const double* w = weight.empty() ? nullptr : weight.data();
     const int64_t global_count = split.global_n * g.s;
     BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
-      impl.backward_apply(g, a.dy.data(), a.x.data(), mean.data(), invstd.data(), w,
-                          sum_dy.data(), sum_dy_xhat.data(), true, a.dx.data(), global_count);
+      impl.backward_apply(g, dyp, xp, mean.data(), invstd.data(), w,
+                          sum_dy.data(), sum_dy_xhat.data(), true, dxp, global_count);
     }));
+    if (half) narrow_tensor(staged_dy, a.dx);
   }
   for (int64_t c = 0; c < channels; ++c) {
     if (!a.dweight.empty()) a.dweight[c] = static_cast<float>(sums[static_cast<size_t>(c)].dy_xhat);

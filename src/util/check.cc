@@ -17,7 +17,10 @@ std::string format_number(double value) {
 
 Status check_tensor(const char* name, ConstTensorView t, Geometry* geometry) {
   const std::string n = name;
-  if (t.data() == nullptr) return Status::invalid_argument(n + ": data is null");
+  if (t.raw() == nullptr) return Status::invalid_argument(n + ": data is null");
+  if (dtype_size(t.dtype()) == 0)
+    return Status::invalid_argument(n + ": dtype must be float32 (0), bfloat16 (1) or float16 (2), got " +
+                                    dtype_name(t.dtype()));
   if (t.layout() != Layout::kChannelsFirst && t.layout() != Layout::kChannelsLast)
     return Status::invalid_argument(
         n + ": layout must be channels_first (0) or channels_last (1), got " +
@@ -54,7 +57,11 @@ Status check_tensor(const char* name, ConstTensorView t, Geometry* geometry) {
 Status check_same_shape(const char* name, ConstTensorView t, const char* like_name,
                         ConstTensorView like) {
   const std::string n = name;
-  if (t.data() == nullptr) return Status::invalid_argument(n + ": data is null");
+  if (t.raw() == nullptr) return Status::invalid_argument(n + ": data is null");
+  if (t.dtype() != like.dtype())
+    return Status::invalid_argument(n + ": dtype " + dtype_name(t.dtype()) + " must equal " +
+                                    like_name + "'s dtype " + dtype_name(like.dtype()) +
+                                    " (every tensor of a call has one dtype)");
   bool same = t.rank() == like.rank();
   for (int i = 0; same && i < t.rank(); ++i) same = t.dim(i) == like.dim(i);
   if (!same)
@@ -66,11 +73,11 @@ Status check_same_shape(const char* name, ConstTensorView t, const char* like_na
   return Status();
 }
 
-Status check_no_partial_overlap(const char* out_name, const float* out, const char* in_name,
-                                const float* in, int64_t numel) {
+Status check_no_partial_overlap(const char* out_name, const void* out, const char* in_name,
+                                const void* in, int64_t numel, int64_t element_size) {
   if (out == in) return Status();
   const auto a = reinterpret_cast<uintptr_t>(out), b = reinterpret_cast<uintptr_t>(in);
-  const auto bytes = static_cast<uintptr_t>(numel) * sizeof(float);
+  const auto bytes = static_cast<uintptr_t>(numel) * static_cast<uintptr_t>(element_size);
   if (a < b + bytes && b < a + bytes)
     return Status::invalid_argument(std::string(out_name) + ": partially overlaps " + in_name +
                                     " (in-place needs " + out_name + " == " + in_name +
@@ -111,11 +118,25 @@ Status check_more_than_one_value_per_channel(ConstTensorView x, const Geometry& 
       "Expected more than 1 value per channel when training, got input size " + x.size_string());
 }
 
+namespace {
+
+float element(ConstTensorView t, int64_t k) {
+  switch (t.dtype()) {
+    case DType::kBFloat16:
+      return to_float(t.data_as<bfloat16>()[k]);
+    case DType::kFloat16:
+      return to_float(t.data_as<float16>()[k]);
+    default:
+      return t.data()[k];
+  }
+}
+
+}  // namespace
+
 Status check_finite(const char* name, ConstTensorView t, const Geometry& g) {
-  const float* data = t.data();
   const int64_t numel = g.numel();
   for (int64_t k = 0; k < numel; ++k) {
-    if (std::isfinite(data[k])) continue;
+    if (std::isfinite(element(t, k))) continue;
     // Memory index -> logical (i, c, j) -> (i, c, spatial...).
     int64_t i, c, j;
     if (g.layout == Layout::kChannelsFirst) {
@@ -132,7 +153,7 @@ Status check_finite(const char* name, ConstTensorView t, const Geometry& g) {
       spatial = ", " + std::to_string(j % t.dim(d)) + spatial;
       j /= t.dim(d);
     }
-    return Status::non_finite(std::string(name) + ": " + format_number(data[k]) + " at index [" +
+    return Status::non_finite(std::string(name) + ": " + format_number(element(t, k)) + " at index [" +
                               std::to_string(i) + ", " + std::to_string(c) + spatial +
                               "] (channel " + std::to_string(c) + ")");
   }

@@ -24,9 +24,10 @@ Status check_tensor(const char* name, ConstTensorView t, Geometry* geometry);
 Status check_same_shape(const char* name, ConstTensorView t, const char* like_name,
                         ConstTensorView like);
 
-// An output that may alias an input exactly but must not partially overlap it.
-Status check_no_partial_overlap(const char* out_name, const float* out, const char* in_name,
-                                const float* in, int64_t numel);
+// An output that may alias an input exactly but must not partially overlap it (numel elements
+// of element_size bytes each).
+Status check_no_partial_overlap(const char* out_name, const void* out, const char* in_name,
+                                const void* in, int64_t numel, int64_t element_size = 4);
 
 // A per-channel vector: absent (empty) unless required, else exactly c values.
 Status check_channel_vector(const char* name, size_t size, int64_t c, bool required,

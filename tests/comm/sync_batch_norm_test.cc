@@ -546,3 +546,80 @@ TEST(SyncBatchNorm, LayerFollowsTheGlobalBatch) {
 }
 
 }  // namespace
+
+namespace {
+
+// bf16 parts: every output is the fp32 synchronized pass's on the widened values, the tensors
+// rounded once to nearest even (the partials are fp64 whatever the dtype).
+TEST(SyncBatchNorm, Bfloat16PartsGiveTheFp32PassRoundedOnce) {
+  const std::vector<int64_t> dims = {9, 6, 4, 5};
+  const int64_t sample = 6 * 20;
+  const std::vector<int64_t> split = {4, 0, 5};
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    SCOPED_TRACE(layout == Layout::kChannelsFirst ? "channels_first" : "channels_last");
+    Problem p = MakeProblem(dims, layout, 1605);
+    std::vector<bnorm::bfloat16> x16(p.x.size()), dy16(p.dy.size());
+    for (size_t k = 0; k < p.x.size(); ++k) {
+      x16[k] = bnorm::to_bfloat16(p.x[k]);
+      p.x[k] = bnorm::to_float(x16[k]);
+      dy16[k] = bnorm::to_bfloat16(p.dy[k]);
+      p.dy[k] = bnorm::to_float(dy16[k]);
+    }
+    std::vector<bnorm::bfloat16> y16(p.x.size()), dx16(p.x.size());
+    std::vector<float> y32(p.x.size()), dx32(p.x.size());
+    std::vector<std::vector<float>> out16(3), out32(3);
+    for (bool half : {true, false}) {
+      std::unique_ptr<InProcessGroup> group;
+      ASSERT_TRUE(InProcessGroup::create(3, &group).ok());
+      const Status s = group->run([&](Communicator& comm) -> Status {
+        const int r = comm.rank();
+        int64_t offset = 0;
+        for (int i = 0; i < r; ++i) offset += split[static_cast<size_t>(i)];
+        const std::vector<int64_t> local = WithBatch(dims, split[static_cast<size_t>(r)]);
+        const int64_t at = offset * sample;
+        std::vector<float> rm = p.running_mean, rv = p.running_var, sm(6), si(6), dw(6), db(6);
+        bnorm::ForwardTrainArgs a;
+        a.weight = p.weight;
+        a.bias = p.bias;
+        a.running_mean = rm;
+        a.running_var = rv;
+        a.save_mean = sm;
+        a.save_invstd = si;
+        bnorm::BackwardArgs g;
+        g.weight = p.weight;
+        g.save_mean = sm;
+        g.save_invstd = si;
+        g.dweight = dw;
+        g.dbias = db;
+        if (half) {
+          a.x = bnorm::ConstTensorView(x16.data() + at, local, layout);
+          a.y = bnorm::TensorView(y16.data() + at, local, layout);
+          g.dy = bnorm::ConstTensorView(dy16.data() + at, local, layout);
+          g.x = a.x;
+          g.dx = bnorm::TensorView(dx16.data() + at, local, layout);
+        } else {
+          a.x = bnorm::ConstTensorView(p.x.data() + at, local, layout);
+          a.y = bnorm::TensorView(y32.data() + at, local, layout);
+          g.dy = bnorm::ConstTensorView(p.dy.data() + at, local, layout);
+          g.x = a.x;
+          g.dx = bnorm::TensorView(dx32.data() + at, local, layout);
+        }
+        BNORM_RETURN_IF_ERROR(bnorm::sync_forward_train(comm, a));
+        BNORM_RETURN_IF_ERROR(bnorm::sync_backward(comm, g));
+        std::vector<float>& out = (half ? out16 : out32)[static_cast<size_t>(r)];
+        for (const auto* v : {&rm, &rv, &sm, &si, &dw, &db}) out.insert(out.end(), v->begin(), v->end());
+        return Status();
+      });
+      ASSERT_TRUE(s.ok()) << s.to_string();
+    }
+    for (size_t k = 0; k < y16.size(); ++k) {
+      ASSERT_EQ(y16[k].bits, bnorm::to_bfloat16(y32[k]).bits) << "y at " << k;
+      ASSERT_EQ(dx16[k].bits, bnorm::to_bfloat16(dx32[k]).bits) << "dx at " << k;
+    }
+    for (size_t r = 0; r < 3; ++r)
+      ASSERT_EQ(0, std::memcmp(out16[r].data(), out32[r].data(), out16[r].size() * sizeof(float)))
+          << "statistics or parameter gradients of rank " << r;
+  }
+}
+
+}  // namespace
