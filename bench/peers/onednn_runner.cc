@@ -282,8 +282,9 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
           refused = unimplemented(e);
           // oneDNN's way of saying it has no such primitive: the creation of the primitive
           // descriptor fails with dnnl_unimplemented.
-          error = refused ? unsupported + dtype_text + " batch normalization (" + op_name(op) + ", " +
-                                lc.name + "): no implementation (" + e.what() + ")"
+          error = refused ? unsupported + dtype_text +
+                                " batch normalization has no implementation on this CPU (" +
+                                e.what() + ")"
                           : std::string("oneDNN error: ") + e.what();
           if (!refused)  // a refusal is a skip row, printed with the rows
             std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), error.c_str());
