@@ -19,11 +19,10 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
-
-#include <optional>
 
 namespace bench::onednn {
 namespace {
