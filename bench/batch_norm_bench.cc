@@ -902,6 +902,7 @@ std::string load_average() {
 void meta(std::FILE* csv, const std::string& key, const std::string& value) {
   Row r;
   r.impl = "meta";
+  r.dtype = "-";
   r.shape = "-";
   r.layout = key;
   r.op = "-";
