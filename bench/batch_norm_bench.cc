@@ -613,8 +613,9 @@ struct CallState {
 };
 
 // One call of op on b. unfused: batch norm's plain pass and the ReLU pass apart (backward: the
-// mask pass into dx, then batch norm's backward from dx in place); fp32 only (the ReLU passes
-// are fp32 loops). The views carry the problem's dtype (bnorm's bf16 / fp16 views for 16 bits).
+// mask pass into dx, then batch norm's backward from dx in place); for 16 bits the passes of
+// relu_passes.h on the 16-bit elements. The views carry the problem's dtype (bnorm's bf16 /
+// fp16 views for 16 bits).
 bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
                 const CallBuffers& cb, CallState& st, WorkerTeam& team) {
   const auto& dims = p.shape.dims;
@@ -622,7 +623,6 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
   const bnorm::DType dt = bnorm_dtype(p.dtype);
   auto cview = [&](const void* d) { return bnorm::ConstTensorView(d, dt, dims, layout); };
   auto mview = [&](void* d) { return bnorm::TensorView(d, dt, dims, layout); };
-  if (unfused && p.dtype != Dtype::kF32) return false;  // run_bnorm writes a skip row instead
   // The fp32 elements, for the unfused ReLU passes.
   struct {
     const float* z;
@@ -632,6 +632,21 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     float* dx;
   } b = {static_cast<const float*>(cb.z), static_cast<const float*>(cb.dy),
          static_cast<const float*>(cb.y_in), static_cast<float*>(cb.y), static_cast<float*>(cb.dx)};
+  // The 16-bit elements, for the same passes on 16-bit tensors.
+  const bool half = p.dtype != Dtype::kF32, bf16 = p.dtype == Dtype::kBF16;
+  struct {
+    const uint16_t* z;
+    const uint16_t* dy;
+    const uint16_t* y_in;
+    uint16_t* y;
+    uint16_t* dx;
+  } h = {static_cast<const uint16_t*>(cb.z), static_cast<const uint16_t*>(cb.dy),
+         static_cast<const uint16_t*>(cb.y_in), static_cast<uint16_t*>(cb.y),
+         static_cast<uint16_t*>(cb.dx)};
+  auto relu_pass = [&] {
+    if (half) team.run(count, [&](size_t i, size_t e) { relu_inplace16(h.y + i, e - i, bf16); });
+    else team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
+  };
   bnorm::ConstTensorView xv = cview(cb.x);
   auto ok = [&](const bnorm::Status& s) {
     if (!s.ok()) st.error = s.message();
@@ -654,10 +669,13 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     if (op == Op::kFwdTrainAddRelu) zv = cview(cb.z);
     if (op == Op::kFwdTrain || unfused) {
       if (!ok(bnorm::forward_train(ft))) return false;
-      if (op == Op::kFwdTrainRelu)
-        team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
-      if (op == Op::kFwdTrainAddRelu)
-        team.run(count, [&](size_t i, size_t e) { add_relu_inplace(b.y + i, b.z + i, e - i); });
+      if (op == Op::kFwdTrainRelu) relu_pass();
+      if (op == Op::kFwdTrainAddRelu) {
+        if (half)
+          team.run(count, [&](size_t i, size_t e) { add_relu_inplace16(h.y + i, h.z + i, e - i, bf16); });
+        else
+          team.run(count, [&](size_t i, size_t e) { add_relu_inplace(b.y + i, b.z + i, e - i); });
+      }
       return true;
     }
     return ok(bnorm::forward_train_relu(ft, zv));
@@ -674,7 +692,7 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     if (op == Op::kFwdInfer) return ok(bnorm::forward_eval(fe));
     if (!unfused) return ok(bnorm::forward_eval_relu(fe));
     if (!ok(bnorm::forward_eval(fe))) return false;
-    team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
+    relu_pass();
     return true;
   }
   // The reference's batch statistics, so that backward is judged on its own.
@@ -690,8 +708,11 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
   bw.dbias = st.dbias;
   if (op == Op::kBwd) return ok(bnorm::backward(bw));
   if (!unfused) return ok(bnorm::backward_relu(bw, cview(cb.y_in)));
-  team.run(count, [&](size_t i, size_t e) { relu_mask(b.dy + i, b.y_in + i, b.dx + i, e - i); });
-  bw.dy = bnorm::ConstTensorView(b.dx, dims, layout);  // dx may alias dy exactly
+  if (half)
+    team.run(count, [&](size_t i, size_t e) { relu_mask16(h.dy + i, h.y_in + i, h.dx + i, e - i, bf16); });
+  else
+    team.run(count, [&](size_t i, size_t e) { relu_mask(b.dy + i, b.y_in + i, b.dx + i, e - i); });
+  bw.dy = cview(cb.dx);  // dx may alias dy exactly
   return ok(bnorm::backward(bw));
 }
 
@@ -841,7 +862,6 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
     std::vector<double> errs(variants.size(), 0.0);
     std::vector<std::string> errors(variants.size());
     for (size_t v = 0; v < variants.size(); ++v) {
-      if (variants[v] && dtype != Dtype::kF32) continue;  // a skip row below
       try {
         errs[v] = validate(variants[v], states[v]);
       } catch (const std::exception& e) {
@@ -861,10 +881,7 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
         r.dtype = dtype_name(dtype);
         r.bytes = min_traffic_bytes(op, shape, dtype);
         r.err_ratio = errs[v];
-        if (variants[v] && dtype != Dtype::kF32) {
-          r.status = "skip";
-          r.note = "the bench's separate ReLU passes are fp32 loops: no 16-bit unfused pair";
-        } else if (!errors[v].empty()) {
+        if (!errors[v].empty()) {
           r.status = "error";
           r.note = errors[v];
         } else if (!(errs[v] <= 1.0)) {
