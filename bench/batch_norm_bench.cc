@@ -12,6 +12,11 @@
 //   bnorm_bench [--shapes FILE]... [--ops fwd_train,...] [--impls copy,bnorm,onednn]
 //               [--mode warm|cold|both] [--cold] [--cold-mib 1536] [--quick] [--threads 2]
 //               [--copy-mib 256] [--min-time S] [--min-reps N] [--csv PATH (none: no CSV)]
+//               [--dtypes f32,bf16,f16 (default f32)] [--half-ops OP,... (default: --ops)]
+//
+// --dtypes: the element types of the tensors. bf16 and f16 run bnorm with bf16/fp16 views (the
+// per-channel vectors fp32) and oneDNN's bf16/f16 primitives; a peer that refuses the dtype
+// gets a skip row that says so. --half-ops restricts the 16-bit dtypes to some of the ops.
 #include <pthread.h>
 #include <sched.h>
 
@@ -41,6 +46,8 @@ namespace {
 struct Options {
   std::vector<std::string> shape_files;
   RunOptions run;  // ops: every op unless --ops
+  std::vector<Dtype> dtypes = {Dtype::kF32};  // --dtypes
+  std::vector<Op> half_ops;  // --half-ops: the ops of the 16-bit dtypes (empty: every op of --ops)
   bool run_copy = true, run_bnorm = true, run_onednn = true;
   bool quick = false;
   int threads = 2;
@@ -72,8 +79,11 @@ std::vector<std::string> split(const std::string& s, char sep) {
                "usage: bnorm_bench [--shapes FILE]... [--ops OP,...] [--impls copy,bnorm,onednn]\n"
                "                   [--mode warm|cold|both] [--cold] [--cold-mib MIB] [--quick]\n"
                "                   [--threads N] [--copy-mib MIB] [--min-time SECONDS]\n"
-               "                   [--min-reps N] [--csv PATH]\n"
-               "ops: %s\n",
+               "                   [--min-reps N] [--csv PATH] [--dtypes f32,bf16,f16]\n"
+               "                   [--half-ops OP,...]\n"
+               "ops: %s\n"
+               "dtypes: f32 (default), bf16, f16 (the tensors' element type; --half-ops: the ops\n"
+               "        the 16-bit ones run, default every op of --ops)\n",
                error.c_str(), all_op_names().c_str());
   std::exit(2);
 }
@@ -102,6 +112,26 @@ Options parse_options(int argc, char** argv) {
         o.run.ops.push_back(*it);
       }
       if (o.run.ops.empty()) usage("--ops is empty");
+    } else if (a == "--dtypes") {
+      o.dtypes.clear();
+      for (const auto& name : split(value(), ',')) {
+        auto it = std::find_if(std::begin(kAllDtypes), std::end(kAllDtypes),
+                               [&](Dtype d) { return name == dtype_name(d); });
+        if (it == std::end(kAllDtypes))
+          usage("unknown dtype '" + name + "' in --dtypes (expected f32, bf16, f16)");
+        if (std::find(o.dtypes.begin(), o.dtypes.end(), *it) == o.dtypes.end())
+          o.dtypes.push_back(*it);
+      }
+      if (o.dtypes.empty()) usage("--dtypes is empty");
+    } else if (a == "--half-ops") {
+      o.half_ops.clear();
+      for (const auto& name : split(value(), ',')) {
+        auto it = std::find_if(std::begin(kAllOps), std::end(kAllOps),
+                               [&](Op op) { return name == op_name(op); });
+        if (it == std::end(kAllOps))
+          usage("unknown op '" + name + "' in --half-ops (expected " + all_op_names() + ")");
+        o.half_ops.push_back(*it);
+      }
     } else if (a == "--mode") {
       std::string m = value();
       if (m == "warm") o.run.modes = {Mode::kWarm};
@@ -401,9 +431,10 @@ void reference_backward_relu(const Problem& p, const float* y, float* dx,
 
 namespace {
 
-std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>& ops) {
+std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>& ops, Dtype dtype) {
   auto p = std::make_unique<Problem>();
   p->shape = shape;
+  p->dtype = dtype;
   const int64_t C = shape.c(), S = shape.spatial(), N = shape.n();
   const size_t count = static_cast<size_t>(shape.numel());
   Rng rng{0x5eed0000ull + static_cast<uint64_t>(count)};
@@ -426,8 +457,9 @@ std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>&
       float* x = p->x.data() + (i * C + c) * S;
       float* dy = p->dy.data() + (i * C + c) * S;
       for (int64_t j = 0; j < S; ++j) {
-        x[j] = offset[c] + rng.normalish();
-        dy[j] = rng.normalish();
+        // Rounded to the dtype (exact for f32): the values every implementation gets.
+        x[j] = quantize(offset[c] + rng.normalish(), dtype);
+        dy[j] = quantize(rng.normalish(), dtype);
       }
     }
 
@@ -459,7 +491,7 @@ std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>&
   auto wants = [&](Op op) { return std::find(ops.begin(), ops.end(), op) != ops.end(); };
   if (wants(Op::kFwdTrainAddRelu)) {  // drawn after x and dy, so their values do not change
     p->z = Buffer(count);
-    for (size_t i = 0; i < count; ++i) p->z[i] = rng.normalish();
+    for (size_t i = 0; i < count; ++i) p->z[i] = quantize(rng.normalish(), dtype);
     p->max_abs_z = max_abs(p->z.data(), count);
   }
   // The fused forwards' references: the reference's fused calls, on fresh running statistics
@@ -494,10 +526,14 @@ std::unique_ptr<Problem> make_problem(const Shape& shape, const std::vector<Op>&
     check(bnorm::forward_eval_relu(fe, {}, ref), "reference forward_eval_relu");
   }
   if (wants(Op::kBwdRelu)) {
+    if (dtype != Dtype::kF32) {  // the input y as the implementations get it
+      p->y_relu_in16 = Buffer(count);
+      for (size_t i = 0; i < count; ++i) p->y_relu_in16[i] = quantize(p->y_train_relu[i], dtype);
+    }
     p->dx_relu = Buffer(count);
     p->dweight_relu.resize(C);
     p->dbias_relu.resize(C);
-    reference_backward_relu(*p, p->y_train_relu.data(), p->dx_relu.data(), p->dweight_relu,
+    reference_backward_relu(*p, p->relu_input().data(), p->dx_relu.data(), p->dweight_relu,
                             p->dbias_relu);
   }
   if (wants(Op::kFwdInfer)) {
@@ -559,29 +595,63 @@ void to_channels_first(const float* src, float* dst, int64_t N, int64_t C, int64
 // bnorm through its public API, Backend::kAuto: the fused calls (impl "bnorm") and, for the
 // fused ops, the plain passes with a separate ReLU pass (impl "bnorm_unfused").
 
-// The tensors of one call in the layout timed. Inputs: x; z (the add); dy and y (the fused
-// backward's mask). Outputs: y (forward), dx (backward).
+// The tensors of one call in the layout timed, elements of the problem's dtype. Inputs: x; z
+// (the add); dy and y (the fused backward's mask). Outputs: y (forward), dx (backward).
 struct CallBuffers {
-  const float* x = nullptr;
-  const float* z = nullptr;
-  const float* dy = nullptr;
-  const float* y_in = nullptr;
-  float* y = nullptr;
-  float* dx = nullptr;
+  const void* x = nullptr;
+  const void* z = nullptr;
+  const void* dy = nullptr;
+  const void* y_in = nullptr;
+  void* y = nullptr;
+  void* dx = nullptr;
 };
 // What a call writes besides its tensors, kept across the timed calls.
 struct CallState {
   std::vector<float> rm, rv, mean, invstd, dweight, dbias;
   int64_t tracked = 0;
+  std::string error;  // the message of the last call that failed
 };
 
 // One call of op on b. unfused: batch norm's plain pass and the ReLU pass apart (backward: the
-// mask pass into dx, then batch norm's backward from dx in place).
+// mask pass into dx, then batch norm's backward from dx in place); for 16 bits the passes of
+// relu_passes.h on the 16-bit elements. The views carry the problem's dtype (bnorm's bf16 /
+// fp16 views for 16 bits).
 bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
-                const CallBuffers& b, CallState& st, WorkerTeam& team) {
+                const CallBuffers& cb, CallState& st, WorkerTeam& team) {
   const auto& dims = p.shape.dims;
   const size_t count = static_cast<size_t>(p.shape.numel());
-  bnorm::ConstTensorView xv(b.x, dims, layout);
+  const bnorm::DType dt = bnorm_dtype(p.dtype);
+  auto cview = [&](const void* d) { return bnorm::ConstTensorView(d, dt, dims, layout); };
+  auto mview = [&](void* d) { return bnorm::TensorView(d, dt, dims, layout); };
+  // The fp32 elements, for the unfused ReLU passes.
+  struct {
+    const float* z;
+    const float* dy;
+    const float* y_in;
+    float* y;
+    float* dx;
+  } b = {static_cast<const float*>(cb.z), static_cast<const float*>(cb.dy),
+         static_cast<const float*>(cb.y_in), static_cast<float*>(cb.y), static_cast<float*>(cb.dx)};
+  // The 16-bit elements, for the same passes on 16-bit tensors.
+  const bool half = p.dtype != Dtype::kF32, bf16 = p.dtype == Dtype::kBF16;
+  struct {
+    const uint16_t* z;
+    const uint16_t* dy;
+    const uint16_t* y_in;
+    uint16_t* y;
+    uint16_t* dx;
+  } h = {static_cast<const uint16_t*>(cb.z), static_cast<const uint16_t*>(cb.dy),
+         static_cast<const uint16_t*>(cb.y_in), static_cast<uint16_t*>(cb.y),
+         static_cast<uint16_t*>(cb.dx)};
+  auto relu_pass = [&] {
+    if (half) team.run(count, [&](size_t i, size_t e) { relu_inplace16(h.y + i, e - i, bf16); });
+    else team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
+  };
+  bnorm::ConstTensorView xv = cview(cb.x);
+  auto ok = [&](const bnorm::Status& s) {
+    if (!s.ok()) st.error = s.message();
+    return s.ok();
+  };
   if (training_forward(op)) {
     bnorm::ForwardTrainArgs ft;
     ft.x = xv;
@@ -592,20 +662,23 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     ft.num_batches_tracked = &st.tracked;
     ft.momentum = p.momentum;
     ft.eps = p.eps;
-    ft.y = bnorm::TensorView(b.y, dims, layout);
+    ft.y = mview(cb.y);
     ft.save_mean = st.mean;
     ft.save_invstd = st.invstd;
     bnorm::ConstTensorView zv;
-    if (op == Op::kFwdTrainAddRelu) zv = bnorm::ConstTensorView(b.z, dims, layout);
+    if (op == Op::kFwdTrainAddRelu) zv = cview(cb.z);
     if (op == Op::kFwdTrain || unfused) {
-      if (!bnorm::forward_train(ft).ok()) return false;
-      if (op == Op::kFwdTrainRelu)
-        team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
-      if (op == Op::kFwdTrainAddRelu)
-        team.run(count, [&](size_t i, size_t e) { add_relu_inplace(b.y + i, b.z + i, e - i); });
+      if (!ok(bnorm::forward_train(ft))) return false;
+      if (op == Op::kFwdTrainRelu) relu_pass();
+      if (op == Op::kFwdTrainAddRelu) {
+        if (half)
+          team.run(count, [&](size_t i, size_t e) { add_relu_inplace16(h.y + i, h.z + i, e - i, bf16); });
+        else
+          team.run(count, [&](size_t i, size_t e) { add_relu_inplace(b.y + i, b.z + i, e - i); });
+      }
       return true;
     }
-    return bnorm::forward_train_relu(ft, zv).ok();
+    return ok(bnorm::forward_train_relu(ft, zv));
   }
   if (inference(op)) {
     bnorm::ForwardEvalArgs fe;
@@ -615,29 +688,32 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
     fe.running_mean = p.eval_mean;
     fe.running_var = p.eval_var;
     fe.eps = p.eps;
-    fe.y = bnorm::TensorView(b.y, dims, layout);
-    if (op == Op::kFwdInfer) return bnorm::forward_eval(fe).ok();
-    if (!unfused) return bnorm::forward_eval_relu(fe).ok();
-    if (!bnorm::forward_eval(fe).ok()) return false;
-    team.run(count, [&](size_t i, size_t e) { relu_inplace(b.y + i, e - i); });
+    fe.y = mview(cb.y);
+    if (op == Op::kFwdInfer) return ok(bnorm::forward_eval(fe));
+    if (!unfused) return ok(bnorm::forward_eval_relu(fe));
+    if (!ok(bnorm::forward_eval(fe))) return false;
+    relu_pass();
     return true;
   }
   // The reference's batch statistics, so that backward is judged on its own.
   bnorm::BackwardArgs bw;
-  bw.dy = bnorm::ConstTensorView(b.dy, dims, layout);
+  bw.dy = cview(cb.dy);
   bw.x = xv;
   bw.weight = p.weight;
   bw.training = true;
   bw.save_mean = p.save_mean;
   bw.save_invstd = p.save_invstd;
-  bw.dx = bnorm::TensorView(b.dx, dims, layout);
+  bw.dx = mview(cb.dx);
   bw.dweight = st.dweight;
   bw.dbias = st.dbias;
-  if (op == Op::kBwd) return bnorm::backward(bw).ok();
-  if (!unfused) return bnorm::backward_relu(bw, bnorm::ConstTensorView(b.y_in, dims, layout)).ok();
-  team.run(count, [&](size_t i, size_t e) { relu_mask(b.dy + i, b.y_in + i, b.dx + i, e - i); });
-  bw.dy = bnorm::ConstTensorView(b.dx, dims, layout);  // dx may alias dy exactly
-  return bnorm::backward(bw).ok();
+  if (op == Op::kBwd) return ok(bnorm::backward(bw));
+  if (!unfused) return ok(bnorm::backward_relu(bw, cview(cb.y_in)));
+  if (half)
+    team.run(count, [&](size_t i, size_t e) { relu_mask16(h.dy + i, h.y_in + i, h.dx + i, e - i, bf16); });
+  else
+    team.run(count, [&](size_t i, size_t e) { relu_mask(b.dy + i, b.y_in + i, b.dx + i, e - i); });
+  bw.dy = cview(cb.dx);  // dx may alias dy exactly
+  return ok(bnorm::backward(bw));
 }
 
 // Times call(set) over the mode's rotation of buffer sets: set 0 is `base` (validated);
@@ -645,20 +721,21 @@ bool call_bnorm(const Problem& p, Op op, bool unfused, bnorm::Layout layout,
 void time_rotated(const Problem& p, Op op, Mode mode, const RunOptions& run, const CallBuffers& base,
                   const std::function<bool(const CallBuffers&)>& call, Row& r) {
   const size_t count = static_cast<size_t>(p.shape.numel());
+  const size_t bytes = count * dtype_bytes(p.dtype);
   const Rotation rot =
-      rotation(mode, min_traffic_bytes(op, p.shape), run.cold_budget_bytes);
+      rotation(mode, min_traffic_bytes(op, p.shape, p.dtype), run.cold_budget_bytes);
   std::vector<Buffer> owned;
   std::vector<CallBuffers> sets = {base};
-  auto copy_of = [&](const float* src) -> const float* {
+  auto copy_of = [&](const void* src) -> const void* {
     if (!src) return nullptr;
-    owned.emplace_back(count);
-    std::memcpy(owned.back().data(), src, count * sizeof(float));
+    owned.push_back(Buffer::of_elements(count, dtype_bytes(p.dtype)));
+    std::memcpy(owned.back().data(), src, bytes);
     return owned.back().data();
   };
-  auto output_like = [&](const float* out) -> float* {
+  auto output_like = [&](const void* out) -> void* {
     if (!out) return nullptr;
-    owned.emplace_back(count);
-    std::memset(owned.back().data(), 0, count * sizeof(float));
+    owned.push_back(Buffer::of_elements(count, dtype_bytes(p.dtype)));
+    std::memset(owned.back().data(), 0, bytes);
     return owned.back().data();
   };
   owned.reserve(6 * static_cast<size_t>(rot.sets));
@@ -687,29 +764,46 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
   const int64_t N = shape.n(), C = shape.c(), S = shape.spatial();
   const size_t count = static_cast<size_t>(shape.numel());
   const bool last = layout == bnorm::Layout::kChannelsLast && S > 1;
+  const Dtype dtype = p.dtype;
+  const size_t bytes = count * dtype_bytes(dtype);
   const Tolerances tol = tolerances(p);
-  const std::string who = "bnorm " + shape.text + " " + layout_name;
+  const std::string who = "bnorm " + shape.text + " " + layout_name +
+                          (dtype == Dtype::kF32 ? "" : std::string(" ") + dtype_name(dtype));
   auto wants = [&](Op op) {
     return std::find(o.run.ops.begin(), o.run.ops.end(), op) != o.run.ops.end();
   };
 
-  // Inputs in the layout (first-touched here), outputs first-touched with zeros.
+  // Inputs in the layout and the dtype (first-touched here; the problem's values are exact in
+  // the dtype), outputs first-touched with zeros.
   auto in_layout = [&](const Buffer& src) {
-    Buffer b(count);
-    if (last) to_channels_last(src.data(), b.data(), N, C, S);
-    else std::memcpy(b.data(), src.data(), count * sizeof(float));
+    Buffer b = Buffer::of_elements(count, dtype_bytes(dtype));
+    const float* from = src.data();
+    if (last) {
+      to_channels_last(src.data(), scratch.data(), N, C, S);
+      from = scratch.data();
+    }
+    narrow(from, b.data(), count, dtype);
     return b;
   };
-  Buffer x = in_layout(p.x), y(count), dx(count), dy, z, y_relu;
-  std::memset(y.data(), 0, count * sizeof(float));
-  std::memset(dx.data(), 0, count * sizeof(float));
+  Buffer x = in_layout(p.x), y = Buffer::of_elements(count, dtype_bytes(dtype)),
+         dx = Buffer::of_elements(count, dtype_bytes(dtype)), dy, z, y_relu;
+  std::memset(y.data(), 0, bytes);
+  std::memset(dx.data(), 0, bytes);
   if (wants(Op::kBwd) || wants(Op::kBwdRelu)) dy = in_layout(p.dy);
   if (wants(Op::kFwdTrainAddRelu)) z = in_layout(p.z);
-  if (wants(Op::kBwdRelu)) y_relu = in_layout(p.y_train_relu);
-  // In channels-first order, for comparing with the reference.
-  auto first_order = [&](const float* b) -> const float* {
-    if (!last) return b;
-    to_channels_first(b, scratch.data(), N, C, S);
+  if (wants(Op::kBwdRelu)) y_relu = in_layout(p.relu_input());
+  // A 16-bit output widened to fp32 (exact), then in channels-first order, for comparing with
+  // the reference.
+  Buffer wide;
+  if (dtype != Dtype::kF32) wide = Buffer(count);
+  auto first_order = [&](const void* b) -> const float* {
+    const float* f = static_cast<const float*>(b);
+    if (dtype != Dtype::kF32) {
+      widen(b, wide.data(), count, dtype);
+      f = wide.data();
+    }
+    if (!last) return f;
+    to_channels_first(f, scratch.data(), N, C, S);
     return scratch.data();
   };
 
@@ -735,7 +829,7 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
       st.tracked = 0;
       const std::string w = what + (unfused ? " (unfused)" : "");
       if (!call_bnorm(p, op, unfused, layout, base, st, team))
-        throw std::runtime_error(w + ": the call failed");
+        throw std::runtime_error(w + ": the call failed: " + st.error);
       double err = 0;
       if (training_forward(op)) {
         const Buffer& want = op == Op::kFwdTrain       ? p.y_train
@@ -784,7 +878,8 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
         r.layout = layout_name;
         r.op = op_name(op);
         r.mode = mode_name(mode);
-        r.bytes = min_traffic_bytes(op, shape);
+        r.dtype = dtype_name(dtype);
+        r.bytes = min_traffic_bytes(op, shape, dtype);
         r.err_ratio = errs[v];
         if (!errors[v].empty()) {
           r.status = "error";
@@ -801,6 +896,7 @@ void run_bnorm(const Problem& p, bnorm::Layout layout, const std::string& layout
                            return call_bnorm(p, op, variants[v], layout, b, states[v], team);
                          },
                          r);
+            if (r.status == "error") r.note += "; a timed call failed: " + states[v].error;
           } catch (const std::exception& e) {  // e.g. out of memory for the cold sets
             r.status = "error";
             r.note = e.what();
@@ -823,6 +919,7 @@ std::string load_average() {
 void meta(std::FILE* csv, const std::string& key, const std::string& value) {
   Row r;
   r.impl = "meta";
+  r.dtype = "-";
   r.shape = "-";
   r.layout = key;
   r.op = "-";
@@ -854,6 +951,12 @@ int run(int argc, char** argv) {
     modes += mode_name(m);
   }
   meta(csv, "modes", modes);
+  std::string dtypes;
+  for (Dtype d : o.dtypes) {
+    if (!dtypes.empty()) dtypes += ",";
+    dtypes += dtype_name(d);
+  }
+  meta(csv, "dtypes", dtypes);
   const size_t l3 = l3_cache_bytes();
   meta(csv, "l3_bytes", std::to_string(l3));
   meta(csv, "cold_budget_mib",
@@ -879,22 +982,34 @@ int run(int argc, char** argv) {
   WorkerTeam team(o.threads);  // the unfused rows' ReLU passes
   for (const Shape& shape : shapes) {
     if (!o.run_bnorm && !(o.run_onednn && onednn::available())) break;
-    std::fprintf(stderr, "%s: data and reference...\n", shape.text.c_str());
-    std::unique_ptr<Problem> p = make_problem(shape, o.run.ops);
     Buffer scratch(static_cast<size_t>(shape.numel()));
     std::memset(scratch.data(), 0, scratch.size() * sizeof(float));
-    if (o.run_bnorm) {
-      if (shape.rank() == 2) {
-        run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nc", o, scratch, team, csv);
-      } else {
-        run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nchw", o, scratch, team, csv);
-        run_bnorm(*p, bnorm::Layout::kChannelsLast, "nhwc", o, scratch, team, csv);
+    // One problem per dtype (its inputs rounded to the dtype, its reference on those values),
+    // one at a time.
+    for (Dtype dtype : o.dtypes) {
+      Options od = o;
+      if (dtype != Dtype::kF32 && !o.half_ops.empty()) {
+        od.run.ops.clear();
+        for (Op op : o.run.ops)
+          if (std::find(o.half_ops.begin(), o.half_ops.end(), op) != o.half_ops.end())
+            od.run.ops.push_back(op);
+        if (od.run.ops.empty()) continue;
       }
-    }
-    if (o.run_onednn && onednn::available()) {
-      for (Row& r : onednn::run(*p, o.run, scratch)) {
-        print_row(r);
-        write_row(csv, r);
+      std::fprintf(stderr, "%s %s: data and reference...\n", shape.text.c_str(), dtype_name(dtype));
+      std::unique_ptr<Problem> p = make_problem(shape, od.run.ops, dtype);
+      if (o.run_bnorm) {
+        if (shape.rank() == 2) {
+          run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nc", od, scratch, team, csv);
+        } else {
+          run_bnorm(*p, bnorm::Layout::kChannelsFirst, "nchw", od, scratch, team, csv);
+          run_bnorm(*p, bnorm::Layout::kChannelsLast, "nhwc", od, scratch, team, csv);
+        }
+      }
+      if (o.run_onednn && onednn::available()) {
+        for (Row& r : onednn::run(*p, od.run, scratch)) {
+          print_row(r);
+          write_row(csv, r);
+        }
       }
     }
   }

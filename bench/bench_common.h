@@ -20,6 +20,8 @@
 
 #include <unistd.h>
 
+#include "bnorm/tensor.h"
+
 namespace bench {
 
 // ---------------------------------------------------------------------------------------------
@@ -35,6 +37,10 @@ class Buffer {
   float* data() const { return data_.get(); }
   size_t size() const { return count_; }
   float& operator[](size_t i) const { return data_.get()[i]; }
+  // A buffer that holds count elements of `bytes_per_element` (2 or 4) bytes.
+  static Buffer of_elements(size_t count, size_t bytes_per_element) {
+    return Buffer((count * bytes_per_element + sizeof(float) - 1) / sizeof(float));
+  }
 
  private:
   struct Free {
@@ -96,8 +102,63 @@ inline int min_tensors(Op op) {
     default: return 2;
   }
 }
-inline double min_traffic_bytes(Op op, const Shape& s) {
-  return min_tensors(op) * static_cast<double>(s.numel()) * sizeof(float);
+
+// ---------------------------------------------------------------------------------------------
+// Element types of the tensors (x, y, dy, dx, z): f32, and the 16-bit bf16 and f16 (bnorm's
+// DType::kBFloat16 / kFloat16 views; the per-channel vectors stay fp32 in every case).
+enum class Dtype { kF32, kBF16, kF16 };
+inline constexpr Dtype kAllDtypes[] = {Dtype::kF32, Dtype::kBF16, Dtype::kF16};
+inline const char* dtype_name(Dtype d) {  // as in --dtypes and the CSV's dtype column
+  return d == Dtype::kF32 ? "f32" : d == Dtype::kBF16 ? "bf16" : "f16";
+}
+inline size_t dtype_bytes(Dtype d) { return d == Dtype::kF32 ? 4 : 2; }
+inline bnorm::DType bnorm_dtype(Dtype d) {
+  return d == Dtype::kF32 ? bnorm::DType::kFloat32
+         : d == Dtype::kBF16 ? bnorm::DType::kBFloat16 : bnorm::DType::kFloat16;
+}
+// The unit roundoff of the format (half the distance from 1 to the next number: 2^-p for p
+// significand bits): 2^-8 for bf16, 2^-11 for fp16; 0 for f32, whose tolerances are the fp32
+// ones below (an fp32 result is not rounded a second time).
+inline double unit_roundoff(Dtype d) {
+  return d == Dtype::kBF16 ? 0x1.0p-8 : d == Dtype::kF16 ? 0x1.0p-11 : 0.0;
+}
+// The absolute rounding error at the bottom of the range: half fp16's smallest subnormal
+// (2^-24); bf16 has fp32's exponent range (its subnormals are far below the data here).
+inline double underflow_step(Dtype d) { return d == Dtype::kF16 ? 0x1.0p-25 : 0.0; }
+
+// One element rounded to the format and widened back (exact for f32). Round to nearest even:
+// bnorm's to_bfloat16 / to_float16, which are what oneDNN's and PyTorch's conversions do.
+inline float quantize(float v, Dtype d) {
+  if (d == Dtype::kBF16) return bnorm::to_float(bnorm::to_bfloat16(v));
+  if (d == Dtype::kF16) return bnorm::to_float(bnorm::to_float16(v));
+  return v;
+}
+// n fp32 values narrowed into dst (elements of d), and widened back.
+inline void narrow(const float* src, void* dst, size_t n, Dtype d) {
+  if (d == Dtype::kF32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if (d == Dtype::kBF16) {
+    auto* out = static_cast<bnorm::bfloat16*>(dst);
+    for (size_t i = 0; i < n; ++i) out[i] = bnorm::to_bfloat16(src[i]);
+  } else {
+    auto* out = static_cast<bnorm::float16*>(dst);
+    for (size_t i = 0; i < n; ++i) out[i] = bnorm::to_float16(src[i]);
+  }
+}
+inline void widen(const void* src, float* dst, size_t n, Dtype d) {
+  if (d == Dtype::kF32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if (d == Dtype::kBF16) {
+    const auto* in = static_cast<const bnorm::bfloat16*>(src);
+    for (size_t i = 0; i < n; ++i) dst[i] = bnorm::to_float(in[i]);
+  } else {
+    const auto* in = static_cast<const bnorm::float16*>(src);
+    for (size_t i = 0; i < n; ++i) dst[i] = bnorm::to_float(in[i]);
+  }
+}
+
+inline double min_traffic_bytes(Op op, const Shape& s, Dtype d = Dtype::kF32) {
+  return min_tensors(op) * static_cast<double>(s.numel()) * static_cast<double>(dtype_bytes(d));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,8 +297,14 @@ Timing time_calls(F&& call, const TimingOptions& options) {
 
 // ---------------------------------------------------------------------------------------------
 // Data of one shape in channels-first order, and the reference (fp64-accumulating) results.
+// For a 16-bit dtype the inputs (x, dy, z, and bwd_relu's y) are drawn in fp32 and rounded to
+// the format, so that they are exactly representable and every implementation, the reference
+// included, computes on the same values; the references are computed in fp64 on those values and
+// kept in fp32, and the outputs, rounded to the format by the implementations, are compared
+// with a tolerance that adds that rounding (tolerances()).
 struct Problem {
   Shape shape;
+  Dtype dtype = Dtype::kF32;
   double eps = 1e-5;
   double momentum = 0.1;
   Buffer x, dy;                                // channels-first (nchw / nc)
@@ -252,6 +319,10 @@ struct Problem {
   // y_train_relu = relu(y_train), y_eval_relu = relu(y_eval), y_train_add_relu =
   // relu(bn(x) + z), and the backward of relu(bn(x)) from dy and y_train_relu.
   Buffer z, y_train_relu, y_eval_relu, y_train_add_relu, dx_relu;
+  // bwd_relu's input y for a 16-bit dtype: y_train_relu rounded to the format (the reference
+  // backward is computed from it: a value that underflows to 0 in fp16 changes the mask).
+  Buffer y_relu_in16;
+  const Buffer& relu_input() const { return y_relu_in16.size() ? y_relu_in16 : y_train_relu; }
   std::vector<float> dweight_relu, dbias_relu;
   // Magnitudes the tolerances are derived from.
   double max_abs_x = 0, max_abs_z = 0, max_abs_dy = 0, max_abs_xhat = 0, max_invstd = 0, max_abs_weight = 0;
@@ -307,7 +378,15 @@ inline double max_abs(const float* p, size_t count) {
   return m;
 }
 
-// Tolerances per output, from the problem's magnitudes.
+// Tolerances per output, from the problem's magnitudes. For a 16-bit dtype, each tensor output
+// (y, dx) is rounded once to the format at the end: kRoundings x u x its largest magnitude is
+// added to the fp32 tolerance (u the format's unit roundoff; kRoundings = 2 leaves room for one
+// more rounding, e.g. of an intermediate, and fp16 adds its underflow step). The per-channel
+// outputs (statistics, dweight, dbias) are fp32 from exactly widened inputs: fp32 tolerances.
+inline constexpr double kRoundings = 2.0;
+inline double rounding_tol(Dtype d, double max_out) {
+  return kRoundings * (unit_roundoff(d) * max_out + underflow_step(d));
+}
 struct Tolerances {
   double y_train, y_train_add, y_eval, mean, invstd, var, running_mean, running_var, dx, dx_relu,
       dweight, dbias;
@@ -338,16 +417,29 @@ inline Tolerances tolerances(const Problem& p) {
                                      max_abs(p.dx_relu.data(), p.dx_relu.size()));
   t.dweight = sum_tol(n, term);
   t.dbias = sum_tol(n, p.max_abs_dy);
+  if (p.dtype != Dtype::kF32) {
+    const Dtype d = p.dtype;
+    const double max_y = max_abs(p.y_train.data(), p.y_train.size());
+    t.y_train += rounding_tol(d, max_y);
+    t.y_train_add += rounding_tol(d, max_y + p.max_abs_z);
+    t.y_eval += rounding_tol(d, std::max(max_abs(p.y_eval.data(), p.y_eval.size()),
+                                         max_abs(p.y_eval_relu.data(), p.y_eval_relu.size())));
+    if (p.dx.size()) t.dx += rounding_tol(d, max_abs(p.dx.data(), p.dx.size()));
+    if (p.dx_relu.size()) t.dx_relu += rounding_tol(d, max_abs(p.dx_relu.data(), p.dx_relu.size()));
+  }
   return t;
 }
 
 // ---------------------------------------------------------------------------------------------
 // CSV rows, one format for every runner (the PyTorch runner writes the same columns):
-//   impl,shape,layout,op,mode,status,median_ms,min_ms,reps,bytes,err_ratio,note
+//   impl,shape,layout,op,mode,status,median_ms,min_ms,reps,bytes,err_ratio,note,dtype
 // mode: warm | cold (see Mode). status: ok | FAIL (validation failed, not timed) | error (the
-// call failed) | skip (not available; the note says why).
+// call failed) | skip (not available; the note says why: "unsupported by oneDNN 2.6: ..." when
+// the peer refuses the dtype). dtype: f32 | bf16 | f16, the element type of the tensors (last,
+// so that a reader of the older columns by position still reads them; a CSV without it is f32).
 // impl "meta" rows carry key (layout column) = value (note column).
-inline const char* kCsvHeader = "impl,shape,layout,op,mode,status,median_ms,min_ms,reps,bytes,err_ratio,note";
+inline const char* kCsvHeader =
+    "impl,shape,layout,op,mode,status,median_ms,min_ms,reps,bytes,err_ratio,note,dtype";
 
 struct Row {
   std::string impl, shape, layout, op, mode = "-", status;
@@ -355,6 +447,7 @@ struct Row {
   int reps = 0;
   double bytes = 0, err_ratio = 0;
   std::string note;
+  std::string dtype = "f32";
 };
 
 inline std::string csv_escape(const std::string& s) {
@@ -369,9 +462,9 @@ inline std::string csv_escape(const std::string& s) {
 
 inline void write_row(std::FILE* f, const Row& r) {  // f null: no CSV
   if (f == nullptr) return;
-  std::fprintf(f, "%s,%s,%s,%s,%s,%s,%.6f,%.6f,%d,%.0f,%.4g,%s\n", csv_escape(r.impl).c_str(),
+  std::fprintf(f, "%s,%s,%s,%s,%s,%s,%.6f,%.6f,%d,%.0f,%.4g,%s,%s\n", csv_escape(r.impl).c_str(),
                r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.status.c_str(), r.median_ms,
-               r.min_ms, r.reps, r.bytes, r.err_ratio, csv_escape(r.note).c_str());
+               r.min_ms, r.reps, r.bytes, r.err_ratio, csv_escape(r.note).c_str(), r.dtype.c_str());
   std::fflush(f);
 }
 
@@ -379,12 +472,12 @@ inline void write_row(std::FILE* f, const Row& r) {  // f null: no CSV
 inline void print_row(const Row& r) {
   if (r.status == "ok") {
     double gbs = r.bytes / (r.median_ms * 1e-3) / 1e9;
-    std::fprintf(stderr, "  %-13s %-15s %-10s %-18s %-4s median %9.4f ms  min %9.4f ms  %6.1f GB/s  (%d reps, err %.2g of tol) %s\n",
-                 r.impl.c_str(), r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.median_ms,
+    std::fprintf(stderr, "  %-13s %-15s %-10s %-18s %-4s %-4s median %9.4f ms  min %9.4f ms  %6.1f GB/s  (%d reps, err %.2g of tol) %s\n",
+                 r.impl.c_str(), r.shape.c_str(), r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.dtype.c_str(), r.median_ms,
                  r.min_ms, gbs, r.reps, r.err_ratio, r.note.c_str());
   } else {
-    std::fprintf(stderr, "  %-13s %-15s %-10s %-18s %-4s %s %s\n", r.impl.c_str(), r.shape.c_str(),
-                 r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.status.c_str(), r.note.c_str());
+    std::fprintf(stderr, "  %-13s %-15s %-10s %-18s %-4s %-4s %s %s\n", r.impl.c_str(), r.shape.c_str(),
+                 r.layout.c_str(), r.op.c_str(), r.mode.c_str(), r.dtype.c_str(), r.status.c_str(), r.note.c_str());
   }
 }
 

@@ -26,6 +26,14 @@ void add_relu_inplace(float* y, const float* z, size_t n);
 // g = dy * (y > 0): the ReLU's backward from its output, as bnorm's backward_relu masks.
 void relu_mask(const float* dy, const float* y, float* g, size_t n);
 
+// The same passes on 16-bit elements (bit patterns of bf16 when bf16 is true, else IEEE fp16),
+// for the 16-bit unfused rows. relu and the mask work on the bits (a negative, non-NaN value
+// becomes +0; y > 0 is a clear sign bit and a nonzero, non-NaN magnitude); the add widens both
+// to fp32 (exact), adds, and rounds once to nearest even, as a 16-bit tensor add does.
+void relu_inplace16(uint16_t* y, size_t n, bool bf16);
+void add_relu_inplace16(uint16_t* y, const uint16_t* z, size_t n, bool bf16);
+void relu_mask16(const uint16_t* dy, const uint16_t* y, uint16_t* g, size_t n, bool bf16);
+
 // Runs body(begin, end) over [0, n) split in `threads` contiguous 64-byte aligned parts, the
 // caller taking part 0; below 2 x kGrain elements the caller runs it alone (PyTorch's
 // parallel_for grain: waking a thread costs more than such a pass). Workers spin briefly

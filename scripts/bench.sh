@@ -8,6 +8,7 @@
 #   bash scripts/bench.sh [--shapes FILE]... [--ops LIST] [--impls copy,bnorm,onednn,torch]
 #                         [--mode warm|cold|both] [--cold] [--cold-mib MIB] [--quick]
 #                         [--threads N] [--keep-build] [--build-dir DIR]
+#                         [--dtypes f32,bf16,f16] [--half-ops LIST]
 #
 #   --shapes FILE   a shape file (repeatable); default: every bench/shapes/*.txt
 #   --ops LIST      a subset of fwd_train,fwd_infer,bwd,fwd_train_relu,fwd_infer_relu,bwd_relu,
@@ -21,7 +22,14 @@
 #   --threads N     threads for every implementation (default 2)
 #   --keep-build    reuse the build directory instead of building from scratch
 #   --build-dir DIR build (and results) there instead of build/bench
-# BNORM_BENCH_TIMEOUT (seconds, default 1800) stops a runner that hangs; its rows so far are kept.
+#   --dtypes LIST   the tensors' element types, a subset of f32,bf16,f16 (bf16/f16: bnorm's
+#                   16-bit views, oneDNN's bf16/f16 primitives, PyTorch bf16; what a peer refuses
+#                   is a row saying "unsupported by ..."). Default f32,bf16,f16 with the 16-bit
+#                   ones on fwd_train,fwd_infer,bwd only; given, every dtype runs every op of --ops
+#   --half-ops LIST the ops the 16-bit dtypes run (default: fwd_train,fwd_infer,bwd without
+#                   --dtypes, every op of --ops with it)
+# BNORM_BENCH_TIMEOUT (seconds, default 3600) stops a runner that hangs; its rows so far are kept
+# (bnorm_bench took 28 min in a --quick run of every op under load, before the 16-bit rows).
 # Exit status: 0, or 1 when an implementation failed validation or a call failed (the table
 # still prints, with those rows marked).
 set -euo pipefail
@@ -36,7 +44,10 @@ quick=()
 threads=2
 keep_build=0
 build=build/bench
-timeout=${BNORM_BENCH_TIMEOUT:-1800}  # seconds per runner
+dtypes=f32,bf16,f16
+half_ops=fwd_train,fwd_infer,bwd  # the default run's 16-bit ops; --dtypes alone: every op
+half_ops_set=0
+timeout=${BNORM_BENCH_TIMEOUT:-3600}  # seconds per runner
 while [ $# -gt 0 ]; do
   case "$1" in
     --shapes) shapes+=("$(realpath "$2")"); shift 2 ;;
@@ -52,7 +63,12 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --keep-build) keep_build=1; shift ;;
     --build-dir) build=$(realpath -m "$2"); shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --dtypes)
+      dtypes=$2
+      [ "$half_ops_set" -eq 1 ] || half_ops=""
+      shift 2 ;;
+    --half-ops) half_ops=$2; half_ops_set=1; shift 2 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +94,8 @@ if [ ${#shapes[@]} -eq 0 ]; then
 fi
 shape_args=()
 for f in "${shapes[@]}"; do shape_args+=(--shapes "$f"); done
+dtype_args=(--dtypes "$dtypes")
+[ -n "$half_ops" ] && dtype_args+=(--half-ops "$half_ops")
 
 # oneDNN in Debian runs on OpenMP; PyTorch uses OpenMP too (and set_num_threads).
 export OMP_NUM_THREADS=$threads
@@ -94,7 +112,8 @@ if [ ${#cxx_impls[@]} -gt 0 ]; then
   # A hung implementation must not hang the run: each runner gets $timeout seconds.
   timeout "$timeout" "$build/bin/bnorm_bench" "${shape_args[@]}" --ops "$ops" \
     --impls "$(IFS=,; echo "${cxx_impls[*]}")" --threads "$threads" "${quick[@]}" \
-    --mode "$mode" --cold-mib "$cold_mib" --csv "$results/bnorm.csv" 2>&1 | tee -a "$log" ||
+    --mode "$mode" --cold-mib "$cold_mib" "${dtype_args[@]}" --csv "$results/bnorm.csv" 2>&1 |
+    tee -a "$log" ||
     status=1
 fi
 
@@ -113,7 +132,7 @@ if has torch; then
   if [ -n "$torch_python" ]; then
     echo "== PyTorch ($torch_python), $threads threads" | tee -a "$log"
     timeout "$timeout" "$torch_python" bench/peers/torch_runner.py "${shape_args[@]}" --ops "$ops" \
-      --threads "$threads" "${quick[@]}" --mode "$mode" --cold-mib "$cold_mib" \
+      --threads "$threads" "${quick[@]}" --mode "$mode" --cold-mib "$cold_mib" "${dtype_args[@]}" \
       --csv "$results/torch.csv" 2>&1 | tee -a "$log" || status=1
   else
     torch_missing="no python3 on this machine imports torch"

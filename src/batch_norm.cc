@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 #include "util/check.h"
+#include "util/staging.h"
 
 namespace bnorm {
 
@@ -315,39 +316,6 @@ Status backward_extended(const BackwardArgs& a, const detail::BackwardCall& base
 // staged results bit for bit (tests/cpu/half_kernel_test.cc). Validation has passed before
 // either path starts, so nothing is written unless the fp32 pass succeeds.
 
-template <class E>
-E narrow_one(float f) {
-  if constexpr (std::is_same_v<E, bfloat16>) {
-    return to_bfloat16(f);
-  } else {
-    return to_float16(f);
-  }
-}
-
-template <class E>
-void widen(ConstTensorView t, int64_t numel, std::vector<float>* out) {
-  out->resize(static_cast<size_t>(numel));
-  const E* in = t.template data_as<E>();
-  float* o = out->data();
-  for (int64_t k = 0; k < numel; ++k) o[k] = to_float(in[k]);
-}
-
-template <class E>
-void narrow(const std::vector<float>& in, TensorView t) {
-  E* out = t.template data_as<E>();
-  const float* p = in.data();
-  const auto numel = static_cast<int64_t>(in.size());
-  for (int64_t k = 0; k < numel; ++k) out[k] = narrow_one<E>(p[k]);
-}
-
-// An fp32 view of `data` with t's dims and layout.
-TensorView staged_view(ConstTensorView t, float* data) {
-  std::array<int64_t, kMaxRank> dims{};
-  for (int i = 0; i < t.rank(); ++i) dims[i] = t.dim(i);
-  return TensorView(data, std::span<const int64_t>(dims.data(), static_cast<size_t>(t.rank())),
-                    t.layout());
-}
-
 // fn(E{}) for the 16-bit dtype d.
 template <class Fn>
 Status by_dtype(DType d, Fn&& fn) {
@@ -359,6 +327,24 @@ CallOptions staged_options(const CallOptions& options) {
   CallOptions o = options;
   o.check_finite = false;  // checked on the 16-bit tensors already
   return o;
+}
+
+// A forward through fp32 copies: x (its copy also taking y, which may alias x) and z (when set)
+// are widened, run(fp32 args, fp32 z) runs the fp32 pass, and y is rounded when it succeeded.
+template <class Args, class Run>
+Status staged_forward(const Args& a, ConstTensorView z, const Geometry& g, const Run& run) {
+  std::vector<float> xs, zs;
+  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
+    detail::widen_to_fp32(a.x, g.numel(), &xs);
+    if (z.raw() != nullptr) detail::widen_to_fp32(z, g.numel(), &zs);
+  }));
+  Args f = a;
+  f.x = detail::fp32_view_like(a.x, xs.data());
+  f.y = detail::fp32_view_like(a.x, xs.data());
+  const Status st =
+      run(f, z.raw() != nullptr ? detail::fp32_view_like(z, zs.data()) : ConstTensorView());
+  if (st.ok()) detail::narrow_from_fp32(xs, a.y);
+  return st;
 }
 
 template <class E>
@@ -376,19 +362,10 @@ Status half_forward_train(const ForwardTrainArgs& a, ConstTensorView z, bool rel
     if (tracking && a.num_batches_tracked != nullptr) *a.num_batches_tracked = batches + 1;
     return Status();
   }
-  std::vector<float> xs, zs;
-  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
-    widen<E>(a.x, g.numel(), &xs);
-    if (z.raw() != nullptr) widen<E>(z, g.numel(), &zs);
-  }));
-  ForwardTrainArgs f = a;
-  f.x = staged_view(a.x, xs.data());
-  f.y = staged_view(a.x, xs.data());
-  const ConstTensorView fz = z.raw() != nullptr ? staged_view(z, zs.data()) : ConstTensorView();
-  const Status st = relu ? forward_train_relu(f, fz, staged_options(options))
-                         : forward_train(f, staged_options(options));
-  if (st.ok()) narrow<E>(xs, a.y);
-  return st;
+  return staged_forward(a, z, g, [&](const ForwardTrainArgs& f, ConstTensorView fz) {
+    return relu ? forward_train_relu(f, fz, staged_options(options))
+                : forward_train(f, staged_options(options));
+  });
 }
 
 template <class E>
@@ -402,19 +379,10 @@ Status half_forward_eval(const ForwardEvalArgs& a, ConstTensorView z, bool relu,
     call.z = z.template data_as<E>();
     return detail::run_kernels([&] { native(call); });
   }
-  std::vector<float> xs, zs;
-  BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
-    widen<E>(a.x, g.numel(), &xs);
-    if (z.raw() != nullptr) widen<E>(z, g.numel(), &zs);
-  }));
-  ForwardEvalArgs f = a;
-  f.x = staged_view(a.x, xs.data());
-  f.y = staged_view(a.x, xs.data());
-  const ConstTensorView fz = z.raw() != nullptr ? staged_view(z, zs.data()) : ConstTensorView();
-  const Status st = relu ? forward_eval_relu(f, fz, staged_options(options))
-                         : forward_eval(f, staged_options(options));
-  if (st.ok()) narrow<E>(xs, a.y);
-  return st;
+  return staged_forward(a, z, g, [&](const ForwardEvalArgs& f, ConstTensorView fz) {
+    return relu ? forward_eval_relu(f, fz, staged_options(options))
+                : forward_eval(f, staged_options(options));
+  });
 }
 
 // y (the fused forms' forward output) set: backward_relu, with dz when it has data.
@@ -434,27 +402,27 @@ Status half_backward(const BackwardArgs& a, ConstTensorView y, TensorView dz, co
   // taking the copy of dy (dz may alias dy, dx must not overlap dz).
   std::vector<float> dys, xs, ys;
   BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
-    widen<E>(a.dy, g.numel(), &dys);
-    widen<E>(a.x, g.numel(), &xs);
-    if (relu) widen<E>(y, g.numel(), &ys);
+    detail::widen_to_fp32(a.dy, g.numel(), &dys);
+    detail::widen_to_fp32(a.x, g.numel(), &xs);
+    if (relu) detail::widen_to_fp32(y, g.numel(), &ys);
   }));
   BackwardArgs f = a;
-  f.dy = staged_view(a.x, dys.data());
-  f.x = staged_view(a.x, xs.data());
-  f.dx = staged_view(a.x, relu ? xs.data() : dys.data());
+  f.dy = detail::fp32_view_like(a.x, dys.data());
+  f.x = detail::fp32_view_like(a.x, xs.data());
+  f.dx = detail::fp32_view_like(a.x, relu ? xs.data() : dys.data());
   Status st;
   if (relu) {
     const bool want_dz = dz.raw() != nullptr;
-    st = backward_relu(f, staged_view(a.x, ys.data()),
-                       want_dz ? staged_view(a.x, dys.data()) : TensorView(),
+    st = backward_relu(f, detail::fp32_view_like(a.x, ys.data()),
+                       want_dz ? detail::fp32_view_like(a.x, dys.data()) : TensorView(),
                        staged_options(options));
     if (st.ok()) {
-      narrow<E>(xs, a.dx);
-      if (want_dz) narrow<E>(dys, dz);
+      detail::narrow_from_fp32(xs, a.dx);
+      if (want_dz) detail::narrow_from_fp32(dys, dz);
     }
   } else {
     st = backward(f, staged_options(options));
-    if (st.ok()) narrow<E>(dys, a.dx);
+    if (st.ok()) detail::narrow_from_fp32(dys, a.dx);
   }
   return st;
 }

@@ -5,6 +5,12 @@
 // as inputs). Backward is prop_kind::backward: dx, dweight (diff_scale), dbias (diff_shift).
 // Data is reordered from the problem's channels-first buffers into the layout once, outside the
 // timed calls, and the outputs are reordered back to channels-first to be validated.
+//
+// bf16 and f16 problems: the tensors (src, dst, diff_src, diff_dst) in the layout are of that
+// data type (the reorder from the problem's fp32 values, already representable, is exact), the
+// per-channel vectors fp32 as oneDNN requires. oneDNN reports a data type / ISA combination it
+// does not implement by failing the primitive descriptor's creation (dnnl_unimplemented): such a
+// case is a "skip" row whose note starts "unsupported by oneDNN <version>", never a pass.
 #include "peers/onednn_runner.h"
 
 #include <dlfcn.h>
@@ -13,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -42,6 +49,16 @@ std::vector<LayoutCase> layouts(const Shape& s) {
   return {{"nchw", d, tag::nchw, tag::nchw},
           {"nhwc", d, tag::nchw, tag::nhwc},
           {"nChw16c", d, tag::nchw, tag::nChw16c}};
+}
+
+dt data_type(Dtype d) {
+  return d == Dtype::kBF16 ? dt::bf16 : d == Dtype::kF16 ? dt::f16 : dt::f32;
+}
+
+// A primitive or reorder that oneDNN does not implement for this data type on this CPU.
+bool unimplemented(const std::exception& e) {
+  auto* de = dynamic_cast<const dnnl::error*>(&e);
+  return de != nullptr && de->status == dnnl_unimplemented;
 }
 
 memory vector_memory(const dnnl::engine& eng, const float* data, int64_t c) {
@@ -81,9 +98,11 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
     r.layout = layout;
     r.op = op_name(op);
     r.mode = mode_name(mode);
-    r.bytes = min_traffic_bytes(op, shape);
+    r.dtype = dtype_name(p.dtype);
+    r.bytes = min_traffic_bytes(op, shape, p.dtype);
     return r;
   };
+  const std::string unsupported = "unsupported by oneDNN " + version() + ": ";
   if (std::find(run.ops.begin(), run.ops.end(), Op::kFwdTrainAddRelu) != run.ops.end()) {
     for (Mode mode : run.modes) {
       Row r = row("-", Op::kFwdTrainAddRelu, mode);
@@ -100,9 +119,13 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
     ref_var[c] = static_cast<float>(1.0 / (double(p.save_invstd[c]) * p.save_invstd[c]) - p.eps);
   std::vector<float> got_mean(C), got_var(C), dweight(C), dbias(C);
 
+  const dt data_dt = data_type(p.dtype);
+  const std::string dtype_text = dtype_name(p.dtype);
   for (const LayoutCase& lc : layouts(shape)) {
-    const std::string who = "onednn " + shape.text + " " + lc.name;
-    memory::desc user_md(lc.dims, dt::f32, lc.user), md(lc.dims, dt::f32, lc.layout);
+    const std::string who = "onednn " + shape.text + " " + lc.name +
+                            (p.dtype == Dtype::kF32 ? "" : " " + dtype_text);
+    // The problem's channels-first fp32 values, and the layout timed in the problem's dtype.
+    memory::desc user_md(lc.dims, dt::f32, lc.user), md(lc.dims, data_dt, lc.layout);
     // Copies into / out of the layout.
     auto to_layout = [&](const float* src) {
       memory user(user_md, eng, const_cast<float*>(src)), m(md, eng);
@@ -116,26 +139,43 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
       strm.wait();
       return scratch.data();
     };
-    memory x = to_layout(p.x.data());
-    memory y(md, eng);
-    std::memset(y.get_data_handle(), 0, md.get_size());
+    memory x, y;
+    std::string layout_error;  // the layout's tensors could not be made (e.g. no reorder)
+    bool layout_unsupported = false;
+    try {
+      x = to_layout(p.x.data());
+      y = memory(md, eng);
+      std::memset(y.get_data_handle(), 0, md.get_size());
+    } catch (const std::exception& e) {
+      layout_unsupported = unimplemented(e);
+      layout_error = (layout_unsupported ? unsupported + "reorder to " + dtype_text + " " + lc.name
+                                         : std::string("oneDNN error: ")) + " (" + e.what() + ")";
+      if (!layout_unsupported) std::fprintf(stderr, "\n!!! %s: %s\n\n", who.c_str(), layout_error.c_str());
+    }
     memory weight = vector_memory(eng, p.weight.data(), C);
     memory bias = vector_memory(eng, p.bias.data(), C);
     const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
     const auto relu = dnnl::normalization_flags::fuse_norm_relu;
 
-    // The training forwards' primitive descriptors are also the backwards' hints.
-    dnnl::batch_normalization_forward::primitive_desc train_pd(
-        {dnnl::prop_kind::forward_training, md, eps, flags}, eng);
-    dnnl::batch_normalization_forward::primitive_desc train_relu_pd(
-        {dnnl::prop_kind::forward_training, md, eps, flags | relu}, eng);
+    // The training forwards' primitive descriptors are also the backwards' hints; made when an
+    // op needs them (a data type oneDNN does not implement fails their creation).
+    std::optional<dnnl::batch_normalization_forward::primitive_desc> train_pd_, train_relu_pd_;
+    auto train_pd_of = [&](bool with_relu) -> const dnnl::batch_normalization_forward::primitive_desc& {
+      auto& pd = with_relu ? train_relu_pd_ : train_pd_;
+      if (!pd)
+        pd.emplace(dnnl::batch_normalization_forward::desc(dnnl::prop_kind::forward_training, md,
+                                                           eps, flags | (with_relu ? relu : dnnl::normalization_flags::none)),
+                   eng);
+      return *pd;
+    };
 
     for (Op op : run.ops) {
       if (op == Op::kFwdTrainAddRelu) continue;  // the skip row above
       const bool with_relu = fused(op);
       Row base_row = row(lc.name, op, run.modes.front());
       double err = 0;
-      std::string error;
+      std::string error = layout_error;
+      bool refused = layout_unsupported;  // oneDNN does not implement it: a skip row
       dnnl::primitive prim;
       std::unordered_map<int, memory> args;
       std::vector<int> inputs = {DNNL_ARG_SRC}, outputs;  // the per-call tensors
@@ -143,8 +183,9 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
       Buffer dx_ref;  // bwd_relu: the reference on oneDNN's own mask
       std::vector<float> dweight_ref, dbias_ref;
       try {
+        if (!error.empty()) throw std::runtime_error(error);
         if (training_forward(op)) {
-          const auto& pd = with_relu ? train_relu_pd : train_pd;
+          const auto& pd = train_pd_of(with_relu);
           memory mean = vector_memory(eng, got_mean.data(), C);
           memory var = vector_memory(eng, got_var.data(), C);
           prim = dnnl::batch_normalization_forward(pd);
@@ -177,7 +218,7 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
           dnnl::batch_normalization_backward::primitive_desc pd(
               {dnnl::prop_kind::backward, md, md, eps,
                flags | (with_relu ? relu : dnnl::normalization_flags::none)},
-              eng, with_relu ? train_relu_pd : train_pd);
+              eng, train_pd_of(with_relu));
           dy = to_layout(p.dy.data());
           dx = memory(pd.diff_src_desc(), eng);
           std::memset(dx.get_data_handle(), 0, pd.diff_src_desc().get_size());
@@ -200,7 +241,7 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
             // rounding of 0, so the reference backward is run on that y.
             workspace = memory(pd.workspace_desc(), eng);
             memory y_fwd(md, eng);
-            dnnl::batch_normalization_forward(train_relu_pd)
+            dnnl::batch_normalization_forward(train_pd_of(true))
                 .execute(strm, {{DNNL_ARG_SRC, x},
                                 {DNNL_ARG_DST, y_fwd},
                                 {DNNL_ARG_SCALE, weight},
@@ -236,15 +277,27 @@ std::vector<Row> run(const Problem& p, const RunOptions& run, Buffer& scratch) {
                                       (with_relu ? dbias_ref : p.dbias).data(), C, tol.dbias));
         }
       } catch (const std::exception& e) {  // dnnl::error, or the reference failing
-        error = std::string("oneDNN error: ") + e.what();
-        std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), e.what());
+        if (error.empty()) {
+          refused = unimplemented(e);
+          // oneDNN's way of saying it has no such primitive: the creation of the primitive
+          // descriptor fails with dnnl_unimplemented.
+          error = refused ? unsupported + dtype_text +
+                                " batch normalization has no implementation on this CPU (" +
+                                e.what() + ")"
+                          : std::string("oneDNN error: ") + e.what();
+          if (!refused)  // a refusal is a skip row, printed with the rows
+            std::fprintf(stderr, "\n!!! %s %s: %s\n\n", who.c_str(), op_name(op), error.c_str());
+        }
       }
 
       for (Mode mode : run.modes) {
         Row r = base_row;
         r.mode = mode_name(mode);
         r.err_ratio = err;
-        if (!error.empty()) {
+        if (refused) {
+          r.status = "skip";
+          r.note = error;
+        } else if (!error.empty()) {
           r.status = "error";
           r.note = error;
         } else if (!(err <= 1.0)) {

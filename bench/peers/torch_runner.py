@@ -13,9 +13,17 @@ norm followed by torch.relu_ in place (and `y += z` before it), the backward thr
 then native_batch_norm_backward, as autograd runs them. --mode cold rotates the inputs through
 buffer sets larger than twice the L3 (the rule of bench_common.h).
 
+--dtypes f32,bf16,f16 (default f32): the tensors' element type. bf16 runs the same aten calls on
+bfloat16 tensors with fp32 weight, bias and running statistics (PyTorch's mixed-type CPU path);
+the inputs are drawn in fp32 and rounded to the format, the fp64 results computed from those
+values, and the 16-bit outputs get the tolerance of one more rounding (bench_common.h). A dtype
+PyTorch refuses (1.13: fp16 batch norm on the CPU, "not implemented for 'Half'") gets "skip" rows
+that say so. --half-ops restricts the 16-bit dtypes to some of the ops (default: every op).
+
   torch_runner.py --shapes FILE [--shapes FILE]... [--ops fwd_train,...] [--quick]
                   [--mode warm|cold|both] [--cold] [--cold-mib 1536]
-                  [--threads 2] [--min-time S] [--min-reps N] --csv PATH
+                  [--threads 2] [--min-time S] [--min-reps N] [--dtypes f32,bf16,f16]
+                  [--half-ops OP,...] --csv PATH
 """
 import argparse
 import csv
@@ -38,7 +46,16 @@ INPUTS = dict(fwd_train="x", fwd_infer="x", bwd="x dy", fwd_train_relu="x", fwd_
               bwd_relu="x dy y", fwd_train_add_relu="x z")
 INPUTS = {op: names.split() for op, names in INPUTS.items()}
 COLUMNS = ["impl", "shape", "layout", "op", "mode", "status", "median_ms", "min_ms", "reps",
-           "bytes", "err_ratio", "note"]
+           "bytes", "err_ratio", "note", "dtype"]
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# Unit roundoff (bench_common.h, unit_roundoff) and fp16's underflow step; 2 roundings allowed.
+UNIT_ROUNDOFF = {"f32": 0.0, "bf16": 2.0 ** -8, "f16": 2.0 ** -11}
+UNDERFLOW_STEP = {"f32": 0.0, "bf16": 0.0, "f16": 2.0 ** -25}
+ROUNDINGS = 2.0
+
+
+def rounding_tol(dtype, max_out):
+    return ROUNDINGS * (UNIT_ROUNDOFF[dtype] * max_out + UNDERFLOW_STEP[dtype])
 
 
 def backward(op):
@@ -163,7 +180,11 @@ def compare(what, who, got, want, tol):
     return ratio
 
 
-def run_shape(text, dims, args, writer, timing):
+def run_shape(text, dims, args, writer, timing, dtype="f32", ops=None):
+    ops = args.ops if ops is None else ops
+    tdt = DTYPES[dtype]
+    # The values every implementation gets: fp32 draws rounded to the dtype (exact for f32).
+    q = (lambda t: t) if dtype == "f32" else (lambda t: t.to(tdt).float())
     torch.manual_seed(sum(dims) * 7919 + len(dims))
     N, C = dims[0], dims[1]
     red = [0] + list(range(2, len(dims)))
@@ -177,8 +198,8 @@ def run_shape(text, dims, args, writer, timing):
     eval_mean = offset + torch.rand(C) * 0.2 - 0.1
     eval_var = torch.rand(C) * 1.5 + 0.5
     eps, momentum = 1e-5, 0.1
-    x0 = torch.randn(dims) + offset.view(view)
-    dy0 = torch.randn(dims)
+    x0 = q(torch.randn(dims) + offset.view(view))
+    dy0 = q(torch.randn(dims))
 
     # fp64 results and the magnitudes the tolerances come from.
     xd = x0.double()
@@ -198,8 +219,8 @@ def run_shape(text, dims, args, writer, timing):
     dx = (wd * invstd / n).view(view) * (n * dyd - dbias.view(view) - xhat * dweight.view(view))
     # The fused ops: z the added tensor (drawn after x and dy), and the fused backward from the
     # fp32 output y = relu(bn(x)) it is given (its mask y > 0, as autograd's relu backward).
-    z0 = torch.randn(dims) if "fwd_train_add_relu" in args.ops else None
-    y_relu32 = y_train.clamp_min(0).float() if "bwd_relu" in args.ops else None
+    z0 = q(torch.randn(dims)) if "fwd_train_add_relu" in ops else None
+    y_relu32 = q(y_train.clamp_min(0).float()) if "bwd_relu" in ops else None
     if y_relu32 is not None:
         g = dyd * (y_relu32 > 0).double()
         dbias_relu = g.sum(red)
@@ -230,6 +251,14 @@ def run_shape(text, dims, args, writer, timing):
         tol["y_train_add"] = tol["y_train"] + elementwise_tol(1, z0.abs().max().item() + max_y_train)
     if y_relu32 is not None:
         tol["dx_relu"] = elementwise_tol(n, max_w * max_invstd * term + dx_relu.abs().max().item())
+    if dtype != "f32":  # the 16-bit outputs are rounded once more (bench_common.h, tolerances)
+        tol["y_train"] += rounding_tol(dtype, max_y_train)
+        tol["y_eval"] += rounding_tol(dtype, y_eval.abs().max().item())
+        tol["dx"] += rounding_tol(dtype, dx.abs().max().item())
+        if z0 is not None:
+            tol["y_train_add"] += rounding_tol(dtype, z0.abs().max().item() + max_y_train)
+        if y_relu32 is not None:
+            tol["dx_relu"] += rounding_tol(dtype, dx_relu.abs().max().item())
     del xd, dyd, xhat
     save_mean32, save_invstd32 = mean.float(), invstd.float()
 
@@ -238,18 +267,18 @@ def run_shape(text, dims, args, writer, timing):
     bn = torch.ops.aten.native_batch_norm
     bn_bwd = torch.ops.aten.native_batch_norm_backward
     relu_bwd = torch.ops.aten.threshold_backward  # what autograd runs for relu, from its output
-    numel_bytes = 4.0 * x0.numel()
+    numel_bytes = float(torch.finfo(tdt).bits // 8) * x0.numel()
     threads_note = f"threads={torch.get_num_threads()}"
     for layout, fmt in layouts:
-        who = f"torch {text} {layout}"
-        # The inputs of one call in the layout; the outputs are allocated by every call.
-        base = dict(x=x0.contiguous(memory_format=fmt))
-        if any(backward(op) for op in args.ops):
-            base["dy"] = dy0.contiguous(memory_format=fmt)
+        who = f"torch {text} {layout}" + ("" if dtype == "f32" else f" {dtype}")
+        # The inputs of one call in the layout and dtype; the outputs are allocated by every call.
+        base = dict(x=x0.to(tdt).contiguous(memory_format=fmt))
+        if any(backward(op) for op in ops):
+            base["dy"] = dy0.to(tdt).contiguous(memory_format=fmt)
         if z0 is not None:
-            base["z"] = z0.contiguous(memory_format=fmt)
+            base["z"] = z0.to(tdt).contiguous(memory_format=fmt)
         if y_relu32 is not None:
-            base["y"] = y_relu32.contiguous(memory_format=fmt)
+            base["y"] = y_relu32.to(tdt).contiguous(memory_format=fmt)
         rm, rv = torch.zeros(C), torch.ones(C)
         # One call per op. The fused ops are what a user of torch writes: batch norm, then
         # relu_ in place (torchvision's ResNet: nn.ReLU(inplace=True)); the add as
@@ -271,8 +300,8 @@ def run_shape(text, dims, args, writer, timing):
             return bn_bwd(g, t["x"], weight, rm, rv, save_mean32, save_invstd32, True, eps,
                           [True, True, True])
 
-        for op in args.ops:
-            err, error = 0.0, None
+        for op in ops:
+            err, error, refused = 0.0, None, False
             try:
                 if op.startswith("fwd_train"):
                     rm.zero_()
@@ -304,12 +333,20 @@ def run_shape(text, dims, args, writer, timing):
                     del g
             except Exception as e:  # a failing call is reported, never dropped
                 error = f"{type(e).__name__}: {e}"
-                print(f"\n!!! {who} {op}: {e}\n", file=sys.stderr, flush=True)
+                # PyTorch's way of refusing a dtype ("batch_norm" not implemented for 'Half'):
+                # a skip row that names it.
+                refused = dtype != "f32" and "not implemented for" in str(e)
+                if refused:
+                    error = f"unsupported by PyTorch {torch.__version__}: {e}"
+                else:
+                    print(f"\n!!! {who} {op}: {e}\n", file=sys.stderr, flush=True)
             for mode in args.modes:
                 row = dict(impl="torch", shape=text, layout=layout, op=op, mode=mode, status="ok",
                            median_ms=0, min_ms=0, reps=0, bytes=MIN_TENSORS[op] * numel_bytes,
-                           err_ratio=f"{err:.4g}", note=threads_note)
-                if error:
+                           err_ratio=f"{err:.4g}", note=threads_note, dtype=dtype)
+                if refused:
+                    row.update(status="skip", note=error)
+                elif error:
                     row.update(status="error", note=error)
                 elif not err <= 1.0:
                     row.update(status="FAIL", note="validation failed (see the log); not timed")
@@ -337,12 +374,12 @@ def run_shape(text, dims, args, writer, timing):
                 writer.writerow(row)
                 if row["status"] == "ok":
                     gbs = row["bytes"] / (float(row["median_ms"]) * 1e-3) / 1e9
-                    print(f"  torch         {text:<15} {layout:<10} {op:<18} {mode:<4} median "
+                    print(f"  torch         {text:<15} {layout:<10} {op:<18} {mode:<4} {dtype:<4} median "
                           f"{float(row['median_ms']):9.4f} ms  min {float(row['min_ms']):9.4f} ms"
                           f"  {gbs:6.1f} GB/s  ({row['reps']} reps, err {row['err_ratio']} of tol)"
                           f" {row['note']}", file=sys.stderr, flush=True)
                 else:
-                    print(f"  torch         {text:<15} {layout:<10} {op:<18} {mode:<4} "
+                    print(f"  torch         {text:<15} {layout:<10} {op:<18} {mode:<4} {dtype:<4} "
                           f"{row['status']} {row['note']}", file=sys.stderr, flush=True)
 
 
@@ -357,8 +394,23 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-time", type=float)
     p.add_argument("--min-reps", type=int)
+    p.add_argument("--dtypes", default="f32",
+                   help="the tensors' element types, a subset of f32,bf16,f16 (default f32)")
+    p.add_argument("--half-ops", help="the ops the 16-bit dtypes run (default: every op of --ops)")
     p.add_argument("--csv", required=True)
     args = p.parse_args()
+    args.dtypes = list(dict.fromkeys(d for d in args.dtypes.split(",") if d))
+    for d in args.dtypes:
+        if d not in DTYPES:
+            sys.exit(f"torch_runner.py: unknown dtype '{d}' in --dtypes (expected f32, bf16, f16)")
+    if not args.dtypes:
+        sys.exit("torch_runner.py: --dtypes is empty")
+    half_ops = None
+    if args.half_ops is not None:
+        half_ops = [o for o in args.half_ops.split(",") if o]
+        for o in half_ops:
+            if o not in OPS:
+                sys.exit(f"torch_runner.py: unknown op '{o}' in --half-ops (expected {', '.join(OPS)})")
     args.ops = [o for o in args.ops.split(",") if o]
     for o in args.ops:
         if o not in OPS:
@@ -383,14 +435,21 @@ def main():
         writer.writeheader()
         for key, value in (("torch_version", torch.__version__),
                            ("torch_threads", str(torch.get_num_threads())),
-                           ("torch_python", platform.python_version())):
+                           ("torch_python", platform.python_version()),
+                           ("torch_dtypes", ",".join(args.dtypes))):
             writer.writerow(dict(impl="meta", shape="-", layout=key, op="-", mode="-", status="ok",
-                                 median_ms=0, min_ms=0, reps=0, bytes=0, err_ratio=0, note=value))
+                                 median_ms=0, min_ms=0, reps=0, bytes=0, err_ratio=0, note=value,
+                                 dtype="-"))
             print(f"  {key}: {value}", file=sys.stderr)
         with torch.no_grad():
             for text, dims in read_shapes(args.shapes):
-                run_shape(text, dims, args, writer, timing)
-                f.flush()
+                for dtype in args.dtypes:
+                    ops = args.ops
+                    if dtype != "f32" and half_ops is not None:
+                        ops = [o for o in args.ops if o in half_ops]
+                    if ops:
+                        run_shape(text, dims, args, writer, timing, dtype, ops)
+                    f.flush()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@
 #include "comm/sync_detail.h"
 #include "kernels.h"
 #include "util/check.h"
+#include "util/staging.h"
 
 namespace bnorm {
 namespace {
@@ -136,28 +137,6 @@ void merge_sums(const double* table, int64_t channels, int64_t lo, int64_t hi, S
         return Sums{v[0], v[1]};
       },
       [](const Sums& a, const Sums& b) { return Sums{a.dy + b.dy, a.dy_xhat + b.dy_xhat}; });
-}
-
-// The fp32 copy of a bf16 / fp16 tensor (exact), and the rounding of one back (nearest even).
-void widen_tensor(ConstTensorView t, int64_t numel, std::vector<float>* out) {
-  out->resize(static_cast<size_t>(numel));
-  if (t.dtype() == DType::kBFloat16) {
-    const bfloat16* in = t.data_as<bfloat16>();
-    for (int64_t k = 0; k < numel; ++k) (*out)[static_cast<size_t>(k)] = to_float(in[k]);
-  } else {
-    const float16* in = t.data_as<float16>();
-    for (int64_t k = 0; k < numel; ++k) (*out)[static_cast<size_t>(k)] = to_float(in[k]);
-  }
-}
-void narrow_tensor(const std::vector<float>& in, TensorView t) {
-  const auto numel = static_cast<int64_t>(in.size());
-  if (t.dtype() == DType::kBFloat16) {
-    bfloat16* out = t.data_as<bfloat16>();
-    for (int64_t k = 0; k < numel; ++k) out[k] = to_bfloat16(in[static_cast<size_t>(k)]);
-  } else {
-    float16* out = t.data_as<float16>();
-    for (int64_t k = 0; k < numel; ++k) out[k] = to_float16(in[static_cast<size_t>(k)]);
-  }
 }
 
 // A tensor that may hold N = 0 samples: checked as check_tensor does with N = 1.
@@ -509,7 +488,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
   // bf16 / fp16 tensors: the pass runs on an fp32 copy of x (exact), y rounded at the end.
   std::vector<float> staged;
   const bool half = mine.ok() && g.n > 0 && a.x.dtype() != DType::kFloat32;
-  if (half) mine = detail::run_kernels([&] { widen_tensor(a.x, g.numel(), &staged); });
+  if (half) mine = detail::run_kernels([&] { detail::widen_to_fp32(a.x, g.numel(), &staged); });
   const float* xp = half ? staged.data() : a.x.data();
   float* yp = half ? staged.data() : a.y.data();
 
@@ -583,7 +562,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
       impl.apply(g, xp, mean.data(), invstd.data(), w, b, yp);
     }
   }));
-  if (half) narrow_tensor(staged, a.y);
+  if (half) detail::narrow_from_fp32(staged, a.y);
   if (tracking) {
     std::copy(new_running_mean.begin(), new_running_mean.end(), a.running_mean.begin());
     std::copy(new_running_var.begin(), new_running_var.end(), a.running_var.begin());
@@ -632,8 +611,8 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
   const bool half = mine.ok() && g.n > 0 && a.x.dtype() != DType::kFloat32;
   if (half)
     mine = detail::run_kernels([&] {
-      widen_tensor(a.dy, g.numel(), &staged_dy);
-      widen_tensor(a.x, g.numel(), &staged_x);
+      detail::widen_to_fp32(a.dy, g.numel(), &staged_dy);
+      detail::widen_to_fp32(a.x, g.numel(), &staged_x);
     });
   const float* dyp = half ? staged_dy.data() : a.dy.data();
   const float* xp = half ? staged_x.data() : a.x.data();
@@ -688,7 +667,7 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
       impl.backward_apply(g, dyp, xp, mean.data(), invstd.data(), w,
                           sum_dy.data(), sum_dy_xhat.data(), true, dxp, global_count);
     }));
-    if (half) narrow_tensor(staged_dy, a.dx);
+    if (half) detail::narrow_from_fp32(staged_dy, a.dx);
   }
   for (int64_t c = 0; c < channels; ++c) {
     if (!a.dweight.empty()) a.dweight[c] = static_cast<float>(sums[static_cast<size_t>(c)].dy_xhat);
