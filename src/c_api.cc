@@ -558,8 +558,9 @@ int bnorm_sync_forward_train_dt(const bnorm_comm* comm, const bnorm_sync_options
                     num_batches_tracked, momentum, eps, y, a);
     a.save_mean = vec(save_mean, c);
     a.save_invstd = vec(save_invstd, c);
-    BNORM_RETURN_IF_ERROR(
-        bnorm::detail::sync_forward_train(communicator, a, options_from_environment(), sync, prior));
+    BNORM_RETURN_IF_ERROR(bnorm::detail::sync_forward_train(communicator, a,
+                                                            options_from_environment(), sync,
+                                                            prior));
     if (options != nullptr && options->split_out != nullptr)
       std::copy(used.begin(), used.end(), options->split_out);
     return bnorm::Status();

@@ -124,7 +124,9 @@ Problem MakeProblem(const Case& k) {
   p.x = MakeBuf(k.dtype, Normal(count, 1.5, 2.0, 11));
   p.dy = MakeBuf(k.dtype, Normal(count, 0.0, 1.0, 12));
   p.z = MakeBuf(k.dtype, Normal(count, 0.2, 1.0, 13));
-  const auto f = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  const auto f = [](const std::vector<double>& v) {
+    return std::vector<float>(v.begin(), v.end());
+  };
   p.weight = f(Normal(static_cast<size_t>(k.c), 1.0, 0.3, 14));
   p.bias = f(Normal(static_cast<size_t>(k.c), 0.0, 0.3, 15));
   p.running_mean = f(Normal(static_cast<size_t>(k.c), 0.5, 0.2, 16));

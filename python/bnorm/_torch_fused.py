@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from . import _lib
 from .torch import (_CHANNELS_FIRST, _EXTENSION_DEFAULTS, _TORCH_TO_BNORM, _carried_over,
-                    _dtype_code, _fallback_warning, _grad_as, _layout_of, _library_arguments, _module_arguments, _nsc,
-                    _ptr, _recomputed_grads, _resolve, _sync_threads, _to_layout,
-                    _torch_batch_norm, _vec, _writable, _write_back)
+                    _dtype_code, _fallback_warning, _grad_as, _layout_of, _library_arguments,
+                    _module_arguments, _nsc, _ptr, _recomputed_grads, _resolve, _sync_threads,
+                    _to_layout, _torch_batch_norm, _vec, _writable, _write_back)
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "FoldedReLU",
            "batch_norm_relu", "fuse_relu"]
@@ -87,9 +87,9 @@ class _ReLUFunction(torch.autograd.Function):
         else:
             save_mean, save_invstd, rm, rv, training = None, None, _vec(stat_a), _vec(stat_b), 0
         _lib.check(_lib.lib().bnorm_backward_relu_dt(
-            layout, dt, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(y), _ptr(_vec(weight)), _ptr(save_mean),
-            _ptr(save_invstd), _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx), _ptr(dweight),
-            _ptr(dbias), _ptr(dz)), x.shape)
+            layout, dt, n, c, s, _ptr(dy), _ptr(x_mem), _ptr(y), _ptr(_vec(weight)),
+            _ptr(save_mean), _ptr(save_invstd), _ptr(rm), _ptr(rv), ctx.eps, training, _ptr(dx),
+            _ptr(dweight), _ptr(dbias), _ptr(dz)), x.shape)
         return (dx if need_x else None,
                 _grad_as(dweight, weight) if need_w else None,
                 _grad_as(dbias, bias) if need_b and bias is not None else None,

@@ -254,7 +254,8 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     save_mean = np.empty(c, dtype=np.float32)
     save_invstd = np.empty(c, dtype=np.float32)
     _lib.check(_lib.lib().bnorm_forward_train_dt(
-        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
+        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(x), _ptr(weight),
+        _ptr(bias),
         _ptr(running_mean), _ptr(running_var), _ptr(num_batches_tracked),
         mom, _eps(eps), _ptr(y), _ptr(save_mean), _ptr(save_invstd)), x.shape)
     return y, save_mean, save_invstd
@@ -276,7 +277,8 @@ def forward_eval(x, weight=None, bias=None, running_mean=None, running_var=None,
     running_var = _vector("running_var", running_var, c, required=True)
     y = _output_like("out", out, x, layout)
     _lib.check(_lib.lib().bnorm_forward_eval_dt(
-        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(x), _ptr(weight), _ptr(bias),
+        _LAYOUT_CODE[layout], _ACTIVATION_DTYPES[x.dtype], n, c, s, _ptr(x), _ptr(weight),
+        _ptr(bias),
         _ptr(running_mean), _ptr(running_var), _eps(eps), _ptr(y)), x.shape)
     return y
 

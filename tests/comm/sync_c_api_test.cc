@@ -662,7 +662,8 @@ TEST(SyncCApiDtype, Bf16AndFp16EqualTheCppSyncPathBitwise) {
     for (int dtype : {BNORM_BFLOAT16, BNORM_FLOAT16}) {
       std::vector<uint16_t> x, dy;
       for (float v : p.x)
-        x.push_back(dtype == BNORM_BFLOAT16 ? bnorm::to_bfloat16(v).bits : bnorm::to_float16(v).bits);
+        x.push_back(dtype == BNORM_BFLOAT16 ? bnorm::to_bfloat16(v).bits
+                                            : bnorm::to_float16(v).bits);
       for (float v : p.dy)
         dy.push_back(dtype == BNORM_BFLOAT16 ? bnorm::to_bfloat16(v).bits
                                              : bnorm::to_float16(v).bits);

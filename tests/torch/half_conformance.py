@@ -271,8 +271,9 @@ def run_config(cfg, figures):
             d = (lib[k].double() - tor[k].double()).abs()
             bad = torch_ok & (d > 2 * bound)
             if bool(bad.any()):
+                worst = float((d / (bound / unit))[bad].max())
                 problems.append("%s: |bnorm - torch| %.3g x (|ref| + scale) above 2U where torch "
-                                "is within U of float64" % (k, float((d / (bound / unit))[bad].max())))
+                                "is within U of float64" % (k, worst))
     if lib["y"].stride() != cfg.x.stride() or lib["dx"].stride() != cfg.x.stride():
         problems.append("outputs not in the input's layout")
     return problems
