@@ -7,7 +7,9 @@
 #include <hwy/highway.h>
 #include <hwy/tests/hwy_gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -47,6 +49,28 @@ uint32_t bits(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
   return u;
+}
+
+// A native tensor placed `off` elements into its buffer, so that the tensors start at every
+// element alignment (and differ from each other's). The streamed outputs stay vector-aligned:
+// on the FMA-less targets the prologue of a streamed row follows the alignment (ops-inl.h).
+template <class E>
+struct Shifted {
+  std::vector<E> buf;
+  size_t off;
+  Shifted(const std::vector<E>& v, size_t o) : buf(v.size() + 8), off(o) {
+    std::copy(v.begin(), v.end(), buf.begin() + static_cast<std::ptrdiff_t>(o));
+  }
+  Shifted(size_t n, size_t o) : buf(n + 8), off(o) {}
+  E* data() { return buf.data() + off; }
+  void assign(const std::vector<E>& v) {
+    std::copy(v.begin(), v.end(), buf.begin() + static_cast<std::ptrdiff_t>(off));
+  }
+};
+
+size_t offset(const Geometry& g, uint64_t seed, int k) {
+  if (g.numel() * 4 >= (int64_t{16} << 20)) return 0;  // streamed (kStreamMinBytes)
+  return static_cast<size_t>((seed >> (2 * k)) % 5);
 }
 
 template <class E>
@@ -212,13 +236,13 @@ void check_forward(const Shape& sh, int threads, uint64_t seed, bool relu, bool 
   for (bool train : {true, false}) {
     if (train && eval_only) continue;
     // Native.
-    std::vector<E> xn = x, yn(numel), zn = z;
+    Shifted<E> xn(x, offset(g, seed, 0)), yn(numel, offset(g, seed, 1)), zn(z, offset(g, seed, 2));
     const E* xp = xn.data();
     E* yp = yn.data();
     const E* zp = with_z ? zn.data() : nullptr;
     if (alias == kFirst) yp = xn.data();  // y = x
     if (alias == kSecond && with_z) {     // z = y
-      yn = z;
+      yn.assign(z);
       zp = yn.data();
     }
     std::vector<float> rm = p.rm, rv = p.rv, sm(g.c, -7.0f), si(g.c, -7.0f);
@@ -315,7 +339,8 @@ void check_backward(const Shape& sh, int threads, uint64_t seed, bool training, 
   const auto& impl = cpu_impl();
   bnorm::set_num_threads(threads);
 
-  std::vector<E> xn = x, dyn = dy, yn = y, dxn(numel), dzn(numel);
+  Shifted<E> xn(x, offset(g, seed, 0)), dyn(dy, offset(g, seed, 1)), yn(y, offset(g, seed, 2)),
+      dxn(numel, offset(g, seed, 3)), dzn(numel, offset(g, seed, 4));
   E* dxp = dxn.data();
   E* dzp = relu && with_dz ? dzn.data() : nullptr;
   std::vector<float> xs = widened(x), dys = widened(dy), yss = widened(y), dxs(numel), dzs(numel);
