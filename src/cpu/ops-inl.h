@@ -39,7 +39,9 @@ namespace hn = hwy::HWY_NAMESPACE;
 // 16-bit kernel computes exactly what the fp32 kernel computes on the widened data and rounds
 // each output once. For float these are the plain loads and stores.
 //
-// fp16 conversions use F16C (VCVTPH2PS: exact; VCVTPS2PH with the default MXCSR: round to
+// fp16 conversions use F16C (VCVTPH2PS: exact, but a signalling NaN comes back quiet, which no
+// output can tell: any operation on it quiets it, and passed through (dz) it rounds to the same
+// fp16 pattern; VCVTPS2PH with the default MXCSR: round to
 // nearest even, fp32 subnormals handled, NaN quieted keeping its top payload bits, overflow to
 // Inf, as to_float16) on AVX2 and above. Highway's fp16 conversions of the older targets
 // truncate and turn NaN into Inf, so there each lane goes through bnorm's scalar functions.
