@@ -27,6 +27,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu.h"
 #include "cpu/internal.h"
@@ -208,9 +209,13 @@ struct BackwardJob {
 template <class E>
 void backward_merge(const BackwardJob<E>& job, int64_t begin, int64_t end) {
   const detail::BackwardCallOf<E>& call = *job.call;
-  // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already.
-  const bool resum = call.training || (call.dx != call.dy && call.dx != call.x &&
-                                       call.dx != call.y && call.dz != call.dy);
+  // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already. 16-bit
+  // tensors: never in eval, as the staged path (batch_norm.cc), whose fp32 backward runs in
+  // place (dx over the copy of dy, or of x with dz over the copy of dy), never re-sums there:
+  // the native pass gives its bits whatever the aliasing.
+  const bool resum =
+      call.training || (std::is_same_v<E, float> && call.dx != call.dy && call.dx != call.x &&
+                        call.dx != call.y && call.dz != call.dy);
   merge_backward_sums(*job.plan, call.dy, call.x, call.y, job.m, job.partials, begin, end, resum,
                       job.sum0, job.sum1);
   const double count = static_cast<double>(call.g.count());

@@ -1,6 +1,7 @@
 // The native bf16 and fp16 passes of the CPU kernels against the staged path, bit for bit: the
 // 16-bit inputs widened to fp32, the fp32 passes (cpu::forward_train, forward_eval, backward) on
-// fp32 buffers with the same aliasing, and the outputs rounded with bnorm::to_bfloat16 /
+// the copies as batch_norm.cc runs them (in place: y over x's copy, dx over dy's, or with the
+// ReLU dx over x's and dz over dy's), and the outputs rounded with bnorm::to_bfloat16 /
 // to_float16. Every output (y, dx, dz, and the fp32 save_mean, save_invstd, running statistics,
 // dweight, dbias) on every compiled Highway target, for 1, 2, 3 and 8 threads. Plus the SIMD
 // rounding against the scalar one over many bit patterns.
@@ -246,16 +247,11 @@ void check_forward(const Shape& sh, int threads, uint64_t seed, bool relu, bool 
       zp = yn.data();
     }
     std::vector<float> rm = p.rm, rv = p.rv, sm(g.c, -7.0f), si(g.c, -7.0f);
-    // Staged (same aliasing on the fp32 buffers).
-    std::vector<float> xs = widened(x), ys(numel), zs = widened(z);
+    // Staged as batch_norm.cc stages: y over the fp32 copy of x, z its own copy.
+    std::vector<float> xs = widened(x), zs = widened(z);
     const float* xsp = xs.data();
-    float* ysp = ys.data();
+    float* ysp = xs.data();
     const float* zsp = with_z ? zs.data() : nullptr;
-    if (alias == kFirst) ysp = xs.data();
-    if (alias == kSecond && with_z) {
-      ys = zs;
-      zsp = ys.data();
-    }
     std::vector<float> rm_s = p.rm, rv_s = p.rv, sm_s(g.c, -7.0f), si_s(g.c, -7.0f);
     if (train) {
       bnorm::detail::TrainCallOf<E> call;
@@ -343,20 +339,18 @@ void check_backward(const Shape& sh, int threads, uint64_t seed, bool training, 
       dxn(numel, offset(g, seed, 3)), dzn(numel, offset(g, seed, 4));
   E* dxp = dxn.data();
   E* dzp = relu && with_dz ? dzn.data() : nullptr;
-  std::vector<float> xs = widened(x), dys = widened(dy), yss = widened(y), dxs(numel), dzs(numel);
-  float* dxsp = dxs.data();
-  float* dzsp = relu && with_dz ? dzs.data() : nullptr;
+  // Staged as batch_norm.cc stages: dx over the fp32 copy of dy; with the ReLU, dx over the
+  // copy of x and dz over the copy of dy.
+  std::vector<float> xs = widened(x), dys = widened(dy), yss = widened(y);
+  float* dxsp = relu ? xs.data() : dys.data();
+  float* dzsp = relu && with_dz ? dys.data() : nullptr;
   if (alias == kFirst) {
     dxp = dyn.data();
-    dxsp = dys.data();
   } else if (alias == kSecond) {
     dxp = xn.data();
-    dxsp = xs.data();
   } else if (alias == kThird && relu && with_dz) {
     dzp = dyn.data();
-    dzsp = dys.data();
     dxp = yn.data();
-    dxsp = yss.data();
   }
   std::vector<float> dw(g.c, -7.0f), db(g.c, -7.0f), dw_s(g.c, -7.0f), db_s(g.c, -7.0f);
 
