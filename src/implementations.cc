@@ -11,8 +11,9 @@ namespace {
 // Fastest first, the reference last.
 const Implementation kImplementations[] = {
     {"cpu", &cpu::stats, &cpu::apply, &cpu::backward_reduce, &cpu::backward_apply,
-     &cpu::forward_train, &cpu::forward_eval, &cpu::backward, nullptr, nullptr, nullptr, nullptr,
-     nullptr, nullptr},
+     &cpu::forward_train, &cpu::forward_eval, &cpu::backward, &cpu::forward_train_bf16,
+     &cpu::forward_eval_bf16, &cpu::backward_bf16, &cpu::forward_train_f16, &cpu::forward_eval_f16,
+     &cpu::backward_f16},
     {"reference", &ref::stats<float>, &ref::apply<float>, &ref::backward_reduce<float>,
      &ref::backward_apply<float>, &ref::forward_train, &ref::forward_eval, &ref::backward,
      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},

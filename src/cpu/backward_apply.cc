@@ -39,41 +39,40 @@ HWY_INLINE V dx_vec(V g, V x, V m, V alpha, V beta, V gamma) {
 
 // The gradient the batch norm sees at element k: dy, or with the fused ReLU g = dy * (y > 0),
 // then also stored to dz when dz is set (dz may be dy: g is formed before it is stored).
-template <bool kRelu, class DF>
-HWY_INLINE hn::Vec<DF> grad(DF df, const float* dy, const float* y, float* dz, int64_t k) {
-  auto g = hn::LoadU(df, dy + k);
+// E: the tensors' element type (dz rounded on store: g is a widened dy or 0, so exactly).
+template <bool kRelu, class DF, class E>
+HWY_INLINE hn::Vec<DF> grad(DF df, const E* dy, const E* y, E* dz, int64_t k) {
+  auto g = load_e(df, dy + k);
   if constexpr (kRelu) {
-    g = relu_grad(df, hn::LoadU(df, y + k), g);
-    if (dz != nullptr) hn::StoreU(g, df, dz + k);
+    g = relu_grad(df, load_e(df, y + k), g);
+    if (dz != nullptr) store_e(df, g, dz + k);
   }
   return g;
 }
 
-template <bool kRelu, class DF, class M>
-HWY_INLINE hn::Vec<DF> grad_masked(DF df, M mk, const float* dy, const float* y, float* dz,
-                                   int64_t k) {
-  auto g = hn::MaskedLoad(mk, df, dy + k);
+template <bool kRelu, class DF, class M, class E>
+HWY_INLINE hn::Vec<DF> grad_masked(DF df, M mk, const E* dy, const E* y, E* dz, int64_t k) {
+  auto g = masked_load_e(df, mk, dy + k);
   if constexpr (kRelu) {
-    g = relu_grad(df, hn::MaskedLoad(mk, df, y + k), g);
-    if (dz != nullptr) hn::BlendedStore(g, mk, df, dz + k);
+    g = relu_grad(df, masked_load_e(df, mk, y + k), g);
+    if (dz != nullptr) blended_store_e(df, mk, g, dz + k);
   }
   return g;
 }
 
-template <bool kRelu>
-inline float grad_one(const float* dy, const float* y, float* dz, int64_t k) {
-  float g = dy[k];
+template <bool kRelu, class E>
+inline float grad_one(const E* dy, const E* y, E* dz, int64_t k) {
+  float g = to_f32(dy[k]);
   if constexpr (kRelu) {
-    g = y[k] > 0.0f ? g : 0.0f;
-    if (dz != nullptr) dz[k] = g;
+    g = to_f32(y[k]) > 0.0f ? g : 0.0f;
+    if (dz != nullptr) dz[k] = from_f32<E>(g);
   }
   return g;
 }
 
 // One contiguous run of one channel (y, dz: the same run of the fused ReLU's output and of dz).
-template <bool kRelu>
-void backward_apply_row(const float* dy, const float* x, const float* y, float* dz, float* dx,
-                        int64_t len, float m, float alpha, float beta, float gamma, bool training,
+template <bool kRelu, class E>
+void backward_apply_row(const E* dy, const E* x, const E* y, E* dz, E* dx, int64_t len, float m, float alpha, float beta, float gamma, bool training,
                         bool stream) {
   const hn::ScalableTag<float> df;
   const auto vm = hn::Set(df, m), va = hn::Set(df, alpha), vb = hn::Set(df, beta),
@@ -89,23 +88,23 @@ void backward_apply_row(const float* dy, const float* x, const float* y, float* 
   write_row(
       df, dx, len, stream,
       [&](int64_t k) {
-        const auto xv = hn::LoadU(df, x + k);
+        const auto xv = load_e(df, x + k);
         return dx_vec(grad<kRelu>(df, dy, y, dz, k), xv, vm, va, vb, vg);
       },
       [&](auto mk, int64_t k) {
-        const auto xv = hn::MaskedLoad(mk, df, x + k);
+        const auto xv = masked_load_e(df, mk, x + k);
         return dx_vec(grad_masked<kRelu>(df, mk, dy, y, dz, k), xv, vm, va, vb, vg);
       },
       [&](int64_t k) {
         const float g = grad_one<kRelu>(dy, y, dz, k);
-        return dx_one(g, x[k], m, alpha, beta, gamma);
+        return dx_one(g, to_f32(x[k]), m, alpha, beta, gamma);
       });
 }
 
 // Channels-first blocks of whole rows: each batch item's channels [c0, c1) as one run.
-template <bool kRelu>
-void backward_apply_runs(const Plan& p, const float* dy, const float* x, const Block& b,
-                         const BackwardParams& q, bool training, float* dx, bool stream) {
+template <bool kRelu, class E>
+void backward_apply_runs(const Plan& p, const E* dy, const E* x, const Block& b,
+                         const BackwardParamsOf<E>& q, bool training, E* dx, bool stream) {
   const hn::ScalableTag<float> df;
   using V = hn::Vec<decltype(df)>;
   using P = std::array<V, 4>;
@@ -118,11 +117,11 @@ void backward_apply_runs(const Plan& p, const float* dy, const float* x, const B
   const int64_t channels = b.c1 - b.c0;
   for (int64_t i = b.i0; i < b.i1; ++i) {
     const int64_t at = (i * p.c + b.c0) * s;
-    const float* gr = dy + at;
-    const float* xr = x + at;
-    const float* yr = kRelu ? q.y + at : nullptr;
-    float* zr = kRelu && q.dz != nullptr ? q.dz + at : nullptr;
-    float* out = dx + at;
+    const E* gr = dy + at;
+    const E* xr = x + at;
+    const E* yr = kRelu ? q.y + at : nullptr;
+    E* zr = kRelu && q.dz != nullptr ? q.dz + at : nullptr;
+    E* out = dx + at;
     auto load = [&](int64_t ch) {
       return P{hn::Set(df, qm[ch]), hn::Set(df, qalpha[ch]), hn::Set(df, qbeta[ch]),
                hn::Set(df, qgamma[ch])};
@@ -140,35 +139,35 @@ void backward_apply_runs(const Plan& p, const float* dy, const float* x, const B
     write_run<4>(
         df, out, channels, s, stream, load,
         [&](const P& v, int64_t k) {
-          const auto xv = hn::LoadU(df, xr + k);
+          const auto xv = load_e(df, xr + k);
           return dx_vec(grad<kRelu>(df, gr, yr, zr, k), xv, v[0], v[1], v[2], v[3]);
         },
         [&](const P& v, auto mk, int64_t k) {
-          const auto xv = hn::MaskedLoad(mk, df, xr + k);
+          const auto xv = masked_load_e(df, mk, xr + k);
           return dx_vec(grad_masked<kRelu>(df, mk, gr, yr, zr, k), xv, v[0], v[1], v[2], v[3]);
         },
         [&](int64_t ch, int64_t k) {
           const float g = grad_one<kRelu>(gr, yr, zr, k);
-          return dx_one(g, xr[k], qm[ch], qalpha[ch], qbeta[ch], qgamma[ch]);
+          return dx_one(g, to_f32(xr[k]), qm[ch], qalpha[ch], qbeta[ch], qgamma[ch]);
         });
   }
 }
 
 // Channels-last, row by row: the parameters loaded per vector.
-template <bool kRelu>
-void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, const Block& b,
-                              const BackwardParams& q, bool training, float* dx, bool stream) {
+template <bool kRelu, class E>
+void backward_apply_rows_last(const Plan& p, const E* dy, const E* x, const Block& b,
+                              const BackwardParamsOf<E>& q, bool training, E* dx, bool stream) {
   const hn::ScalableTag<float> df;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   const int64_t vec_end = b.c0 + (b.c1 - b.c0) / nf * nf;
-  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  const size_t align = static_cast<size_t>(nf) * sizeof(E);
   // Locals, not q's members: the stores to dx could alias q as far as the compiler knows.
   const float* const qm = q.m;
   const float* const qalpha = q.alpha;
   const float* const qbeta = q.beta;
   const float* const qgamma = q.gamma;
-  const float* const qy = q.y;
-  float* const qdz = q.dz;
+  const E* const qy = q.y;
+  E* const qdz = q.dz;
   int64_t r = b.i0;
   // kRowsLast rows at a time share each parameter load: one row loads 4 parameter vectors per
   // vector of dy (and of x), which bounds it by the loads (1.2-1.3x on 32x2048x7x7 and 4096x512
@@ -190,8 +189,7 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
             g[j] = grad<kRelu>(df, dy + o, kRelu ? qy + o : nullptr,
                                kRelu && qdz != nullptr ? qdz + o : nullptr, k);
           }
-          for (int64_t j = 0; j < kRowsLast; ++j)
-            hn::StoreU(hn::Mul(va, g[j]), df, dx + o0 + j * p.c + k);
+          for (int64_t j = 0; j < kRowsLast; ++j) store_e(df, hn::Mul(va, g[j]), dx + o0 + j * p.c + k);
           continue;
         }
         const auto vm = hn::LoadU(df, qm + k), vb = hn::LoadU(df, qbeta + k);
@@ -199,52 +197,53 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
         hn::Vec<decltype(df)> xv[kRowsLast], g[kRowsLast];
         for (int64_t j = 0; j < kRowsLast; ++j) {
           const int64_t o = o0 + j * p.c;
-          xv[j] = hn::LoadU(df, x + o + k);
+          xv[j] = load_e(df, x + o + k);
           g[j] = grad<kRelu>(df, dy + o, kRelu ? qy + o : nullptr,
                              kRelu && qdz != nullptr ? qdz + o : nullptr, k);
         }
         for (int64_t j = 0; j < kRowsLast; ++j)
-          hn::StoreU(dx_vec(g[j], xv[j], vm, va, vb, vg), df, dx + o0 + j * p.c + k);
+          store_e(df, dx_vec(g[j], xv[j], vm, va, vb, vg), dx + o0 + j * p.c + k);
       }
       for (int64_t j = 0; j < kRowsLast; ++j) {
         const int64_t o = o0 + j * p.c;
-        const float* gr = dy + o;
-        const float* yr = kRelu ? qy + o : nullptr;
-        float* zr = kRelu && qdz != nullptr ? qdz + o : nullptr;
+        const E* gr = dy + o;
+        const E* yr = kRelu ? qy + o : nullptr;
+        E* zr = kRelu && qdz != nullptr ? qdz + o : nullptr;
         for (int64_t k = vec_end; k < b.c1; ++k) {
           const float g = grad_one<kRelu>(gr, yr, zr, k);
-          dx[o + k] =
-              training ? dx_one(g, x[o + k], qm[k], qalpha[k], qbeta[k], qgamma[k]) : qalpha[k] * g;
+          dx[o + k] = from_f32<E>(
+              training ? dx_one(g, to_f32(x[o + k]), qm[k], qalpha[k], qbeta[k], qgamma[k])
+                       : qalpha[k] * g);
         }
       }
     }
   }
   for (; r < b.i1; ++r) {
-    const float* gr = dy + r * p.c;
-    const float* xr = x + r * p.c;
-    const float* yr = kRelu ? qy + r * p.c : nullptr;
-    float* zr = kRelu && qdz != nullptr ? qdz + r * p.c : nullptr;
-    float* out = dx + r * p.c;
+    const E* gr = dy + r * p.c;
+    const E* xr = x + r * p.c;
+    const E* yr = kRelu ? qy + r * p.c : nullptr;
+    E* zr = kRelu && qdz != nullptr ? qdz + r * p.c : nullptr;
+    E* out = dx + r * p.c;
     int64_t k = b.c0;
 #if BNORM_MASKED_TAIL
     // A streamed row whose output is not aligned starts with one masked vector up to the
     // alignment (as the inference apply's rows, apply.cc).
     if (stream && b.c1 - b.c0 >= 4 * nf) {
       const int64_t head = static_cast<int64_t>(
-          (align - reinterpret_cast<uintptr_t>(out + k) % align) % align / sizeof(float));
+          (align - reinterpret_cast<uintptr_t>(out + k) % align) % align / sizeof(E));
       if (head > 0) {
         const auto mk = hn::FirstN(df, static_cast<size_t>(head));
         const auto g = grad_masked<kRelu>(df, mk, gr, yr, zr, k);
         const auto va = hn::MaskedLoad(mk, df, qalpha + k);
         hn::Vec<decltype(df)> v;
         if (training) {
-          const auto xv = hn::MaskedLoad(mk, df, xr + k);
+          const auto xv = masked_load_e(df, mk, xr + k);
           v = dx_vec(g, xv, hn::MaskedLoad(mk, df, qm + k), va, hn::MaskedLoad(mk, df, qbeta + k),
                      hn::MaskedLoad(mk, df, qgamma + k));
         } else {
           v = hn::Mul(va, g);
         }
-        hn::BlendedStore(v, mk, df, out + k);
+        blended_store_e(df, mk, v, out + k);
         k += head;
       }
     }
@@ -255,35 +254,35 @@ void backward_apply_rows_last(const Plan& p, const float* dy, const float* x, co
       for (; k < vend; k += nf) {
         const auto v = hn::Mul(hn::LoadU(df, qalpha + k), grad<kRelu>(df, gr, yr, zr, k));
         if (nt) {
-          hn::Stream(v, df, out + k);
+          stream_e(df, v, out + k);
         } else {
-          hn::StoreU(v, df, out + k);
+          store_e(df, v, out + k);
         }
       }
-      for (; k < b.c1; ++k) out[k] = qalpha[k] * grad_one<kRelu>(gr, yr, zr, k);
+      for (; k < b.c1; ++k) out[k] = from_f32<E>(qalpha[k] * grad_one<kRelu>(gr, yr, zr, k));
       continue;
     }
     for (; k < vend; k += nf) {
       const auto t = hn::MulAdd(hn::LoadU(df, qbeta + k),
-                                hn::Sub(hn::LoadU(df, xr + k), hn::LoadU(df, qm + k)),
+                                hn::Sub(load_e(df, xr + k), hn::LoadU(df, qm + k)),
                                 hn::LoadU(df, qgamma + k));
       const auto v = hn::MulAdd(hn::LoadU(df, qalpha + k), grad<kRelu>(df, gr, yr, zr, k), t);
       if (nt) {
-        hn::Stream(v, df, out + k);
+        stream_e(df, v, out + k);
       } else {
-        hn::StoreU(v, df, out + k);
+        store_e(df, v, out + k);
       }
     }
     for (; k < b.c1; ++k) {
       const float g = grad_one<kRelu>(gr, yr, zr, k);
-      out[k] = dx_one(g, xr[k], qm[k], qalpha[k], qbeta[k], qgamma[k]);
+      out[k] = from_f32<E>(dx_one(g, to_f32(xr[k]), qm[k], qalpha[k], qbeta[k], qgamma[k]));
     }
   }
 }
 
-template <bool kRelu>
-void backward_apply_block_act(const Plan& p, const float* dy, const float* x, const Block& b,
-                              const BackwardParams& q, bool training, float* dx, bool stream) {
+template <bool kRelu, class E>
+void backward_apply_block_act(const Plan& p, const E* dy, const E* x, const Block& b,
+                              const BackwardParamsOf<E>& q, bool training, E* dx, bool stream) {
   if (use_runs(p, b)) {
     backward_apply_runs<kRelu>(p, dy, x, b, q, training, dx, stream);
     return;
@@ -308,7 +307,7 @@ void backward_apply_block_act(const Plan& p, const float* dy, const float* x, co
   const hn::ScalableTag<float> df;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   const int64_t width = b.c1 - b.c0;
-  const size_t align = static_cast<size_t>(nf) * sizeof(float);
+  const size_t align = static_cast<size_t>(nf) * sizeof(E);
   auto tile = [&](int64_t k0, auto lanes_tag) {
     constexpr int kVecs = decltype(lanes_tag)::value;
     hn::Vec<decltype(df)> vm[kVecs], va[kVecs], vb[kVecs], vg[kVecs];
@@ -319,11 +318,11 @@ void backward_apply_block_act(const Plan& p, const float* dy, const float* x, co
       vg[v] = hn::LoadU(df, q.gamma + k0 + v * nf);
     }
     for (int64_t r = b.i0; r < b.i1; ++r) {
-      const float* gr = dy + r * p.c + k0;
-      const float* xr = x + r * p.c + k0;
-      const float* yr = kRelu ? q.y + r * p.c + k0 : nullptr;
-      float* zr = kRelu && q.dz != nullptr ? q.dz + r * p.c + k0 : nullptr;
-      float* out = dx + r * p.c + k0;
+      const E* gr = dy + r * p.c + k0;
+      const E* xr = x + r * p.c + k0;
+      const E* yr = kRelu ? q.y + r * p.c + k0 : nullptr;
+      E* zr = kRelu && q.dz != nullptr ? q.dz + r * p.c + k0 : nullptr;
+      E* out = dx + r * p.c + k0;
       if (k0 == b.c0 && r + kPrefetchRows < b.i1) {
         prefetch_row(gr + kPrefetchRows * p.c, width);
         if (training) prefetch_row(xr + kPrefetchRows * p.c, width);
@@ -333,15 +332,15 @@ void backward_apply_block_act(const Plan& p, const float* dy, const float* x, co
       for (int v = 0; v < kVecs; ++v) {
         hn::Vec<decltype(df)> d;
         if (training) {
-          const auto t = hn::MulAdd(vb[v], hn::Sub(hn::LoadU(df, xr + v * nf), vm[v]), vg[v]);
+          const auto t = hn::MulAdd(vb[v], hn::Sub(load_e(df, xr + v * nf), vm[v]), vg[v]);
           d = hn::MulAdd(va[v], grad<kRelu>(df, gr, yr, zr, v * nf), t);
         } else {
           d = hn::Mul(va[v], grad<kRelu>(df, gr, yr, zr, v * nf));
         }
         if (nt) {
-          hn::Stream(d, df, out + v * nf);
+          stream_e(df, d, out + v * nf);
         } else {
-          hn::StoreU(d, df, out + v * nf);
+          store_e(df, d, out + v * nf);
         }
       }
     }
@@ -358,8 +357,9 @@ void backward_apply_block_act(const Plan& p, const float* dy, const float* x, co
 
 }  // namespace
 
-void backward_apply_block(const Plan& p, const float* dy, const float* x, const Block& b,
-                          const BackwardParams& q, bool training, float* dx, bool stream) {
+template <class E>
+void backward_apply_block(const Plan& p, const E* dy, const E* x, const Block& b,
+                          const BackwardParamsOf<E>& q, bool training, E* dx, bool stream) {
   if (q.y != nullptr) {
     backward_apply_block_act<true>(p, dy, x, b, q, training, dx, stream);
   } else {
@@ -369,18 +369,20 @@ void backward_apply_block(const Plan& p, const float* dy, const float* x, const 
 
 namespace {
 
+template <class E>
 struct BackwardApplyJob {
   const Plan* plan;
-  const float* dy;
-  const float* x;
-  BackwardParams q;
+  const E* dy;
+  const E* x;
+  BackwardParamsOf<E> q;
   bool training;
-  float* dx;
+  E* dx;
   bool stream;
 };
 
+template <class E>
 void backward_apply_task(void* ctx, int t, int n) {
-  const BackwardApplyJob& job = *static_cast<const BackwardApplyJob*>(ctx);
+  const BackwardApplyJob<E>& job = *static_cast<const BackwardApplyJob<E>*>(ctx);
   const Plan& p = *job.plan;
   int64_t begin, end;
   split_range(0, static_cast<int64_t>(p.blocks.size()), t, n, &begin, &end);
@@ -391,15 +393,27 @@ void backward_apply_task(void* ctx, int t, int n) {
 
 }  // namespace
 
-void backward_apply_with_params(const Geometry& g, const float* dy, const float* x,
-                                const BackwardParams& q, bool training, float* dx) {
+template <class E>
+void backward_apply_with_params(const Geometry& g, const E* dy, const E* x,
+                                const BackwardParamsOf<E>& q, bool training, E* dx) {
   const std::shared_ptr<const Plan> plan = get_plan(g, 2);
-  BackwardApplyJob job{plan.get(), dy, x, q, training, dx, g.numel() * 4 >= kStreamMinBytes};
+  BackwardApplyJob<E> job{plan.get(), dy, x, q, training, dx,
+                          g.numel() * 4 >= kStreamMinBytes};
   const int threads = call_threads(*plan);
   ThreadPool::instance().run(threads,
                              block_slots(static_cast<int64_t>(plan->blocks.size()), threads),
-                             &backward_apply_task, &job);
+                             &backward_apply_task<E>, &job);
 }
+
+#define BNORM_INSTANTIATE(E)                                                                  \
+  template void backward_apply_block<E>(const Plan&, const E*, const E*, const Block&,        \
+                                        const BackwardParamsOf<E>&, bool, E*, bool);          \
+  template void backward_apply_with_params<E>(const Geometry&, const E*, const E*,            \
+                                              const BackwardParamsOf<E>&, bool, E*);
+BNORM_INSTANTIATE(float)
+BNORM_INSTANTIATE(bfloat16)
+BNORM_INSTANTIATE(float16)
+#undef BNORM_INSTANTIATE
 
 void backward_apply_pass(const Geometry& g, const float* dy, const float* x, const double* mean,
                          const double* invstd, const double* weight, const double* sum_dy,

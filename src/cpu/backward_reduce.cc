@@ -24,11 +24,12 @@ namespace bnorm::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 // The terms of the backward sums: u = dy, v = x - m (reduce-inl.h walks the block). Masked-off
-// lanes load 0 for dy, so they add nothing to either sum.
+// lanes load 0 for dy, so they add nothing to either sum. E: the element type of dy and x.
+template <class E>
 struct BackwardReduceTerms {
   static constexpr bool kWideForShortChannels = false;
-  const float* dy;
-  const float* x;
+  const E* dy;
+  const E* x;
   const float* m;
 
   float centre32(int64_t c) const { return m[c]; }
@@ -44,23 +45,23 @@ struct BackwardReduceTerms {
   }
   template <class DF, class V>
   void terms32(DF df, int64_t at, V vc, V* u, V* v) const {
-    *u = hn::LoadU(df, dy + at);
-    *v = hn::Sub(hn::LoadU(df, x + at), vc);
+    *u = load_e(df, dy + at);
+    *v = hn::Sub(load_e(df, x + at), vc);
   }
   template <class DF, class M, class V>
   void terms32_masked(DF df, M mk, int64_t at, V vc, V* u, V* v) const {
-    *u = hn::MaskedLoad(mk, df, dy + at);
-    *v = hn::Sub(hn::MaskedLoad(mk, df, x + at), vc);
+    *u = masked_load_e(df, mk, dy + at);
+    *v = hn::Sub(masked_load_e(df, mk, x + at), vc);
   }
   template <class DD, class V>
   void terms64(DD dd, int64_t at, V vc, V* u, V* v) const {
     const hn::Rebind<float, DD> dh;
-    *u = hn::PromoteTo(dd, hn::LoadU(dh, dy + at));
-    *v = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, x + at)), vc);
+    *u = hn::PromoteTo(dd, load_e(dh, dy + at));
+    *v = hn::Sub(hn::PromoteTo(dd, load_e(dh, x + at)), vc);
   }
   void terms_scalar(int64_t at, double centre, double* u, double* v) const {
-    *u = static_cast<double>(dy[at]);
-    *v = static_cast<double>(x[at]) - centre;
+    *u = static_cast<double>(to_f32(dy[at]));
+    *v = static_cast<double>(to_f32(x[at])) - centre;
   }
   void prefetch(int64_t at, int64_t count) const {
     prefetch_row(dy + at, count);
@@ -69,44 +70,55 @@ struct BackwardReduceTerms {
 };
 
 // The fused ReLU's terms: u = dy * (y > 0), v = x - m. Masked-off lanes load y = 0.
-struct BackwardReduceReluTerms : BackwardReduceTerms {
-  const float* y;
+template <class E>
+struct BackwardReduceReluTerms : BackwardReduceTerms<E> {
+  using BackwardReduceTerms<E>::dy;
+  using BackwardReduceTerms<E>::x;
+  const E* y;
 
   template <class DF, class V>
   void terms32(DF df, int64_t at, V vc, V* u, V* v) const {
-    *u = relu_grad(df, hn::LoadU(df, y + at), hn::LoadU(df, dy + at));
-    *v = hn::Sub(hn::LoadU(df, x + at), vc);
+    *u = relu_grad(df, load_e(df, y + at), load_e(df, dy + at));
+    *v = hn::Sub(load_e(df, x + at), vc);
   }
   template <class DF, class M, class V>
   void terms32_masked(DF df, M mk, int64_t at, V vc, V* u, V* v) const {
-    *u = relu_grad(df, hn::MaskedLoad(mk, df, y + at), hn::MaskedLoad(mk, df, dy + at));
-    *v = hn::Sub(hn::MaskedLoad(mk, df, x + at), vc);
+    *u = relu_grad(df, masked_load_e(df, mk, y + at), masked_load_e(df, mk, dy + at));
+    *v = hn::Sub(masked_load_e(df, mk, x + at), vc);
   }
   template <class DD, class V>
   void terms64(DD dd, int64_t at, V vc, V* u, V* v) const {
     const hn::Rebind<float, DD> dh;
-    const auto g = relu_grad(dh, hn::LoadU(dh, y + at), hn::LoadU(dh, dy + at));
+    const auto g = relu_grad(dh, load_e(dh, y + at), load_e(dh, dy + at));
     *u = hn::PromoteTo(dd, g);
-    *v = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, x + at)), vc);
+    *v = hn::Sub(hn::PromoteTo(dd, load_e(dh, x + at)), vc);
   }
   void terms_scalar(int64_t at, double centre, double* u, double* v) const {
-    *u = y[at] > 0 ? static_cast<double>(dy[at]) : 0.0;
-    *v = static_cast<double>(x[at]) - centre;
+    *u = to_f32(y[at]) > 0 ? static_cast<double>(to_f32(dy[at])) : 0.0;
+    *v = static_cast<double>(to_f32(x[at])) - centre;
   }
   void prefetch(int64_t at, int64_t count) const {
-    BackwardReduceTerms::prefetch(at, count);
+    BackwardReduceTerms<E>::prefetch(at, count);
     prefetch_row(y + at, count);
   }
 };
 
-void backward_reduce_block(const Plan& p, const float* dy, const float* x, const float* y,
-                           const Block& b, const float* m, double* partials) {
+template <class E>
+void backward_reduce_block(const Plan& p, const E* dy, const E* x, const E* y, const Block& b,
+                           const float* m, double* partials) {
   if (y != nullptr) {
-    reduce_block(p, BackwardReduceReluTerms{{dy, x, m}, y}, b, partials);
+    reduce_block(p, BackwardReduceReluTerms<E>{{dy, x, m}, y}, b, partials);
   } else {
-    reduce_block(p, BackwardReduceTerms{dy, x, m}, b, partials);
+    reduce_block(p, BackwardReduceTerms<E>{dy, x, m}, b, partials);
   }
 }
+#define BNORM_INSTANTIATE(E)                                                              \
+  template void backward_reduce_block<E>(const Plan&, const E*, const E*, const E*,       \
+                                         const Block&, const float*, double*);
+BNORM_INSTANTIATE(float)
+BNORM_INSTANTIATE(bfloat16)
+BNORM_INSTANTIATE(float16)
+#undef BNORM_INSTANTIATE
 
 namespace {
 
@@ -126,14 +138,14 @@ void reduce_task(void* ctx, int t, int n) {
   int64_t begin, end;
   split_range(0, static_cast<int64_t>(p.blocks.size()), t, n, &begin, &end);
   for (int64_t k = begin; k < end; ++k)
-    backward_reduce_block(p, job.dy, job.x, nullptr, p.blocks[k], job.m, job.partials);
+    backward_reduce_block<float>(p, job.dy, job.x, nullptr, p.blocks[k], job.m, job.partials);
 }
 
 void merge_task(void* ctx, int t, int n) {
   const ReduceJob& job = *static_cast<const ReduceJob*>(ctx);
   int64_t begin, end;
   split_range(0, job.plan->c, t, n, &begin, &end);
-  merge_backward_sums(*job.plan, job.dy, job.x, nullptr, job.m, job.partials, begin, end, true,
+  merge_backward_sums<float>(*job.plan, job.dy, job.x, nullptr, job.m, job.partials, begin, end, true,
                       job.sum0, job.sum1);
 }
 

@@ -47,6 +47,16 @@ void forward_train(const detail::TrainCall& call);
 void forward_eval(const detail::EvalCall& call);
 void backward(const detail::BackwardCall& call);
 
+// The whole passes on bf16 and fp16 tensors (native: the elements are read and written in 16
+// bits, widened to fp32 exactly, computed as the fp32 passes compute them and rounded to nearest
+// even once on output), bit for bit the fp32 passes on the widened tensors with rounded outputs.
+void forward_train_bf16(const detail::TrainCallOf<bfloat16>& call);
+void forward_eval_bf16(const detail::EvalCallOf<bfloat16>& call);
+void backward_bf16(const detail::BackwardCallOf<bfloat16>& call);
+void forward_train_f16(const detail::TrainCallOf<float16>& call);
+void forward_eval_f16(const detail::EvalCallOf<float16>& call);
+void backward_f16(const detail::BackwardCallOf<float16>& call);
+
 }  // namespace bnorm::cpu
 
 #endif  // BNORM_SRC_CPU_CPU_H_

@@ -4,42 +4,68 @@
 #define BNORM_SRC_CPU_INTERNAL_H_
 
 #include <cstdint>
+#include <type_traits>
 
+#include "bnorm/tensor.h"
 #include "cpu/plan.h"
 #include "hwy/cache_control.h"
 
 namespace bnorm::cpu {
 
+// The tensors' element types (float, bfloat16, float16): exact widening to fp32, and the
+// narrowing of an fp32 result, round to nearest even (bnorm/tensor.h), which every native
+// 16-bit kernel applies once per output element, as the staged path does.
+inline float to_f32(float v) { return v; }
+inline float to_f32(bfloat16 v) { return to_float(v); }
+inline float to_f32(float16 v) { return to_float(v); }
+template <class E>
+inline E from_f32(float v) {
+  if constexpr (std::is_same_v<E, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<E, bfloat16>) {
+    return to_bfloat16(v);
+  } else {
+    static_assert(std::is_same_v<E, float16>);
+    return to_float16(v);
+  }
+}
+
 // y = ((x - mhi) - mlo) * a + b per channel. mhi + mlo is the fp64 mean split into two floats,
 // so x - mean keeps its fp64 accuracy, and a constant channel (x == mhi, mlo == 0) gives exactly
 // y = b. Eval passes the running mean as mhi, mlo = 0.
 // Fused activation (`relu`): y = max(((x - mhi) - mlo) * a + b [+ z], 0), z null for none.
-struct ApplyParams {
+// E: the tensors' element type (the per-channel vectors are fp32 whatever E is).
+template <class E>
+struct ApplyParamsOf {
   const float* mhi;
   const float* mlo;
   const float* a;
   const float* b;
-  const float* z = nullptr;
+  const E* z = nullptr;
   bool relu = false;
   bool mlo_zero = false;  // every mlo is 0 (eval): the kernels may skip it
 };
+using ApplyParams = ApplyParamsOf<float>;
 
 // dx = alpha * dy + (beta * (x - m) + gamma) per channel (eval: beta = gamma = 0). With `y`
 // (the fused ReLU's output) dy is replaced by g = dy * (y > 0), and g is written to dz when
 // dz is set.
-struct BackwardParams {
+template <class E>
+struct BackwardParamsOf {
   const float* m;
   const float* alpha;
   const float* beta;
   const float* gamma;
-  const float* y = nullptr;
-  float* dz = nullptr;
+  const E* y = nullptr;
+  E* dz = nullptr;
 };
+using BackwardParams = BackwardParamsOf<float>;
 
 // The channel's pivot: its first element. Every block shifts by it, so the merge needs no
 // fp32 cancellation and a constant channel sums exact zeros.
-inline double channel_pivot(const Plan& p, const float* x, int64_t c) {
-  return static_cast<double>(p.channels_last ? x[c] : x[c * p.s]);
+template <class E>
+inline double channel_pivot(const Plan& p, const E* x, int64_t c) {
+  return static_cast<double>(to_f32(p.channels_last ? x[c] : x[c * p.s]));
 }
 
 // The two per-channel sums of channels [c0, c1) from the block partials, added in block order
@@ -52,8 +78,8 @@ void merge_sums(const Plan& p, const double* partials, int64_t c0, int64_t c1, d
 // channel whose sums are not finite is summed again from dy and x in fp64 (scalar, batched as
 // merge_stats batches), so fp32 overflow of dy * (x - m) cannot make a finite result infinite. `resum`
 // must be false when dx may already have overwritten dy or x.
-void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* y,
-                         const float* m,
+template <class E>
+void merge_backward_sums(const Plan& p, const E* dy, const E* x, const E* y, const float* m,
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
                          double* sum1);
 
@@ -69,9 +95,11 @@ inline constexpr int64_t kRowsLast = 4;
 // Channels-last reductions prefetch this many rows ahead (see stats.cc).
 inline constexpr int64_t kPrefetchRows = 16;
 
-// Prefetches the cache lines of `count` floats from `row`.
-inline void prefetch_row(const float* row, int64_t count) {
-  for (int64_t k = 0; k < count; k += 16) hwy::Prefetch(row + k);
+// Prefetches the cache lines of `count` elements from `row`.
+template <class E>
+inline void prefetch_row(const E* row, int64_t count) {
+  constexpr int64_t kPerLine = 64 / static_cast<int64_t>(sizeof(E));
+  for (int64_t k = 0; k < count; k += kPerLine) hwy::Prefetch(row + k);
 }
 
 // The stats kernel sums x - pivot and its square in fp32 lanes for at most this many terms per
@@ -94,7 +122,8 @@ inline constexpr int64_t kMinFp32LaneCount = 32;
 // kMaxPivotDistance standard deviations from its pivot, is summed again from x in fp64 about
 // its estimated mean (scalar; channels-last batches up to 256 such channels in one pass over the
 // rows; rare, and the same for any thread count). Uses mean and var as scratch for the sums.
-void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
+template <class E>
+void merge_stats(const Plan& p, const E* x, const double* partials, int64_t c0, int64_t c1,
                  const double* pivot, double* mean, double* var);
 
 // Writes mhi, mlo, a, b of channel c for y = weight * (x - mean) * invstd + bias.

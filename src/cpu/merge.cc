@@ -69,8 +69,8 @@ void resum_channels(const Plan& p, int64_t c0, int64_t c1, const Select& select,
 
 }  // namespace
 
-void merge_backward_sums(const Plan& p, const float* dy, const float* x, const float* y,
-                         const float* m,
+template <class E>
+void merge_backward_sums(const Plan& p, const E* dy, const E* x, const E* y, const float* m,
                          const double* partials, int64_t c0, int64_t c1, bool resum, double* sum0,
                          double* sum1) {
   merge_sums(p, partials, c0, c1, sum0, sum1);
@@ -85,9 +85,10 @@ void merge_backward_sums(const Plan& p, const float* dy, const float* x, const f
         return true;
       },
       [&](int j, int64_t k) {
-        const double g = (y == nullptr || y[k] > 0) ? static_cast<double>(dy[k]) : 0.0;
+        const double g =
+            (y == nullptr || to_f32(y[k]) > 0) ? static_cast<double>(to_f32(dy[k])) : 0.0;
         t0[j] += g;
-        t1[j] += g * (static_cast<double>(x[k]) - mc[j]);
+        t1[j] += g * (static_cast<double>(to_f32(x[k])) - mc[j]);
       },
       [&](int j, int64_t c) {
         sum0[c] = t0[j];
@@ -95,7 +96,8 @@ void merge_backward_sums(const Plan& p, const float* dy, const float* x, const f
       });
 }
 
-void merge_stats(const Plan& p, const float* x, const double* partials, int64_t c0, int64_t c1,
+template <class E>
+void merge_stats(const Plan& p, const E* x, const double* partials, int64_t c0, int64_t c1,
                  const double* pivot, double* mean, double* var) {
   merge_sums(p, partials, c0, c1, mean, var);
   const double n = static_cast<double>(p.n * p.s);
@@ -125,12 +127,22 @@ void merge_stats(const Plan& p, const float* x, const double* partials, int64_t 
         return true;
       },
       [&](int j, int64_t k) {
-        const double d = static_cast<double>(x[k]) - centre[j];
+        const double d = static_cast<double>(to_f32(x[k])) - centre[j];
         t1[j] += d;
         t2[j] += d * d;
       },
       [&](int j, int64_t c) { finish(c, centre[j], t1[j], t2[j]); });
 }
+
+#define BNORM_MERGE_INSTANTIATE(E)                                                              \
+  template void merge_backward_sums<E>(const Plan&, const E*, const E*, const E*, const float*,  \
+                                       const double*, int64_t, int64_t, bool, double*, double*); \
+  template void merge_stats<E>(const Plan&, const E*, const double*, int64_t, int64_t,          \
+                               const double*, double*, double*);
+BNORM_MERGE_INSTANTIATE(float)
+BNORM_MERGE_INSTANTIATE(bfloat16)
+BNORM_MERGE_INSTANTIATE(float16)
+#undef BNORM_MERGE_INSTANTIATE
 
 void set_apply_params(double mean, double invstd, double weight, double bias, int64_t c, float* mhi,
                       float* mlo, float* a, float* b) {

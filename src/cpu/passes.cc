@@ -27,6 +27,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu.h"
 #include "cpu/internal.h"
@@ -113,9 +114,12 @@ void run_group_slot(const Plan& p, int t, int n, bool stream, const Reduce& redu
   if (stream) hwy::FlushStream();
 }
 
+// E: the tensors' element type (float, bfloat16, float16); the plans, parameters and partials
+// are those of the fp32 kernels, whatever E is, so the bits are too (ops-inl.h: load_e).
+template <class E>
 struct TrainJob {
   const Plan* plan;
-  const detail::TrainCall* call;
+  const detail::TrainCallOf<E>* call;
   double* pivot;
   double* mean;
   double* var;
@@ -130,10 +134,11 @@ struct TrainJob {
 
 // Mean, variance, running statistics, saved statistics and apply parameters of channels
 // [begin, end) from the stats partials.
-void train_merge(const TrainJob& job, int64_t begin, int64_t end) {
+template <class E>
+void train_merge(const TrainJob<E>& job, int64_t begin, int64_t end) {
   if (end == begin) return;
   const Plan& p = *job.plan;
-  const detail::TrainCall& call = *job.call;
+  const detail::TrainCallOf<E>& call = *job.call;
   merge_stats(p, call.x, job.partials, begin, end, job.pivot, job.mean, job.var);
   detail::Geometry part = call.g;
   part.c = end - begin;
@@ -148,12 +153,13 @@ void train_merge(const TrainJob& job, int64_t begin, int64_t end) {
   }
 }
 
+template <class E>
 void train_task(void* ctx, int t, int n) {
-  const TrainJob& job = *static_cast<const TrainJob*>(ctx);
+  const TrainJob<E>& job = *static_cast<const TrainJob<E>*>(ctx);
   const Plan& p = *job.plan;
-  const detail::TrainCall& call = *job.call;
+  const detail::TrainCallOf<E>& call = *job.call;
   auto reduce = [&](int64_t k) { stats_block(p, call.x, p.blocks[k], job.pivot, job.partials); };
-  const ApplyParams q{job.mhi, job.mlo, job.a, job.b, call.z, call.relu};
+  const ApplyParamsOf<E> q{job.mhi, job.mlo, job.a, job.b, call.z, call.relu};
   auto apply = [&](int64_t k) { apply_block(p, call.x, p.blocks[k], q, call.y, job.stream); };
   int64_t begin, end;
   if (job.phase == Phase::kGroups) {
@@ -183,9 +189,10 @@ void train_task(void* ctx, int t, int n) {
   if (job.stream) hwy::FlushStream();
 }
 
+template <class E>
 struct BackwardJob {
   const Plan* plan;
-  const detail::BackwardCall* call;
+  const detail::BackwardCallOf<E>* call;
   double* invstd;
   double* sum0;  // sum dy
   double* sum1;  // sum dy * (x - m)
@@ -199,11 +206,16 @@ struct BackwardJob {
 
 // dweight, dbias and (training) the dx parameters beta, gamma of channels [begin, end) from the
 // backward_reduce partials.
-void backward_merge(const BackwardJob& job, int64_t begin, int64_t end) {
-  const detail::BackwardCall& call = *job.call;
-  // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already.
-  const bool resum = call.training || (call.dx != call.dy && call.dx != call.x &&
-                                       call.dx != call.y && call.dz != call.dy);
+template <class E>
+void backward_merge(const BackwardJob<E>& job, int64_t begin, int64_t end) {
+  const detail::BackwardCallOf<E>& call = *job.call;
+  // Eval's single sweep may have written dx over dy, x or y, or dz over dy, already. 16-bit
+  // tensors: never in eval, as the staged path (batch_norm.cc), whose fp32 backward runs in
+  // place (dx over the copy of dy, or of x with dz over the copy of dy), never re-sums there:
+  // the native pass gives its bits whatever the aliasing.
+  const bool resum =
+      call.training || (std::is_same_v<E, float> && call.dx != call.dy && call.dx != call.x &&
+                        call.dx != call.y && call.dz != call.dy);
   merge_backward_sums(*job.plan, call.dy, call.x, call.y, job.m, job.partials, begin, end, resum,
                       job.sum0, job.sum1);
   const double count = static_cast<double>(call.g.count());
@@ -223,11 +235,12 @@ void backward_merge(const BackwardJob& job, int64_t begin, int64_t end) {
 // Training: dx depends on the merged sums, so reduce, merge and apply wave by wave (or group by
 // group). Eval with dweight or dbias: dx does not, so each block is reduced and written in one
 // sweep (kReduceApply: block k's dx overwrites only block k's dy or x, already read), then merged.
+template <class E>
 void backward_task(void* ctx, int t, int n) {
-  const BackwardJob& job = *static_cast<const BackwardJob*>(ctx);
+  const BackwardJob<E>& job = *static_cast<const BackwardJob<E>*>(ctx);
   const Plan& p = *job.plan;
-  const detail::BackwardCall& call = *job.call;
-  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
+  const detail::BackwardCallOf<E>& call = *job.call;
+  const BackwardParamsOf<E> q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
   auto reduce = [&](int64_t k) {
     backward_reduce_block(p, call.dy, call.x, call.y, p.blocks[k], job.m, job.partials);
   };
@@ -264,15 +277,14 @@ void backward_task(void* ctx, int t, int n) {
   if (job.stream) hwy::FlushStream();
 }
 
-}  // namespace
-
-void forward_train_pass(const detail::TrainCall& call) {
+template <class E>
+void forward_train_impl(const detail::TrainCallOf<E>& call) {
   const detail::Geometry& g = call.g;
   const std::shared_ptr<const Plan> plan = get_plan(g, 1, true);
   Workspace& ws = thread_workspace();
   double* channel = ws.channel_data(4 * g.c);
   float* params = ws.param_data(4 * g.c);
-  TrainJob job{plan.get(),
+  TrainJob<E> job{plan.get(),
                &call,
                channel,
                channel + g.c,
@@ -290,13 +302,14 @@ void forward_train_pass(const detail::TrainCall& call) {
   // Pivots before anything is written: y may be x.
   for (int64_t c = 0; c < g.c; ++c) job.pivot[c] = channel_pivot(*plan, call.x, c);
   if (plan->local) {
-    run_groups(*plan, call_threads(*plan), &job, &train_task);
+    run_groups(*plan, call_threads(*plan), &job, &train_task<E>);
   } else {
-    run_waves(*plan, call_threads(*plan), &job, &train_task);
+    run_waves(*plan, call_threads(*plan), &job, &train_task<E>);
   }
 }
 
-void forward_eval_pass(const detail::EvalCall& call) {
+template <class E>
+void forward_eval_impl(const detail::EvalCallOf<E>& call) {
   const detail::Geometry& g = call.g;
   float* params = thread_workspace().param_data(4 * g.c);
   float *mhi = params, *mlo = params + g.c, *a = params + 2 * g.c, *b = params + 3 * g.c;
@@ -308,15 +321,17 @@ void forward_eval_pass(const detail::EvalCall& call) {
                      call.bias ? call.bias[c] : 0.0, c, mhi, mlo, a, b);
     mlo_zero = mlo_zero && std::bit_cast<uint32_t>(mlo[c]) == 0;
   }
-  apply_with_params(g, call.x, ApplyParams{mhi, mlo, a, b, call.z, call.relu, mlo_zero}, call.y);
+  apply_with_params(g, call.x, ApplyParamsOf<E>{mhi, mlo, a, b, call.z, call.relu, mlo_zero},
+                    call.y);
 }
 
-void backward_pass(const detail::BackwardCall& call) {
+template <class E>
+void backward_impl(const detail::BackwardCallOf<E>& call) {
   const detail::Geometry& g = call.g;
   Workspace& ws = thread_workspace();
   double* channel = ws.channel_data(3 * g.c);
   float* params = ws.param_data(4 * g.c);
-  BackwardJob job{nullptr,
+  BackwardJob<E> job{nullptr,
                   &call,
                   channel,
                   channel + g.c,
@@ -340,7 +355,7 @@ void backward_pass(const detail::BackwardCall& call) {
     job.beta[c] = 0;
     job.gamma[c] = 0;
   }
-  const BackwardParams q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
+  const BackwardParamsOf<E> q{job.m, job.alpha, job.beta, job.gamma, call.y, call.dz};
   if (!call.training && call.dweight == nullptr && call.dbias == nullptr) {
     backward_apply_with_params(g, call.dy, call.x, q, false, call.dx);
     return;
@@ -355,17 +370,31 @@ void backward_pass(const detail::BackwardCall& call) {
     const Wave all{0, static_cast<int64_t>(plan->blocks.size()), 0, g.c};
     job.wave = &all;
     job.phase = Phase::kReduceApply;
-    pool.run(threads, block_slots(all.b1, threads), &backward_task, &job);
+    pool.run(threads, block_slots(all.b1, threads), &backward_task<E>, &job);
     job.phase = Phase::kMerge;
-    pool.run(threads, threads, &backward_task, &job);
+    pool.run(threads, threads, &backward_task<E>, &job);
     return;
   }
   if (plan->local) {
-    run_groups(*plan, threads, &job, &backward_task);
+    run_groups(*plan, threads, &job, &backward_task<E>);
   } else {
-    run_waves(*plan, threads, &job, &backward_task);
+    run_waves(*plan, threads, &job, &backward_task<E>);
   }
 }
+
+}  // namespace
+
+void forward_train_pass(const detail::TrainCall& call) { forward_train_impl(call); }
+void forward_eval_pass(const detail::EvalCall& call) { forward_eval_impl(call); }
+void backward_pass(const detail::BackwardCall& call) { backward_impl(call); }
+void forward_train_bf16_pass(const detail::TrainCallOf<bfloat16>& call) {
+  forward_train_impl(call);
+}
+void forward_eval_bf16_pass(const detail::EvalCallOf<bfloat16>& call) { forward_eval_impl(call); }
+void backward_bf16_pass(const detail::BackwardCallOf<bfloat16>& call) { backward_impl(call); }
+void forward_train_f16_pass(const detail::TrainCallOf<float16>& call) { forward_train_impl(call); }
+void forward_eval_f16_pass(const detail::EvalCallOf<float16>& call) { forward_eval_impl(call); }
+void backward_f16_pass(const detail::BackwardCallOf<float16>& call) { backward_impl(call); }
 
 }  // namespace bnorm::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
@@ -376,12 +405,37 @@ namespace bnorm::cpu {
 HWY_EXPORT(forward_train_pass);
 HWY_EXPORT(forward_eval_pass);
 HWY_EXPORT(backward_pass);
+HWY_EXPORT(forward_train_bf16_pass);
+HWY_EXPORT(forward_eval_bf16_pass);
+HWY_EXPORT(backward_bf16_pass);
+HWY_EXPORT(forward_train_f16_pass);
+HWY_EXPORT(forward_eval_f16_pass);
+HWY_EXPORT(backward_f16_pass);
 
 void forward_train(const detail::TrainCall& call) {
   HWY_DYNAMIC_DISPATCH(forward_train_pass)(call);
 }
 void forward_eval(const detail::EvalCall& call) { HWY_DYNAMIC_DISPATCH(forward_eval_pass)(call); }
 void backward(const detail::BackwardCall& call) { HWY_DYNAMIC_DISPATCH(backward_pass)(call); }
+
+void forward_train_bf16(const detail::TrainCallOf<bfloat16>& call) {
+  HWY_DYNAMIC_DISPATCH(forward_train_bf16_pass)(call);
+}
+void forward_eval_bf16(const detail::EvalCallOf<bfloat16>& call) {
+  HWY_DYNAMIC_DISPATCH(forward_eval_bf16_pass)(call);
+}
+void backward_bf16(const detail::BackwardCallOf<bfloat16>& call) {
+  HWY_DYNAMIC_DISPATCH(backward_bf16_pass)(call);
+}
+void forward_train_f16(const detail::TrainCallOf<float16>& call) {
+  HWY_DYNAMIC_DISPATCH(forward_train_f16_pass)(call);
+}
+void forward_eval_f16(const detail::EvalCallOf<float16>& call) {
+  HWY_DYNAMIC_DISPATCH(forward_eval_f16_pass)(call);
+}
+void backward_f16(const detail::BackwardCallOf<float16>& call) {
+  HWY_DYNAMIC_DISPATCH(backward_f16_pass)(call);
+}
 
 }  // namespace bnorm::cpu
 #endif  // HWY_ONCE

@@ -28,10 +28,12 @@ namespace bnorm::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 
-// The terms of the statistics: u = v = x - pivot (reduce-inl.h walks the block).
+// The terms of the statistics: u = v = x - pivot (reduce-inl.h walks the block). E: the
+// element type of x (load_e widens it exactly).
+template <class E>
 struct StatsTerms {
   static constexpr bool kWideForShortChannels = true;
-  const float* x;
+  const E* x;
   const double* pivot;
 
   // The pivots are elements of x, so their fp32 conversion is exact.
@@ -40,7 +42,7 @@ struct StatsTerms {
   // Channels-last: the pivots are the first row of x.
   template <class DF>
   hn::Vec<DF> centre32_vec(DF df, int64_t c) const {
-    return hn::LoadU(df, x + c);
+    return load_e(df, x + c);
   }
   template <class DD>
   hn::Vec<DD> centre64_vec(DD dd, int64_t c) const {
@@ -48,27 +50,33 @@ struct StatsTerms {
   }
   template <class DF, class V>
   void terms32(DF df, int64_t at, V vc, V* u, V* v) const {
-    *u = *v = hn::Sub(hn::LoadU(df, x + at), vc);
+    *u = *v = hn::Sub(load_e(df, x + at), vc);
   }
   template <class DF, class M, class V>
   void terms32_masked(DF df, M mk, int64_t at, V vc, V* u, V* v) const {
-    *u = *v = hn::IfThenElseZero(mk, hn::Sub(hn::MaskedLoad(mk, df, x + at), vc));
+    *u = *v = hn::IfThenElseZero(mk, hn::Sub(masked_load_e(df, mk, x + at), vc));
   }
   template <class DD, class V>
   void terms64(DD dd, int64_t at, V vc, V* u, V* v) const {
     const hn::Rebind<float, DD> dh;
-    *u = *v = hn::Sub(hn::PromoteTo(dd, hn::LoadU(dh, x + at)), vc);
+    *u = *v = hn::Sub(hn::PromoteTo(dd, load_e(dh, x + at)), vc);
   }
   void terms_scalar(int64_t at, double centre, double* u, double* v) const {
-    *u = *v = static_cast<double>(x[at]) - centre;
+    *u = *v = static_cast<double>(to_f32(x[at])) - centre;
   }
   void prefetch(int64_t at, int64_t count) const { prefetch_row(x + at, count); }
 };
 
-void stats_block(const Plan& p, const float* x, const Block& b, const double* pivot,
+template <class E>
+void stats_block(const Plan& p, const E* x, const Block& b, const double* pivot,
                  double* partials) {
-  reduce_block(p, StatsTerms{x, pivot}, b, partials);
+  reduce_block(p, StatsTerms<E>{x, pivot}, b, partials);
 }
+template void stats_block<float>(const Plan&, const float*, const Block&, const double*, double*);
+template void stats_block<bfloat16>(const Plan&, const bfloat16*, const Block&, const double*,
+                                    double*);
+template void stats_block<float16>(const Plan&, const float16*, const Block&, const double*,
+                                   double*);
 
 namespace {
 
