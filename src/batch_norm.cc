@@ -333,7 +333,7 @@ CallOptions staged_options(const CallOptions& options) {
 // are widened, run(fp32 args, fp32 z) runs the fp32 pass, and y is rounded when it succeeded.
 template <class Args, class Run>
 Status staged_forward(const Args& a, ConstTensorView z, const Geometry& g, const Run& run) {
-  std::vector<float> xs, zs;
+  detail::Fp32Copy xs, zs;
   BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
     detail::widen_to_fp32(a.x, g.numel(), &xs);
     if (z.raw() != nullptr) detail::widen_to_fp32(z, g.numel(), &zs);
@@ -400,7 +400,7 @@ Status half_backward(const BackwardArgs& a, ConstTensorView y, TensorView dz, co
   }
   // dx goes to the copy of dy (it may alias dy), or with the ReLU to the copy of x, dz then
   // taking the copy of dy (dz may alias dy, dx must not overlap dz).
-  std::vector<float> dys, xs, ys;
+  detail::Fp32Copy dys, xs, ys;
   BNORM_RETURN_IF_ERROR(detail::run_kernels([&] {
     detail::widen_to_fp32(a.dy, g.numel(), &dys);
     detail::widen_to_fp32(a.x, g.numel(), &xs);

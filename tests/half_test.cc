@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -437,6 +438,54 @@ TEST(HalfTensors, BitwiseTheSameForAnyThreadCount) {
     }
     bnorm::set_num_threads(0);
   }
+}
+
+// A call with an extension is staged through fp32 copies; a large tensor has its conversions
+// split over the threads in chunks. Special values included (NaN, Inf, fp32 subnormals, ties).
+template <class E>
+void CheckLargeStagedCall() {
+  BNORM_SEEDED_RNG(rng, 1606);
+  const std::vector<int64_t> dims = {3, 40, 50, 51};  // 306,000 elements
+  Pair<E> x = RandomPair<E>(rng, dims, Layout::kChannelsLast, 0.0, 2.0);
+  // Channel 5 gets an Inf, channel 7 a NaN (their statistics and outputs go non-finite),
+  // channel 9 values of a 1e-30 scale (fp32 subnormal outputs after a 1e-10 weight).
+  x.h[5] = Format<E>::from(std::numeric_limits<float>::infinity());
+  x.h[40 * 7 + 7] = E{static_cast<uint16_t>(std::is_same_v<E, bfloat16> ? 0x7FC1 : 0x7E01)};
+  for (int64_t r = 0; r < 3 * 50 * 51; r += 3) x.h[static_cast<size_t>(r * 40 + 9)] = Format<E>::from(1e-3f * static_cast<float>(r % 7));
+  x.f.data = Widen(x.h);
+  std::vector<float> w(40, 1.0f), b(40, 0.0f);
+  w[9] = 1e-36f;
+  for (int threads : {1, 2}) {
+    bnorm::set_num_threads(threads);
+    std::vector<float> rm(40, 0.0f), rv(40, 1.0f), rm_out16(40), rv_out16(40), rm_out32(40),
+        rv_out32(40);
+    std::vector<E> y16(x.h.size());
+    Tensor y32(dims, Layout::kChannelsLast);
+    bnorm::ForwardTrainArgs a;
+    a.x = x.hview();
+    a.y = bnorm::TensorView(y16.data(), dims, Layout::kChannelsLast);
+    a.weight = w;
+    a.bias = b;
+    a.running_mean = rm;
+    a.running_var = rv;
+    a.running_mean_out = rm_out16;
+    a.running_var_out = rv_out16;
+    ASSERT_TRUE(IsOk(bnorm::forward_train(a)));
+    a.x = x.f.cview();
+    a.y = y32.view();
+    a.running_mean_out = rm_out32;
+    a.running_var_out = rv_out32;
+    ASSERT_TRUE(IsOk(bnorm::forward_train(a)));
+    EXPECT_TRUE(SameBits(y16, Narrow<E>(y32.data)));
+    EXPECT_EQ(0, std::memcmp(rm_out16.data(), rm_out32.data(), 40 * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(rv_out16.data(), rv_out32.data(), 40 * sizeof(float)));
+  }
+  bnorm::set_num_threads(0);
+}
+
+TEST(HalfTensors, LargeStagedCallsRoundEveryElementOnce) {
+  CheckLargeStagedCall<bfloat16>();
+  CheckLargeStagedCall<float16>();
 }
 
 TEST(HalfTensors, LayerTakesThem) {

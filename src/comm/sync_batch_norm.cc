@@ -486,7 +486,7 @@ Status forward_train_pass(Communicator& comm, const ForwardTrainArgs& a,
   };
   Status mine = prior.ok() ? validate() : prior;
   // bf16 / fp16 tensors: the pass runs on an fp32 copy of x (exact), y rounded at the end.
-  std::vector<float> staged;
+  detail::Fp32Copy staged;
   const bool half = mine.ok() && g.n > 0 && a.x.dtype() != DType::kFloat32;
   if (half) mine = detail::run_kernels([&] { detail::widen_to_fp32(a.x, g.numel(), &staged); });
   const float* xp = half ? staged.data() : a.x.data();
@@ -607,7 +607,7 @@ Status backward_pass(Communicator& comm, const BackwardArgs& a, const CallOption
   };
   Status mine = prior.ok() ? validate() : prior;
   // bf16 / fp16 tensors: the pass runs on fp32 copies of dy and x (exact), dx rounded at the end.
-  std::vector<float> staged_dy, staged_x;
+  detail::Fp32Copy staged_dy, staged_x;
   const bool half = mine.ok() && g.n > 0 && a.x.dtype() != DType::kFloat32;
   if (half)
     mine = detail::run_kernels([&] {

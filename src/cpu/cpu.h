@@ -57,6 +57,11 @@ void forward_train_f16(const detail::TrainCallOf<float16>& call);
 void forward_eval_f16(const detail::EvalCallOf<float16>& call);
 void backward_f16(const detail::BackwardCallOf<float16>& call);
 
+// The staged 16-bit calls' conversions (util/staging.h), on the pool: out = the n elements of
+// in (dtype bf16 or fp16) widened to fp32, exactly; and out (dtype) = in rounded to nearest even.
+void widen_to_fp32(DType dtype, const void* in, float* out, int64_t n);
+void narrow_from_fp32(DType dtype, const float* in, void* out, int64_t n);
+
 }  // namespace bnorm::cpu
 
 #endif  // BNORM_SRC_CPU_CPU_H_

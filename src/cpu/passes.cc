@@ -396,6 +396,62 @@ void forward_train_f16_pass(const detail::TrainCallOf<float16>& call) { forward_
 void forward_eval_f16_pass(const detail::EvalCallOf<float16>& call) { forward_eval_impl(call); }
 void backward_f16_pass(const detail::BackwardCallOf<float16>& call) { backward_impl(call); }
 
+// The staged calls' conversions (util/staging.cc): widening is exact, narrowing rounds to
+// nearest even as store_e does, so every element's result is the same whatever the chunks.
+struct ConvertJob {
+  DType dtype;
+  bool widen;
+  const void* in;
+  void* out;
+  int64_t n;
+  int64_t chunk;
+};
+
+template <class E>
+void convert_range(const ConvertJob& j, int64_t k0, int64_t k1) {
+  const hn::ScalableTag<float> df;
+  const auto nf = static_cast<int64_t>(hn::Lanes(df));
+  int64_t k = k0;
+  if (j.widen) {
+    const E* in = static_cast<const E*>(j.in);
+    float* out = static_cast<float*>(j.out);
+    for (; k + nf <= k1; k += nf) hn::StoreU(load_e(df, in + k), df, out + k);
+    for (; k < k1; ++k) out[k] = to_float(in[k]);
+  } else {
+    const float* in = static_cast<const float*>(j.in);
+    E* out = static_cast<E*>(j.out);
+    for (; k + nf <= k1; k += nf) store_e(df, hn::LoadU(df, in + k), out + k);
+    for (; k < k1; ++k) {
+      if constexpr (std::is_same_v<E, bfloat16>) {
+        out[k] = to_bfloat16(in[k]);
+      } else {
+        out[k] = to_float16(in[k]);
+      }
+    }
+  }
+}
+
+void convert_task(void* ctx, int slot, int /*slots*/) {
+  const ConvertJob& j = *static_cast<const ConvertJob*>(ctx);
+  const int64_t k0 = slot * j.chunk;
+  const int64_t k1 = std::min(j.n, k0 + j.chunk);
+  if (k0 >= k1) return;
+  if (j.dtype == DType::kBFloat16) {
+    convert_range<bfloat16>(j, k0, k1);
+  } else {
+    convert_range<float16>(j, k0, k1);
+  }
+}
+
+void convert_pass(DType dtype, bool widen, const void* in, void* out, int64_t n) {
+  constexpr int64_t kMinChunk = int64_t{1} << 16;  // elements; smaller tensors: one thread
+  const int threads = n < 2 * kMinChunk ? 1 : bnorm::num_threads();
+  const int64_t slots = std::clamp<int64_t>(n / kMinChunk, 1, threads <= 1 ? 1 : 8 * threads);
+  const int64_t chunk = ((n + slots - 1) / slots + 63) / 64 * 64;
+  ConvertJob job{dtype, widen, in, out, n, chunk};
+  ThreadPool::instance().run(threads, static_cast<int>(slots), &convert_task, &job);
+}
+
 }  // namespace bnorm::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -411,6 +467,7 @@ HWY_EXPORT(backward_bf16_pass);
 HWY_EXPORT(forward_train_f16_pass);
 HWY_EXPORT(forward_eval_f16_pass);
 HWY_EXPORT(backward_f16_pass);
+HWY_EXPORT(convert_pass);
 
 void forward_train(const detail::TrainCall& call) {
   HWY_DYNAMIC_DISPATCH(forward_train_pass)(call);
@@ -435,6 +492,13 @@ void forward_eval_f16(const detail::EvalCallOf<float16>& call) {
 }
 void backward_f16(const detail::BackwardCallOf<float16>& call) {
   HWY_DYNAMIC_DISPATCH(backward_f16_pass)(call);
+}
+
+void widen_to_fp32(DType dtype, const void* in, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(convert_pass)(dtype, true, in, out, n);
+}
+void narrow_from_fp32(DType dtype, const float* in, void* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(convert_pass)(dtype, false, in, out, n);
 }
 
 }  // namespace bnorm::cpu

@@ -6,18 +6,34 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <span>
-#include <vector>
 
 #include "bnorm/tensor.h"
 
 namespace bnorm::detail {
 
-// out = the numel elements of t (bf16 or fp16) in fp32. May throw std::bad_alloc.
-void widen_to_fp32(ConstTensorView t, int64_t numel, std::vector<float>* out);
+// An fp32 buffer that the conversion fills: allocated without being written first.
+class Fp32Copy {
+ public:
+  float* data() const { return data_.get(); }
+  int64_t size() const { return size_; }
+  void allocate(int64_t n) {  // may throw std::bad_alloc
+    data_.reset(new float[static_cast<size_t>(n)]);
+    size_ = n;
+  }
 
-// t's elements (bf16 or fp16) = in, rounded to nearest even.
-void narrow_from_fp32(const std::vector<float>& in, TensorView t);
+ private:
+  std::unique_ptr<float[]> data_;
+  int64_t size_ = 0;
+};
+
+// out = the numel elements of t (bf16 or fp16) in fp32, on the kernels' threads. May throw
+// std::bad_alloc.
+void widen_to_fp32(ConstTensorView t, int64_t numel, Fp32Copy* out);
+
+// t's elements (bf16 or fp16) = in, rounded to nearest even, on the kernels' threads.
+void narrow_from_fp32(const Fp32Copy& in, TensorView t);
 
 // An fp32 view of `data` with t's dims and layout.
 inline TensorView fp32_view_like(ConstTensorView t, float* data) {
